@@ -1,0 +1,4 @@
+"""Code that runs inside the Ray clusters tuneserve creates (training and serving).
+
+Never imports the operator; shares only ``tuneserve_workers.contract`` with it.
+"""

@@ -1,0 +1,184 @@
+"""The one typed contract between the operator and the code running inside Ray clusters.
+
+The operator renders these models to JSON (a ConfigMap mounted into the Ray pods, path in
+``CONFIG_ENV``); the workers parse them back. Keep this module dependency-light (pydantic only):
+the operator imports it, and it must never import the operator.
+
+Progress channel (training -> operator): the training worker writes a ``Progress`` document
+ 1. as ``progress.json`` beside the checkpoints (durable, survives the cluster), and
+ 2. into the ConfigMap named by ``PROGRESS_CONFIGMAP_ENV`` under key ``PROGRESS_KEY``, which the
+    operator created, owns, and watches; the worker's service account may update only that one
+    ConfigMap (RBAC resourceNames). The operator folds it into the FineTuneJob status, so status is
+    still written in one place, and no object-store credentials are needed by the operator.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTRACT_VERSION = "v1alpha1"
+CONFIG_ENV = "TUNESERVE_CONFIG"              # path of the JSON config inside the pod
+PROGRESS_CONFIGMAP_ENV = "TUNESERVE_PROGRESS_CONFIGMAP"  # "<namespace>/<name>"
+PROGRESS_KEY = "progress.json"
+PROGRESS_FILE = "progress.json"
+MANIFEST_FILE = "tuneserve-manifest.json"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DatasetFormat(str, Enum):
+    chat = "chat"                    # {"messages": [{"role": ..., "content": ...}, ...]}
+    instruction = "instruction"      # {"instruction": ..., "input"?: ..., "response": ...}
+    text = "text"                    # {"text": ...}
+
+
+class Method(str, Enum):
+    lora = "lora"
+    qlora = "qlora"
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class ModelSource(_Model):
+    uri: str
+    revision: Optional[str] = None
+
+
+class DatasetSpec(_Model):
+    uri: str
+    format: DatasetFormat = DatasetFormat.chat
+    validation_split: float = 0.0
+
+
+class AdapterSpec(_Model):
+    method: Method = Method.lora
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+
+
+class TrainingSpec(_Model):
+    epochs: Optional[float] = 1.0
+    max_steps: Optional[int] = None
+    learning_rate: float = 2e-4
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    global_batch_size: int = 16
+    micro_batch_size: int = 1
+    max_seq_length: int = 2048
+    packing: bool = True
+    seed: int = 42
+    precision: Precision = Precision.bf16
+
+
+class CheckpointSpec(_Model):
+    uri: str
+    interval_minutes: Optional[float] = 10.0
+    interval_steps: Optional[int] = None
+    keep: int = 3
+
+
+class AcceleratorRuntime(_Model):
+    """What the worker needs to know about the hardware it was placed on (from the catalog)."""
+    vendor: str = "cpu"
+    product: str = "cpu"
+    devices_per_worker: int = 0
+    workers: int = 1
+    torch_device: str = "cpu"            # cuda | xpu | npu | hpu | xla | cpu
+    distributed_backend: str = "gloo"    # nccl | rccl(nccl API) | hccl | xccl | gloo
+    ray_resource: Optional[str] = None   # e.g. "GPU", "NPU", "HPU", "neuron_cores"
+    supports_4bit: bool = False
+    price_per_device_hour: float = 0.0
+
+
+class TrainJobConfig(_Model):
+    """Everything the training entrypoint needs; rendered by the operator, read by the worker."""
+    contract_version: str = CONTRACT_VERSION
+    job_name: str
+    namespace: str = "default"
+    base_model: ModelSource
+    dataset: DatasetSpec
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    checkpoint: CheckpointSpec
+    output_uri: str
+    merge_weights: bool = False
+    accelerator: AcceleratorRuntime = Field(default_factory=AcceleratorRuntime)
+
+
+class CheckpointRef(_Model):
+    uri: str
+    step: int
+    time: datetime
+
+
+class Progress(_Model):
+    """Written by the training worker; folded into FineTuneJob status by the operator."""
+    state: Literal["Starting", "Running", "Checkpointing", "Succeeded", "Failed"] = "Starting"
+    step: int = 0
+    total_steps: Optional[int] = None
+    epoch: float = 0.0
+    loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    eta_seconds: Optional[float] = None
+    tokens_trained: int = 0
+    last_checkpoint: Optional[CheckpointRef] = None
+    resumed_from_step: Optional[int] = None
+    artifact_uri: Optional[str] = None
+    artifact_digest: Optional[str] = None
+    message: Optional[str] = None
+    updated_at: Optional[datetime] = None
+
+
+class AdapterManifest(_Model):
+    """Written beside the adapter at the output URI; ModelServe checks base_model against it."""
+    contract_version: str = CONTRACT_VERSION
+    job_name: str
+    base_model: ModelSource
+    method: Method
+    rank: int
+    alpha: int
+    target_modules: list[str]
+    dataset_uri: str
+    dataset_digest: str
+    final_step: int
+    final_loss: Optional[float] = None
+    final_eval_loss: Optional[float] = None
+    tokens_trained: int
+    accelerator_hours: float
+    adapter_digest: str
+    merged_weights_uri: Optional[str] = None
+    created_at: datetime
+
+
+class ServeAdapter(_Model):
+    name: str
+    uri: str
+
+
+class ServeAppConfig(_Model):
+    """The serve application's config (Ray Serve app args). Only ``adapters`` may change without
+    a new Ray cluster; everything else is part of the engine and rolls out a new one."""
+    contract_version: str = CONTRACT_VERSION
+    served_model_name: str
+    base_model: ModelSource
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    quantization: Optional[str] = None
+    extra_engine_args: dict[str, str] = Field(default_factory=dict)
+    device: str = "cpu"
+    adapters: list[ServeAdapter] = Field(default_factory=list)
