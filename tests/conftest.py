@@ -1,0 +1,61 @@
+"""Session-wide fixtures: one real local control plane per test session, a namespace per test."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "hack"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from fake_dashboard import DashboardClient  # noqa: E402
+from kube import Kube, wait_for  # noqa: E402
+from localcluster import BIN, LocalCluster  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory) -> LocalCluster:
+    """The local control plane. TUNESERVE_CLUSTER_DIR reuses one started by `make cluster-up`.
+
+    Missing binaries fail the test rather than skip it: the control-plane tests must always run.
+    """
+    existing = os.environ.get("TUNESERVE_CLUSTER_DIR")
+    if existing:
+        yield LocalCluster.attach(Path(existing))
+        return
+    if not (BIN / "kube-apiserver").exists():
+        pytest.fail(f"control-plane binaries missing in {BIN}: run `make binaries` (hack/build-binaries.sh)")
+    c = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        print(f"\ncontrol-plane logs kept in {c.logs}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def kube(cluster) -> Kube:
+    return Kube(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def dashboard(cluster) -> DashboardClient:
+    """Drives the Ray dashboard stand-in that the KubeRay operator talks to."""
+    return DashboardClient(cluster.dashboard_url)
+
+
+@pytest.fixture
+def namespace(kube, request) -> str:
+    """A fresh namespace per test, deleted afterwards (its objects go with it)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{uuid.uuid4().hex[:5]}"
+    kube.core.create_namespace({"metadata": {"name": name, "labels": {"tuneserve.dev/test": "true"}}})
+    # Pods are admitted only once the namespace's default ServiceAccount exists (made by KCM).
+    wait_for(lambda: kube.get("v1", "ServiceAccount", "default", name), 60, f"default SA in {name}")
+    yield name
+    kube.core.delete_namespace(name)
