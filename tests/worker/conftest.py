@@ -1,0 +1,199 @@
+"""Fixtures for the training worker tests: a real MinIO on loopback, one shared Ray instance,
+a tiny model built locally, and helpers to run the entrypoint as a real subprocess.
+
+Nothing here downloads anything: HF_HUB_OFFLINE=1 everywhere, the model is built from a config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join([str(REPO / "workers"), str(REPO / "operator")])
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------- MinIO
+
+def minio_binary() -> Path:
+    if os.environ.get("TUNESERVE_MINIO"):
+        return Path(os.environ["TUNESERVE_MINIO"])
+    versions = dict(line.split("=", 1) for line in (REPO / "hack/versions.env").read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    cache = Path(os.environ.get("TUNESERVE_CACHE_BIN", Path.home() / ".cache/tuneserve/bin"))
+    return cache / f"minio-{versions['MINIO_VERSION'].strip()}" / "minio"
+
+
+@dataclass
+class Minio:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+
+    def env(self) -> dict[str, str]:
+        """What a pod would get from a Secret: standard AWS variables plus the endpoint."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_ENDPOINT_URL": self.endpoint, "FSSPEC_S3_ENDPOINT_URL": self.endpoint,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def minio(tmp_path_factory):
+    binary = minio_binary()
+    if not binary.exists():
+        pytest.fail(f"MinIO binary not found at {binary}: build it with hack/build-binaries.sh "
+                    f"(or point TUNESERVE_MINIO at one)")
+    data = tmp_path_factory.mktemp("minio-data")
+    port, console = free_port(), free_port()
+    server = Minio(f"http://127.0.0.1:{port}", "tuneserve", "tuneserve-secret", "tuneserve-test")
+    env = dict(os.environ, MINIO_ROOT_USER=server.access_key, MINIO_ROOT_PASSWORD=server.secret_key,
+               MINIO_BROWSER="off", MINIO_UPDATE="off")
+    log = open(data.parent / "minio.log", "wb")
+    proc = subprocess.Popen([str(binary), "server", str(data), "--address", f"127.0.0.1:{port}",
+                             "--console-address", f"127.0.0.1:{console}", "--quiet"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"MinIO exited with {proc.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(f"{server.endpoint}/minio/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(ready, 60, "MinIO /minio/health/ready")
+        import s3fs
+        fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key,
+                               endpoint_url=server.endpoint, skip_instance_cache=True)
+        fs.mkdir(server.bucket)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_env(minio, monkeypatch):
+    """This process talks to MinIO through the same environment variables a pod would use."""
+    for k, v in minio.env().items():
+        monkeypatch.setenv(k, v)
+    import fsspec
+    fsspec.config.conf.clear()
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    from s3fs import S3FileSystem
+    S3FileSystem.clear_instance_cache()
+    yield minio
+    fsspec.config.conf.clear()
+    S3FileSystem.clear_instance_cache()
+
+
+# ------------------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One small Ray instance for the whole session; entrypoints join it via RAY_ADDRESS."""
+    import ray
+    os.environ["PYTHONPATH"] = PYTHONPATH
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ctx = ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
+                   _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------ tiny model
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from tuneserve_workers.testing.tiny import build_tiny_model
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
+
+
+def job_config(tmp: Path, *, model: str, dataset: str, checkpoint: str | None = None,
+               output: str | None = None, **training) -> dict:
+    """A small 2-worker CPU job over the toy task."""
+    t = {"max_steps": 40, "learning_rate": 5e-3, "warmup_ratio": 0.05, "global_batch_size": 4,
+         "micro_batch_size": 1, "max_seq_length": 64, "packing": True, "seed": 7}
+    ckpt = {"interval_steps": 10, "interval_minutes": None, "keep": 2}
+    ckpt.update(training.pop("checkpoint", {}))
+    t.update(training)
+    return {"job_name": "tiny", "namespace": "test",
+            "base_model": {"uri": model},
+            "dataset": {"uri": dataset, "format": "chat", "validation_split": 0.125},
+            "adapter": {"method": "lora", "rank": 8, "alpha": 16, "dropout": 0.0,
+                        "target_modules": ["all-linear"]},
+            "training": t,
+            "checkpoint": {"uri": checkpoint or str(tmp / "ckpt"), **ckpt},
+            "output_uri": output or str(tmp / "out"),
+            "accelerator": {"workers": 2, "torch_device": "cpu", "distributed_backend": "gloo"}}
+
+
+def entrypoint_env(ray_address: str | None, tmp: Path, extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, HF_HUB_OFFLINE="1",
+               TUNESERVE_PROGRESS_INTERVAL_S="0", TUNESERVE_CACHE=str(tmp / "cache"),
+               TUNESERVE_RAY_STORAGE=str(tmp / "ray-storage"), PYTHONUNBUFFERED="1")
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    else:
+        env.pop("RAY_ADDRESS", None)
+    env.update(extra or {})
+    return env
+
+
+def start_entrypoint(cfg: dict, tmp: Path, env: dict, name: str = "run") -> subprocess.Popen:
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    log = open(tmp / f"{name}.log", "wb")
+    return subprocess.Popen([sys.executable, "-m", "tuneserve_workers.train", "--config", str(path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp))
+
+
+def run_entrypoint(cfg: dict, tmp: Path, env: dict, name: str = "run", timeout: float = 240):
+    """Run to completion; returns (exit code, log text)."""
+    proc = start_entrypoint(cfg, tmp, env, name)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"entrypoint {name} did not finish in {timeout}s:\n"
+                             + (tmp / f"{name}.log").read_text()[-4000:])
+    return rc, (tmp / f"{name}.log").read_text()

@@ -1,0 +1,1 @@
+"""Helpers for tests of the worker code (tiny models, toy data); never used in production paths."""

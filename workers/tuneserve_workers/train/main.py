@@ -1,0 +1,141 @@
+"""Entrypoint: read the config, check the data, run Ray Train, report the outcome.
+
+Exit status: 0 when the adapter is written, 1 for a failed job (progress state ``Failed`` with the
+reason), 2 when the config itself cannot be read. The dataset is read and validated here, before
+any Ray worker starts, so a malformed row fails in seconds with its file and line.
+
+Ray: connects to the cluster in ``RAY_ADDRESS`` (the RayJob's) or starts a local one. The pod
+environment's storage, Hugging Face and tuneserve variables (``AWS_*``, ``FSSPEC_*``, ``HF_*``,
+``GOOGLE_*``, ``TUNESERVE_*``...) are forwarded to the training workers through the job's
+runtime_env, so credentials from a Secret reach every worker. ``TUNESERVE_MAX_FAILURES`` (default 0)
+lets Ray restart failed workers in place; each restart resumes from the newest good checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+
+from ..contract import CONFIG_ENV, TrainJobConfig
+from .config import checkpoint_uri_of, load_config
+from .data import read_dataset
+from .errors import ConfigError, TrainError
+from .progress import Reporter
+from .storage import Location
+
+log = logging.getLogger("tuneserve.train")
+FORWARD_PREFIXES = ("AWS_", "FSSPEC_", "HF_", "HUGGINGFACE_", "GOOGLE_", "GCS_", "TUNESERVE_",
+                    "TRANSFORMERS_", "KUBERNETES_SERVICE_")
+
+
+def _train(payload: dict) -> None:
+    """Runs on every Ray Train worker; imported lazily so the driver stays light."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .loop import train_worker
+    train_worker(payload)
+
+
+def preflight(cfg: TrainJobConfig) -> None:
+    """Fail fast on what the driver can check alone: data rows and reachable locations."""
+    read_dataset(cfg.dataset)
+    for what, uri in (("output_uri", cfg.output_uri), ("checkpoint.uri", cfg.checkpoint.uri)):
+        parent = Location(uri)
+        parent.exists()           # raises StorageError naming the URI when unreachable
+    if "://" not in cfg.base_model.uri or cfg.base_model.uri.startswith(("pvc://", "file://")):
+        from .storage import local_path
+        if not os.path.isdir(local_path(cfg.base_model.uri)):
+            raise TrainError(f"{cfg.base_model.uri}: base model directory not found")
+
+
+def run_ray(cfg: TrainJobConfig) -> None:
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    acc = cfg.accelerator
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+    resources = {"CPU": 1}
+    if acc.ray_resource and acc.devices_per_worker:
+        resources[acc.ray_resource] = acc.devices_per_worker
+    backend = {"rccl": "nccl"}.get(acc.distributed_backend, acc.distributed_backend)
+    storage = os.environ.get("TUNESERVE_RAY_STORAGE", "/tmp/tuneserve-ray")
+    trainer = TorchTrainer(
+        _train,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=acc.workers, use_gpu=acc.ray_resource == "GPU",
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"{cfg.job_name}-{uuid.uuid4().hex[:8]}", storage_path=storage,
+                             failure_config=FailureConfig(
+                                 max_failures=int(os.environ.get("TUNESERVE_MAX_FAILURES", "0")))),
+    )
+    trainer.fit()
+
+
+def train_error_in(exc: BaseException) -> TrainError | None:
+    """The TrainError a Ray worker raised, wherever Ray wrapped it."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, TrainError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        for attr in ("worker_failures", "errors"):
+            v = getattr(e, attr, None)
+            todo += list(v.values()) if isinstance(v, dict) else list(v or [])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ap = argparse.ArgumentParser(prog="python -m tuneserve_workers.train")
+    ap.add_argument("--config", default=os.environ.get(CONFIG_ENV),
+                    help=f"path of the job's JSON config (default: ${CONFIG_ENV})")
+    args = ap.parse_args(argv)
+    if not args.config:
+        ap.error(f"--config or ${CONFIG_ENV} is required")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        log.error("%s", e)
+        uri = checkpoint_uri_of(args.config)
+        if uri:
+            Reporter.from_env(uri).update(force=True, state="Failed", message=str(e))
+        return 2
+
+    reporter = Reporter.from_env(cfg.checkpoint.uri)
+    prev = reporter.load_previous()
+    if prev is not None:
+        reporter.progress = prev
+    reporter.update(force=True, state="Starting", message=None)
+    try:
+        preflight(cfg)
+        run_ray(cfg)
+    except BaseException as e:  # noqa: BLE001 -- every failure must end as a Failed state
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        te = train_error_in(e)
+        msg = te.message if te else f"{type(e).__name__}: {e}"
+        log.error("training failed: %s", msg)
+        fresh = reporter.load_previous()   # keep what the workers last reported
+        if fresh is not None:
+            reporter.progress = fresh
+        reporter.update(force=True, state="Failed", message=msg)
+        return 1
+    final = reporter.load_previous()
+    if final is None or final.state != "Succeeded":
+        reporter.update(force=True, state="Failed", message="training ended without an artifact")
+        return 1
+    log.info("done: step %d, adapter at %s", final.step, final.artifact_uri)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Loading the base model and tokenizer, choosing precision, wrapping with LoRA/QLoRA.
+
+Precision: bf16/fp16 are honoured on accelerators (base weights in that dtype, LoRA weights in
+fp32, forward under autocast). On CPU without native bf16 (no AMX) both fall back to fp32, and
+the returned note says so; the entrypoint puts it in the progress message.
+QLoRA loads the base in 4-bit NF4 through bitsandbytes and needs ``accelerator.supports_4bit``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+
+import torch
+
+from ..contract import AcceleratorRuntime, AdapterSpec, Method, Precision
+from .errors import ConfigError, ResourceError
+
+_DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
+_ELEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
+def cpu_has_fast_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def choose_dtype(precision: Precision, device: torch.device) -> tuple[torch.dtype, str | None]:
+    dtype = _DTYPES[precision]
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_fast_bf16():
+        return torch.float32, (f"{precision.value} requested; training in fp32 on CPU "
+                               f"({precision.value} is slow or unsupported without AMX here)")
+    return dtype, None
+
+
+def count_params(model_dir: str) -> int:
+    """Parameter count from safetensors headers (no weights read)."""
+    total = 0
+    for path in glob.glob(os.path.join(model_dir, "*.safetensors")):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                numel = 1
+                for d in meta["shape"]:
+                    numel *= d
+                total += numel
+    return total
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def free_memory(device: torch.device) -> int | None:
+    mod = getattr(torch, device.type, None)
+    if device.type != "cpu" and mod is not None and hasattr(mod, "mem_get_info"):
+        return int(mod.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(model_dir: str, *, dtype: torch.dtype, four_bit: bool, device: torch.device,
+               available: int | None) -> None:
+    """Fail early, saying how much memory the weights need, rather than dying in the loader."""
+    n = count_params(model_dir)
+    if not n or available is None:
+        return
+    per = 0.55 if four_bit else torch.empty((), dtype=dtype).element_size()
+    needed = int(n * per * 1.2)          # +20% for LoRA weights, optimizer state, buffers
+    if needed > available:
+        kind = "4-bit" if four_bit else str(dtype).replace("torch.", "")
+        raise ResourceError(
+            f"the base model does not fit: {n / 1e9:.2f}B parameters in {kind} need about "
+            f"{human(needed)} (weights + 20% headroom) but only {human(available)} is free on "
+            f"{device}; use a larger accelerator, more memory, or method qlora")
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str, adapter: AdapterSpec, acc: AcceleratorRuntime,
+               device: torch.device, dtype: torch.dtype):
+    """The PEFT-wrapped model on ``device``; only LoRA weights are trainable."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype}
+    four_bit = adapter.method is Method.qlora
+    if four_bit:
+        if not acc.supports_4bit:
+            raise ConfigError(f"method qlora needs 4-bit weights, which accelerator "
+                              f"{acc.vendor}/{acc.product} does not support; use method lora")
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"method qlora needs the bitsandbytes package in the worker image "
+                              f"({e})") from e
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        kwargs["device_map"] = {"": device}
+    check_fits(model_dir, dtype=dtype, four_bit=four_bit, device=device,
+               available=free_memory(device))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except torch.OutOfMemoryError as e:
+        raise ResourceError(f"out of memory loading the base model on {device}: {e}") from e
+    if four_bit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:
+        model.to(device)
+    targets = adapter.target_modules
+    lora = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else targets,
+                      task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise ConfigError(f"adapter target_modules {targets}: {e}") from e
+    return model
+
+
+def resolved_targets(peft_model) -> list[str]:
+    cfg = next(iter(peft_model.peft_config.values()))
+    t = cfg.target_modules
+    return sorted(t) if isinstance(t, (set, list, tuple)) else [str(t)]
