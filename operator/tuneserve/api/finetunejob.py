@@ -1,0 +1,334 @@
+"""FineTuneJob (tuneserve.dev/v1alpha1): the typed spec, the single source of truth for the CRD.
+
+``crds/tuneserve.dev_finetunejobs.yaml`` is generated from these models (``python -m
+tuneserve.crdgen``); field descriptions become the CRD's, ``Rule``s become CEL validations.
+Parse a CR body once with ``FineTuneJob.from_body`` and pass the typed object around.
+"""
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, ClassVar, Literal, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tuneserve import API_GROUP, API_VERSION
+from tuneserve.api.common import (
+    LABEL_NAME_PATTERN, NAME_MAX, SHORT_MAX, URI_MAX, ApiModel, EnvVar, Rule, SecretEnvVar,
+    SecretKeyRef, Toleration, uri_rule,
+)
+from tuneserve.api.status import FineTuneJobStatus
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SHORT_NAMES = ("ftj",)
+# KubeRay caps RayJob names at 47 characters (RayCluster name = RayJob name + 6); children are
+# named "<ftj>-<attempt>[-suffix]", so the FineTuneJob name keeps room for that.
+MAX_NAME_LENGTH = 40
+
+# Printable ASCII without space is `[!-~]`: no backslashes, so the same text is valid Python,
+# RE2 and a CEL single-quoted string.
+_PATH = r"(/[!-~]*)?"
+_BUCKET = r"[a-z0-9][-.a-z0-9]*[a-z0-9]"
+_HF_REPO = r"hf://[A-Za-z0-9][-_.A-Za-z0-9]*/[A-Za-z0-9][-_.A-Za-z0-9]*"
+_STORAGE = rf"(s3|gs)://{_BUCKET}{_PATH}|pvc://{_BUCKET}{_PATH}|file:///[!-~]*|/[!-~]*"
+MODEL_URI_PATTERN = rf"^({_HF_REPO}(@[-_./A-Za-z0-9]+)?|{_STORAGE})$"
+DATASET_URI_PATTERN = rf"^({_HF_REPO}{_PATH}|{_STORAGE})$"
+STORAGE_URI_PATTERN = rf"^({_STORAGE})$"
+_STORAGE_WHAT = "s3://bucket/path, gs://bucket/path, pvc://claim/path or an absolute local path"
+_VENDOR_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class Method(str, Enum):
+    lora = "lora"
+    qlora = "qlora"
+
+
+class DatasetFormat(str, Enum):
+    chat = "chat"
+    instruction = "instruction"
+    text = "text"
+
+
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LrSchedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class ModelSizeHints(ApiModel):
+    """Size of the base model, for memory sizing and cost estimates. Needed only when the model
+    name carries no size (names like "Qwen2.5-7B", "0.5B" or "8x7B" are parsed)."""
+    parameters_billions: Optional[float] = Field(None, gt=0, le=10000, description="Total parameters in billions (e.g. 7.6).")
+    layers: Optional[int] = Field(None, ge=1, le=1024, description="Transformer layers.")
+    hidden_size: Optional[int] = Field(None, ge=64, le=131072, description="Hidden size (model dimension).")
+    vocab_size: Optional[int] = Field(None, ge=256, le=4194304, description="Vocabulary size (logits memory).")
+
+
+class BaseModelSource(ApiModel):
+    """The open model to adapt."""
+    uri: str = Field(max_length=URI_MAX, description="hf://org/name[@revision], s3://, gs://, pvc://claim/path, or a local path (development).")
+    size_hints: Optional[ModelSizeHints] = Field(None, description="Overrides the size parsed from the name.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        uri_rule("uri", MODEL_URI_PATTERN, "hf://org/name[@revision], " + _STORAGE_WHAT),
+    )
+
+    def revision(self) -> Optional[str]:
+        """The `@revision` of an hf:// URI, if any."""
+        if self.uri.startswith("hf://") and "@" in self.uri:
+            return self.uri.rsplit("@", 1)[1]
+        return None
+
+    def location(self) -> str:
+        """The URI without its revision."""
+        return self.uri.rsplit("@", 1)[0] if self.revision() else self.uri
+
+    def display_name(self) -> str:
+        """The last path element, e.g. "Qwen2.5-7B-Instruct"."""
+        return self.location().rstrip("/").rsplit("/", 1)[-1]
+
+
+class DatasetSizeHints(ApiModel):
+    """Dataset size, for duration and cost estimates of epoch-based training."""
+    tokens: Optional[int] = Field(None, ge=1, description="Tokens in the training split.")
+    examples: Optional[int] = Field(None, ge=1, description="Examples (records) in the training split; tokens are then estimated as examples x maxSeqLength.")
+
+
+class DatasetSource(ApiModel):
+    """Training data: JSON Lines in one of the supported record formats."""
+    uri: str = Field(max_length=URI_MAX, description="hf://org/name[/file], s3://, gs://, pvc://claim/path or a local path.")
+    format: DatasetFormat = Field(DatasetFormat.chat, description='Record format: chat ({"messages": [...]}), instruction ({"instruction", "input"?, "response"}) or text ({"text"}).')
+    validation_split: float = Field(0.0, ge=0, lt=1, description="Fraction held out for evaluation loss, in [0, 1).")
+    size_hints: Optional[DatasetSizeHints] = Field(None, description="Size of the data, for estimates.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        uri_rule("uri", DATASET_URI_PATTERN, "hf://org/name[/path], " + _STORAGE_WHAT),
+    )
+
+
+class LoraConfig(ApiModel):
+    """LoRA adapter hyperparameters (also used by QLoRA)."""
+    rank: int = Field(16, ge=1, le=256, description="Adapter rank r.")
+    alpha: int = Field(32, ge=1, le=4096, description="Scaling alpha (effective scale alpha/r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input, in [0, 1).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, max_length=32,
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": SHORT_MAX}, "x-kubernetes-list-type": "set"},
+        description='Modules to adapt; "all-linear" (default) means every linear layer except the output head.')
+
+
+class TrainingConfig(ApiModel):
+    """Optimisation settings. Set epochs or maxSteps (maxSteps wins when both are set)."""
+    epochs: Optional[float] = Field(None, gt=0, le=1000, description="Passes over the dataset.")
+    max_steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="Optimizer steps; overrides epochs.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    schedule: LrSchedule = Field(LrSchedule.cosine, description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Fraction of steps spent warming up.")
+    global_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per optimizer step over all devices (gradient accumulation fills the gap).")
+    micro_batch_size: int = Field(1, ge=1, le=1024, description="Sequences per device per forward pass; drives activation memory.")
+    max_seq_length: int = Field(2048, ge=128, le=131072, description="Tokens per sequence (longer records are truncated).")
+    packing: bool = Field(True, description="Pack short records into full sequences.")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Random seed.")
+    precision: Precision = Field(Precision.bf16, description="Compute precision; QLoRA needs bf16 or fp16.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: less memory, ~1/3 more compute.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="has(self.epochs) || has(self.maxSteps)",
+             message="set training.epochs or training.maxSteps (maxSteps wins when both are set)",
+             check=lambda t: t.epochs is not None or t.max_steps is not None),
+        Rule(cel="self.globalBatchSize % self.microBatchSize == 0",
+             message="training.globalBatchSize must be a multiple of training.microBatchSize",
+             check=lambda t: t.global_batch_size % t.micro_batch_size == 0,
+             field_path=".globalBatchSize"),
+    )
+
+
+class AcceleratorChoice(ApiModel):
+    """One acceptable accelerator, as vendor and/or product from the accelerator catalog."""
+    vendor: Optional[str] = Field(None, max_length=SHORT_MAX, pattern=_VENDOR_PATTERN, description="Catalog vendor: nvidia, amd, huawei, intel, aws, google, cpu. Alone, any product of the vendor in catalog order.")
+    product: Optional[str] = Field(None, max_length=SHORT_MAX, pattern=r"^[-_.A-Za-z0-9]+$", description="Catalog product or alias, case-insensitive: H100, A100, L4, A10G, MI300X, Ascend910B, Gaudi2, trn1, inf2, v5e, cpu.")
+    devices_per_worker: int = Field(1, ge=1, le=64, description="Accelerator devices each Ray worker pod requests (one node).")
+    workers: int = Field(1, ge=1, le=64, description="Ray worker pods (nodes) in the training group.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="has(self.vendor) || has(self.product)",
+             message="an accelerator choice needs a vendor, a product, or both",
+             check=lambda c: c.vendor is not None or c.product is not None),
+    )
+
+
+class AutoAcceleratorRequest(ApiModel):
+    """Let the operator pick: every catalog accelerator that can hold the model, cheapest
+    estimated run first."""
+    devices: int = Field(1, ge=1, le=512, description="Total devices to train on.")
+    min_memory_gib_per_device: Optional[int] = Field(None, alias="minMemoryGiBPerDevice", ge=1, le=4096, description="Skip accelerators with less memory per device.")
+    vendors: Optional[list[str]] = Field(
+        None, min_length=1, max_length=8,
+        json_schema_extra={"items": {"type": "string", "maxLength": SHORT_MAX, "pattern": _VENDOR_PATTERN}, "x-kubernetes-list-type": "set"},
+        description="Only these vendors (default: any but cpu).")
+
+
+class AcceleratorRequest(ApiModel):
+    """Where training may run: an ordered list of choices, or an automatic request."""
+    choices: Optional[list[AcceleratorChoice]] = Field(
+        None, min_length=1, max_length=8, json_schema_extra={"x-kubernetes-list-type": "atomic"},
+        description="Acceptable accelerators, most preferred first. The first that fits now wins; otherwise the first that could fit waits for capacity.")
+    auto: Optional[AutoAcceleratorRequest] = Field(None, description="Resolve the choices from the catalog.")
+    fallback_after_minutes: int = Field(15, ge=1, le=1440, description="Move to the next choice when the chosen one leaves pods unschedulable this long.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="has(self.choices) != has(self.auto)",
+             message="set exactly one of accelerators.choices (an ordered list) or accelerators.auto",
+             check=lambda a: (a.choices is not None) != (a.auto is not None)),
+    )
+
+
+class CheckpointConfig(ApiModel):
+    """Periodic checkpoints; a restarted or moved job resumes from the latest."""
+    uri: Optional[str] = Field(None, max_length=URI_MAX, description="Checkpoint storage (default: <output.uri>/checkpoints).")
+    interval_minutes: Optional[int] = Field(None, ge=1, le=1440, description="Checkpoint at least this often.")
+    interval_steps: Optional[int] = Field(None, ge=1, le=10_000_000, description="Checkpoint every this many steps.")
+    keep: int = Field(3, ge=1, le=100, description="Checkpoints kept (older ones are deleted).")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        uri_rule("uri", STORAGE_URI_PATTERN, _STORAGE_WHAT, required=False),
+        Rule(cel="has(self.intervalMinutes) || has(self.intervalSteps)",
+             message="set checkpoint.intervalMinutes, checkpoint.intervalSteps, or both",
+             check=lambda c: c.interval_minutes is not None or c.interval_steps is not None),
+    )
+
+
+class OutputConfig(ApiModel):
+    """Where the trained adapter and its manifest are written."""
+    uri: str = Field(max_length=URI_MAX, description=_STORAGE_WHAT + ".")
+    merge_weights: bool = Field(False, description="Also write base weights merged with the adapter.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (uri_rule("uri", STORAGE_URI_PATTERN, _STORAGE_WHAT),)
+
+
+class ObjectStoreCredentials(ApiModel):
+    """S3-compatible credentials, passed to the workers as AWS_* env from Secret keys."""
+    access_key_id: SecretKeyRef = Field(description="-> AWS_ACCESS_KEY_ID")
+    secret_access_key: SecretKeyRef = Field(description="-> AWS_SECRET_ACCESS_KEY")
+    session_token: Optional[SecretKeyRef] = Field(None, description="-> AWS_SESSION_TOKEN")
+    endpoint_url: Optional[str] = Field(None, max_length=URI_MAX, pattern=r"^https?://[!-~]+$", description="-> AWS_ENDPOINT_URL (MinIO, Ceph, ...).")
+    region: Optional[str] = Field(None, max_length=SHORT_MAX, description="-> AWS_DEFAULT_REGION")
+
+
+class Credentials(ApiModel):
+    """References to Secrets. Values are never read by the operator nor copied anywhere."""
+    hugging_face_token: Optional[SecretKeyRef] = Field(None, description="-> HF_TOKEN")
+    object_store: Optional[ObjectStoreCredentials] = Field(None, description="S3-compatible object store.")
+    secret_env: Optional[list[SecretEnvVar]] = Field(
+        None, max_length=16, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="More env vars from Secret keys (e.g. GOOGLE_APPLICATION_CREDENTIALS content).")
+
+
+# Fields of the spec that may change after creation; everything else is immutable.
+MUTABLE_SPEC_FIELDS = frozenset({"suspend"})
+
+
+def _immutability_rules(fields: list[str]) -> tuple[Rule, ...]:
+    """One has()-aware transition rule per field, at the spec level: a rule on the field itself
+    would not fire when an optional field is added or removed."""
+    return tuple(
+        Rule(cel=f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})",
+             message=f"spec.{f} is immutable after creation (only spec.suspend may change); create a new FineTuneJob",
+             field_path=f".{f}")
+        for f in fields
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    """Fine-tune an open model with LoRA/QLoRA on the first acceptable accelerator."""
+    base_model: BaseModelSource = Field(description="The model to adapt.")
+    dataset: DatasetSource = Field(description="Training data.")
+    method: Method = Field(Method.lora, description="lora (base weights in training precision) or qlora (4-bit base weights).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, json_schema_extra={"default": {}}, description="Adapter hyperparameters.")
+    training: TrainingConfig = Field(description="Optimisation settings.")
+    accelerators: AcceleratorRequest = Field(description="Acceptable accelerators, in order of preference, or an automatic request.")
+    checkpoint: Optional[CheckpointConfig] = Field(None, description="Checkpointing (default: every 10 minutes to <output.uri>/checkpoints, keep 3).")
+    output: OutputConfig = Field(description="Where the adapter goes.")
+    tolerations: Optional[list[Toleration]] = Field(None, max_length=32, json_schema_extra={"x-kubernetes-list-type": "atomic"}, description="Added to the accelerator's own tolerations on every Ray pod.")
+    node_selector: Optional[dict[str, str]] = Field(
+        None, max_length=32, json_schema_extra={"additionalProperties": {"type": "string", "maxLength": SHORT_MAX}},
+        description="Added to the accelerator's node labels on every Ray pod.")
+    priority_class_name: Optional[str] = Field(None, max_length=NAME_MAX, pattern=LABEL_NAME_PATTERN.replace("([-a-z0-9]", "([-.a-z0-9]"), description="PriorityClass of the Ray pods.")
+    service_account_name: Optional[str] = Field(None, max_length=NAME_MAX, pattern=LABEL_NAME_PATTERN.replace("([-a-z0-9]", "([-.a-z0-9]"), description="Service account of the Ray pods (e.g. for workload identity); default: one the operator creates.")
+    image_overrides: Optional[dict[str, str]] = Field(
+        None, max_length=16, json_schema_extra={"additionalProperties": {"type": "string", "minLength": 1, "maxLength": 512}},
+        description="Training image per catalog vendor, e.g. {nvidia: registry/train:cu128}.")
+    env: Optional[list[EnvVar]] = Field(None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description="Extra plain env vars for the training containers.")
+    credentials: Optional[Credentials] = Field(None, description="Secret references for the model hub and object store.")
+    backoff_limit: int = Field(2, ge=0, le=10, description="Restarts of the Ray job (each resumes from the last checkpoint) before the job fails.")
+    suspend: bool = Field(False, description="Suspend (delete the Ray cluster, keep checkpoints) or resume; the only mutable field.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="self.method != 'qlora' || !has(self.training.precision) || self.training.precision != 'fp32'",
+             message="method qlora computes in bf16 or fp16; set training.precision to bf16 or fp16",
+             check=lambda s: not (s.method == Method.qlora and s.training.precision == Precision.fp32),
+             field_path=".training.precision"),
+    )
+
+    def effective_checkpoint(self) -> CheckpointConfig:
+        """Checkpoint settings with defaults filled in (the uri under the output)."""
+        ckpt = self.checkpoint or CheckpointConfig(interval_minutes=10)
+        if ckpt.uri is None:
+            ckpt = ckpt.model_copy(update={"uri": self.output.uri.rstrip("/") + "/checkpoints"})
+        return ckpt
+
+
+# Appended after class creation: they need the aliases of every spec field.
+FineTuneJobSpec.rules = FineTuneJobSpec.rules + _immutability_rules(
+    [info.alias for name, info in FineTuneJobSpec.model_fields.items() if info.alias not in MUTABLE_SPEC_FIELDS]
+)
+
+
+def immutable_fields_changed(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list[str]:
+    """Python mirror of the spec's transition rules: the spec fields that changed but may not."""
+    old_wire, new_wire = old.to_wire(), new.to_wire()
+    keys = sorted((set(old_wire) | set(new_wire)) - MUTABLE_SPEC_FIELDS)
+    return [f"spec.{k}" for k in keys if old_wire.get(k) != new_wire.get(k)]
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads; the rest is ignored."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, alias_generator=None)
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(BaseModel):
+    """A FineTuneJob custom resource, parsed once from the API body."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    api_version: Literal["tuneserve.dev/v1alpha1"] = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: Optional[FineTuneJobStatus] = None
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> "FineTuneJob":
+        """Parse a kopf body / API dict (raises pydantic.ValidationError on an invalid spec)."""
+        data = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body and body[k] is not None}
+        if not data.get("status"):
+            data.pop("status", None)
+        return cls.model_validate(data)
+
+
+NAME_RULE = Rule(
+    cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    message=f"metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter) of at most {MAX_NAME_LENGTH} characters: the Ray objects are named after it",
+    check=lambda name: len(name) <= MAX_NAME_LENGTH and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None,
+)

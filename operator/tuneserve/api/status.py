@@ -1,0 +1,195 @@
+"""FineTuneJob status: what `kubectl get ftj` and `kubectl describe ftj` show.
+
+Written only by the operator (status subresource). Condition types and reasons are closed sets
+(enums), so clients can switch on them. Display strings (``summary``, ``eta``, ``cost``) exist
+because printer columns can show one JSONPath each.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class StatusModel(BaseModel):
+    """Status types: camelCase; unknown fields ignored so an older status never breaks parsing."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_wire(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Phase(str, Enum):
+    Pending = "Pending"          # accepted, not placed yet
+    Waiting = "Waiting"          # placed on an accelerator that is busy now; waiting for capacity
+    Starting = "Starting"        # Ray cluster starting / job submitted
+    Running = "Running"          # training steps are happening
+    Suspended = "Suspended"      # spec.suspend
+    Succeeded = "Succeeded"      # adapter written
+    Failed = "Failed"            # terminal; see the Failed condition
+
+
+TERMINAL_PHASES = frozenset({Phase.Succeeded, Phase.Failed})
+
+
+class ConditionType(str, Enum):
+    Accepted = "Accepted"          # spec understood, model size known
+    Placed = "Placed"              # an accelerator choice was made
+    Running = "Running"            # Ray job running
+    Checkpointed = "Checkpointed"  # at least one checkpoint exists
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+
+class ConditionReason(str, Enum):
+    # Accepted
+    SpecValid = "SpecValid"
+    InvalidSpec = "InvalidSpec"
+    ModelSizeUnknown = "ModelSizeUnknown"
+    # Placed
+    Placing = "Placing"
+    FitsNow = "FitsNow"
+    WaitingForCapacity = "WaitingForCapacity"
+    FellBack = "FellBack"
+    NoAcceptableChoice = "NoAcceptableChoice"
+    # Running
+    NotStarted = "NotStarted"
+    RayClusterStarting = "RayClusterStarting"
+    Training = "Training"
+    Retrying = "Retrying"
+    JobFinished = "JobFinished"
+    # Checkpointed
+    NoCheckpointYet = "NoCheckpointYet"
+    CheckpointSaved = "CheckpointSaved"
+    # Succeeded / Failed
+    AdapterWritten = "AdapterWritten"
+    TrainingFailed = "TrainingFailed"
+    BackoffLimitExceeded = "BackoffLimitExceeded"
+    InProgress = "InProgress"
+    # Suspended
+    SuspendedByUser = "SuspendedByUser"
+    NotSuspended = "NotSuspended"
+
+
+class ConditionStatus(str, Enum):
+    true = "True"
+    false = "False"
+    unknown = "Unknown"
+
+
+class Condition(StatusModel):
+    """A metav1.Condition."""
+    type: ConditionType
+    status: ConditionStatus
+    reason: ConditionReason
+    message: str = ""
+    last_transition_time: datetime
+    observed_generation: Optional[int] = None
+
+
+class RejectionCode(str, Enum):
+    UnknownAccelerator = "UnknownAccelerator"
+    InsufficientMemory = "InsufficientMemory"
+    Unsupported = "Unsupported"              # e.g. qlora where 4-bit is not supported
+    NoMatchingNodes = "NoMatchingNodes"
+    InsufficientCapacity = "InsufficientCapacity"  # not even when the cluster is idle
+    Busy = "Busy"                            # capacity exists, not free now
+    TimedOut = "TimedOut"                    # pods stayed unschedulable past the timeout
+    Excluded = "Excluded"                    # auto request: filtered by vendors/min memory
+
+
+class ChoiceRejection(StatusModel):
+    """Why a choice was not used."""
+    choice: str = Field(description="The choice, e.g. 'nvidia/h100-80gb 1x8'.")
+    code: RejectionCode
+    message: str
+    at: Optional[datetime] = None
+
+
+class PlacementStatus(StatusModel):
+    """Where the job runs (or waits to run) and why."""
+    attempt: int = Field(description="1 for the first placement; +1 on every fallback.")
+    choice: str
+    vendor: str
+    product: str
+    accelerator: str = Field(description="Display, e.g. 'NVIDIA H100 80GB x16'.")
+    pool: Optional[str] = None
+    workers: int
+    devices_per_worker: int
+    resource_name: Optional[str] = None
+    ray_job_name: str
+    price_per_device_hour: float = 0.0
+    waiting: bool = False
+    reason: str = Field(description="Why this choice.")
+    since: datetime
+
+
+class Estimate(StatusModel):
+    """Before start: memory, duration and cost of the chosen placement."""
+    memory_per_device_gib: float = Field(alias="memoryPerDeviceGiB")
+    tokens: Optional[int] = None
+    tokens_per_second: Optional[float] = None
+    duration_seconds: Optional[float] = None
+    cost_usd: Optional[float] = Field(None, alias="costUSD")
+    note: Optional[str] = None
+
+
+class ProgressStatus(StatusModel):
+    step: int = 0
+    total_steps: Optional[int] = None
+    epoch: float = 0.0
+    loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    eta_seconds: Optional[float] = None
+    summary: str = Field("", description="e.g. '45% (450/1000)'.")
+    eta: Optional[str] = Field(None, description="e.g. '1h20m', or '~3h (est)' before training starts.")
+
+
+class CheckpointStatus(StatusModel):
+    uri: str
+    step: int
+    time: datetime
+
+
+class ArtifactStatus(StatusModel):
+    uri: str
+    base_model: str
+    method: str
+    rank: int
+    digest: Optional[str] = None
+
+
+class UsageStatus(StatusModel):
+    """Accelerator time consumed so far, over every attempt."""
+    accelerator_hours: float = 0.0
+    cost_usd: float = Field(0.0, alias="costUSD")
+    prior_accelerator_hours: float = Field(0.0, description="Hours of finished attempts.")
+    prior_cost_usd: float = Field(0.0, alias="priorCostUSD")
+    cost: str = Field("", description="e.g. '$1.20 of ~$42.00'.")
+
+
+class FineTuneJobStatus(StatusModel):
+    phase: Phase = Phase.Pending
+    observed_generation: Optional[int] = None
+    message: Optional[str] = None
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    placement: Optional[PlacementStatus] = None
+    rejected_choices: list[ChoiceRejection] = Field(default_factory=list)
+    estimate: Optional[Estimate] = None
+    progress: Optional[ProgressStatus] = None
+    last_checkpoint: Optional[CheckpointStatus] = None
+    artifact: Optional[ArtifactStatus] = None
+    usage: Optional[UsageStatus] = None
+    start_time: Optional[datetime] = None
+    completion_time: Optional[datetime] = None
+    restarts: int = 0
+
+    def condition(self, type_: ConditionType) -> Optional[Condition]:
+        return next((c for c in self.conditions if c.type == type_), None)

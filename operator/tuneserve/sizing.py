@@ -1,0 +1,227 @@
+"""Memory, duration and cost estimates for a LoRA/QLoRA run on one accelerator profile.
+
+Memory per device (data parallel: every device holds a full copy of the base model):
+
+* weights: N x bytes(precision); QLoRA: non-embedding weights at 4 bits (+3 % quantisation
+  constants) and the input embedding + output head (2·V·h params, kept unquantised) at 2 bytes.
+* LoRA states: P_lora x 16 bytes (fp32 weight 4 + grad 4 + Adam m, v 8), with
+  P_lora = layers x rank x hidden x sum over targeted modules of (d_in + d_out) / hidden.
+* activations (flash attention, so no seq^2 term; per Korthikanti et al. 2022, a layer keeps
+  ~34·b·s·h bytes in 16-bit):
+  with gradient checkpointing  b·s·h·(2·L + 34) x (bytes/2)   (layer inputs + one layer recomputed)
+  without                      b·s·h·34·L x (bytes/2)
+  plus logits in fp32 and their gradient: b·s·V·8 bytes. (b = micro batch, s = max seq length.)
+* overhead: the profile's runtime reserve + ``memoryFragmentation`` x the rest.
+
+Throughput: training FLOPs per token are 4N for LoRA (forward 2N + backward through the frozen
+weights 2N; frozen weights need no weight gradient, the adapter's share is negligible), 6N with
+gradient checkpointing (one more forward). Tokens/s per device = bf16 TFLOP/s x MFU x precision
+factor (x QLoRA factor) / FLOPs per token.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from tuneserve.api.finetunejob import BaseModelSource, FineTuneJobSpec, Method, Precision
+from tuneserve.catalog import AcceleratorProfile, Catalog
+
+GIB = 1024 ** 3
+DEFAULT_VOCAB = 128_000
+FFN_RATIO = 3.5
+LORA_STATE_BYTES = 16
+QLORA_BYTES_PER_PARAM = 0.5 * 1.03
+PRECISION_BYTES = {Precision.bf16: 2, Precision.fp16: 2, Precision.fp32: 4}
+
+# (d_in + d_out) / hidden of common projection names; unknown names count as a square (2).
+MODULE_FACTORS = {
+    "q_proj": 2.0, "k_proj": 2.0, "v_proj": 2.0, "o_proj": 2.0,
+    "gate_proj": 1 + FFN_RATIO, "up_proj": 1 + FFN_RATIO, "down_proj": 1 + FFN_RATIO,
+    "query_key_value": 4.0, "dense": 2.0, "c_attn": 4.0, "c_proj": 2.0, "c_fc": 1 + FFN_RATIO,
+}
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_SIZE_TOKEN = re.compile(r"^(?:(\d+)x)?(\d+(?:\.\d+)?)([bBmM])$")
+
+
+class ModelSizeUnknown(ValueError):
+    """The model's size cannot be derived: no size in the name and no hints."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    parameters: float
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    source: str  # "name", "hints", or "name+hints"
+
+    @property
+    def billions(self) -> float:
+        return self.parameters / 1e9
+
+
+def parse_parameter_count(name: str) -> Optional[float]:
+    """Parameters from a well-known name: "Qwen2.5-7B-Instruct" -> 7e9, "0.5B", "SmolLM-135M",
+    "Mixtral-8x7B" -> 56e9 (expert count x size: an upper bound, shared layers counted 8 times)."""
+    for token in re.split(r"[-_/ ]", name):
+        match = _SIZE_TOKEN.match(token)
+        if match:
+            experts = int(match.group(1) or 1)
+            scale = 1e9 if match.group(3) in "bB" else 1e6
+            return experts * float(match.group(2)) * scale
+    return None
+
+
+def _hidden_from_parameters(parameters: float) -> int:
+    """Typical decoder aspect ratio L ~ h/128 with N ~ 12·L·h^2 gives h ~ (128·N/12)^(1/3)."""
+    return max(128, int(round((128 * parameters / 12) ** (1 / 3) / 128)) * 128)
+
+
+def model_shape(base_model: BaseModelSource) -> ModelShape:
+    """Parameter count: hint, else the name, else 12·L·h^2 + 2·V·h from dimension hints. Missing
+    dimensions are derived from the parameter count."""
+    name = base_model.display_name()
+    hints = base_model.size_hints
+    from_name = parse_parameter_count(name)
+    parameters = hints.parameters_billions * 1e9 if hints and hints.parameters_billions else None
+    vocab = (hints.vocab_size if hints and hints.vocab_size else None) or DEFAULT_VOCAB
+    hidden = hints.hidden_size if hints else None
+    layers = hints.layers if hints else None
+    source = "hints"
+    if parameters is None and from_name is not None:
+        parameters = from_name
+        source = "name+hints" if hints and (hidden or layers or hints.vocab_size) else "name"
+    if parameters is None and hidden and layers:
+        parameters = 12 * layers * hidden ** 2 + 2 * vocab * hidden
+    if parameters is None:
+        raise ModelSizeUnknown(
+            f"cannot tell the size of {name!r} from its name; set spec.baseModel.sizeHints.parametersBillions "
+            "(or layers and hiddenSize)")
+    hidden = hidden or _hidden_from_parameters(parameters)
+    layers = layers or max(1, round(parameters / (12 * hidden ** 2)))
+    return ModelShape(name=name, parameters=parameters, layers=layers, hidden_size=hidden, vocab_size=vocab, source=source)
+
+
+def lora_parameters(shape: ModelShape, rank: int, target_modules: list[str]) -> float:
+    modules = ALL_LINEAR if "all-linear" in target_modules else tuple(target_modules)
+    factor = sum(MODULE_FACTORS.get(m, 2.0) for m in modules)
+    return shape.layers * rank * shape.hidden_size * factor
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_gib: float
+    lora_states_gib: float
+    activations_gib: float
+    overhead_gib: float
+    lora_parameters: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib + self.lora_states_gib + self.activations_gib + self.overhead_gib
+
+    def breakdown(self) -> str:
+        return (f"weights {self.weights_gib:.1f} + LoRA states {self.lora_states_gib:.1f} + "
+                f"activations {self.activations_gib:.1f} + overhead {self.overhead_gib:.1f}")
+
+
+def estimate_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog) -> MemoryEstimate:
+    """Memory one device (or, for worker-scoped profiles, one worker) needs; formulas above."""
+    training = spec.training
+    act_bytes = PRECISION_BYTES[training.precision]
+    if spec.method == Method.qlora:
+        embed = min(2 * shape.vocab_size * shape.hidden_size, 0.3 * shape.parameters)
+        weights = (shape.parameters - embed) * QLORA_BYTES_PER_PARAM + embed * 2
+    else:
+        weights = shape.parameters * PRECISION_BYTES[training.precision]
+    p_lora = lora_parameters(shape, spec.lora.rank, spec.lora.target_modules)
+    states = p_lora * LORA_STATE_BYTES
+    bsh = training.micro_batch_size * training.max_seq_length * shape.hidden_size
+    if training.gradient_checkpointing:
+        layer_acts = bsh * (2 * shape.layers + 34) * act_bytes / 2
+    else:
+        layer_acts = bsh * 34 * shape.layers * act_bytes / 2
+    logits = training.micro_batch_size * training.max_seq_length * shape.vocab_size * 8
+    activations = layer_acts + logits
+    base = (weights + states + activations) / GIB
+    overhead = profile.runtime_overhead_gib + catalog.defaults.memory_fragmentation * base
+    return MemoryEstimate(weights / GIB, states / GIB, activations / GIB, overhead, p_lora)
+
+
+def memory_shortfall(shape: ModelShape, estimate: MemoryEstimate, profile: AcceleratorProfile,
+                     devices_per_worker: int) -> Optional[str]:
+    """None when the estimate fits; otherwise the sentence saying why not, with the arithmetic."""
+    available = profile.memory_for_model_gib(devices_per_worker)
+    if estimate.total_gib <= available:
+        return None
+    if profile.memory_scope == "worker":
+        has = f"{profile.memory_gib:g} GiB per device x {devices_per_worker} = {available:g} GiB per worker"
+        per = "per worker"
+    else:
+        has = f"{available:g} GiB"
+        per = "per device"
+    return (f"{shape.name} needs {estimate.total_gib:.1f} GiB {per} ({estimate.breakdown()}) "
+            f"but {profile.display_name} has {has}")
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    tokens: Optional[int]
+    tokens_per_second: float
+    duration_seconds: Optional[float]
+    cost_usd: Optional[float]
+    flops_per_token: float
+    note: Optional[str] = None
+
+
+def training_tokens(spec: FineTuneJobSpec) -> tuple[Optional[int], Optional[str]]:
+    """Tokens the run will process: maxSteps x globalBatch x seqLen, else dataset tokens x epochs."""
+    t = spec.training
+    if t.max_steps is not None:
+        return t.max_steps * t.global_batch_size * t.max_seq_length, None
+    hints = spec.dataset.size_hints
+    if hints and hints.tokens:
+        dataset_tokens = hints.tokens
+    elif hints and hints.examples:
+        dataset_tokens = hints.examples * t.max_seq_length
+    else:
+        return None, "dataset size unknown: set spec.dataset.sizeHints.tokens (or examples) for a duration and cost estimate"
+    return int(dataset_tokens * (1 - spec.dataset.validation_split) * (t.epochs or 1)), None
+
+
+def estimate_run(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog,
+                 devices: int) -> RunEstimate:
+    """Duration and cost on ``devices`` devices of ``profile`` (startup time included)."""
+    flops_per_token = shape.parameters * (6 if spec.training.gradient_checkpointing else 4)
+    speed = catalog.defaults.precision_speed_factor.get(spec.training.precision.value, 1.0)
+    if spec.method == Method.qlora:
+        speed *= catalog.defaults.qlora_speed_factor
+    per_device = profile.bf16_tflops * 1e12 * catalog.mfu(profile) * speed / flops_per_token
+    tokens_per_second = per_device * devices
+    tokens, note = training_tokens(spec)
+    if tokens is None:
+        return RunEstimate(None, tokens_per_second, None, None, flops_per_token, note)
+    duration = tokens / tokens_per_second + catalog.defaults.startup_minutes * 60
+    cost = duration / 3600 * devices * profile.price_per_device_hour
+    return RunEstimate(tokens, tokens_per_second, duration, cost, flops_per_token)
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """'2d3h', '1h20m', '5m', '40s'."""
+    if seconds is None:
+        return ""
+    s = max(0, int(math.ceil(seconds)))
+    days, rem = divmod(s, 86400)
+    hours, rem = divmod(rem, 3600)
+    minutes, secs = divmod(rem, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m"
+    return f"{secs}s"

@@ -1,0 +1,83 @@
+"""The typed FineTuneJob API: examples parse, invalid specs fail with the CRD's messages."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from helpers import EXAMPLES, invalid_cases, load_example, merge_patch
+from tuneserve.api.finetunejob import NAME_RULE, FineTuneJob, Method, immutable_fields_changed
+
+CASES = invalid_cases()
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate(path):
+    import yaml
+    job = FineTuneJob.from_body(yaml.safe_load(path.read_text()))
+    assert job.spec.output.uri
+    assert NAME_RULE.check(job.metadata.name)
+
+
+def test_user_story_example_reads_as_written():
+    job = FineTuneJob.from_body(load_example("finetunejob-qwen-bank.yaml"))
+    spec = job.spec
+    assert spec.base_model.display_name() == "Qwen2.5-7B-Instruct"
+    assert [(c.vendor, c.product) for c in spec.accelerators.choices] == [("nvidia", "H100"), ("amd", "MI300X"), ("huawei", "Ascend910B")]
+    assert spec.effective_checkpoint().interval_minutes == 10
+    assert spec.output.uri == "s3://bank/adapters/fin-v1"
+    assert spec.method == Method.lora
+
+
+def test_defaults_fill_in():
+    job = FineTuneJob.from_body(load_example("finetunejob-minimal.yaml"))
+    assert job.metadata.namespace == "default"
+    assert job.spec.lora.rank == 16 and job.spec.lora.target_modules == ["all-linear"]
+    ckpt = job.spec.effective_checkpoint()
+    assert ckpt.uri == "s3://demo/adapters/tiny/checkpoints" and ckpt.interval_minutes == 10 and ckpt.keep == 3
+    assert job.spec.suspend is False and job.spec.backoff_limit == 2
+
+
+def test_revision_is_split_from_hf_uri():
+    job = FineTuneJob.from_body(load_example("finetunejob-auto.yaml"))
+    assert job.spec.base_model.revision() == "main"
+    assert job.spec.base_model.location() == "hf://Qwen/Qwen2.5-32B-Instruct"
+
+
+def test_at_least_15_distinct_invalid_cases():
+    assert len({c["name"] for c in CASES}) == len(CASES) >= 15
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.get("pydantic", True) and not c.get("update")], ids=lambda c: c["name"])
+def test_invalid_spec_rejected_by_models(case):
+    with pytest.raises(ValidationError) as err:
+        FineTuneJob.from_body(case["manifest"])
+    # CEL-mirrored rules carry the CRD's message; schema bounds carry the field path (camelCase).
+    assert case["expect"] in str(err.value)
+
+
+def test_name_rule_mirrors_cel():
+    case = next(c for c in CASES if c["name"] == "name-too-long")
+    assert not NAME_RULE.check(case["manifest"]["metadata"]["name"])
+    assert not NAME_RULE.check("9starts-with-digit")
+    assert NAME_RULE.check("fin-v1")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.get("update")], ids=lambda c: c["name"])
+def test_immutability_mirror(case):
+    old = FineTuneJob.from_body(case["base"]).spec
+    new = FineTuneJob.from_body(case["manifest"]).spec
+    changed = immutable_fields_changed(old, new)
+    assert changed and case["expect"].startswith(changed[0])
+
+
+def test_suspend_is_the_only_mutable_field():
+    base = load_example("finetunejob-minimal.yaml")
+    old = FineTuneJob.from_body(base).spec
+    assert immutable_fields_changed(old, FineTuneJob.from_body(merge_patch(base, {"spec": {"suspend": True}})).spec) == []
+
+
+def test_secret_values_have_no_field():
+    """Credentials are references only: a literal value is an unknown field."""
+    base = load_example("finetunejob-minimal.yaml")
+    with pytest.raises(ValidationError):
+        FineTuneJob.from_body(merge_patch(base, {"spec": {"credentials": {"huggingFaceToken": {"name": "a", "key": "b", "value": "hf_x"}}}}))

@@ -1,0 +1,84 @@
+"""The accelerator catalog: coverage, match with the local fleet, override merging, no vendor code."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tuneserve.catalog import load_catalog
+
+OPERATOR = Path(__file__).resolve().parents[2] / "operator" / "tuneserve"
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return load_catalog()
+
+
+def test_required_products_present(catalog):
+    for vendor, product in [("nvidia", "H100"), ("nvidia", "A100"), ("nvidia", "L4"), ("nvidia", "A10"),
+                            ("amd", "MI300X"), ("huawei", "Ascend910B"), ("intel", "Gaudi2"),
+                            ("aws", "trn1"), ("aws", "inf2"), ("google", "v5e"), ("cpu", "cpu")]:
+        assert len(catalog.find(vendor, product)) == 1, (vendor, product)
+
+
+@pytest.mark.parametrize("product,resource,labels,taint", [
+    ("H100", "nvidia.com/gpu", {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "nvidia.com/gpu.present": "true"}, "nvidia.com/gpu"),
+    ("L4", "nvidia.com/gpu", {"nvidia.com/gpu.product": "NVIDIA-L4"}, "nvidia.com/gpu"),
+    ("A10G", "nvidia.com/gpu", {"nvidia.com/gpu.product": "NVIDIA-A10G"}, "nvidia.com/gpu"),
+    ("MI300X", "amd.com/gpu", {"amd.com/gpu.product-name": "AMD-Instinct-MI300X"}, "amd.com/gpu"),
+    ("Ascend910B", "huawei.com/Ascend910", {"accelerator": "huawei-Ascend910B"}, "huawei.com/Ascend910"),
+    ("Gaudi2", "habana.ai/gaudi", {"habana.ai/gaudi.product": "HL-225"}, "habana.ai/gaudi"),
+])
+def test_matches_local_fleet(catalog, product, resource, labels, taint):
+    (profile,) = catalog.find(None, product)
+    assert profile.resource_name == resource
+    assert labels.items() <= profile.node_labels.items()
+    assert any(t.key == taint and t.operator == "Exists" and t.effect == "NoSchedule" for t in profile.tolerations)
+
+
+def test_runtime_fields(catalog):
+    by = {p.key: p for p in catalog.profiles}
+    assert by["nvidia/h100-80gb"].ray_resource_auto_mapped and by["amd/mi300x"].ray_resource_auto_mapped
+    assert (by["huawei/ascend910b"].ray_resource, by["huawei/ascend910b"].torch_device, by["huawei/ascend910b"].distributed_backend) == ("NPU", "npu", "hccl")
+    assert (by["intel/gaudi2"].ray_resource, by["intel/gaudi2"].torch_device, by["intel/gaudi2"].visible_devices_env) == ("HPU", "hpu", "HABANA_VISIBLE_MODULES")
+    assert by["cpu/cpu"].resource_name is None and by["cpu/cpu"].memory_scope == "worker"
+    assert all(p.images.train and p.images.serve and p.price_per_device_hour > 0 for p in catalog.profiles)
+
+
+def test_override_merges_and_removes(catalog):
+    over = load_catalog("""
+defaults: {mfu: 0.5}
+vendors:
+  nvidia:
+    images: {train: registry.local/train:cuda}
+    products:
+      l4: null
+      h100-80gb: {pricePerDeviceHour: 2.5}
+  aws:
+    products:
+      trn1: {nodeLabels: null, nodeLabelsAnyOf: {node.kubernetes.io/instance-type: [trn1.32xlarge]}}
+""")
+    keys = [p.key for p in over.profiles]
+    assert "nvidia/l4" not in keys and keys[0] == "nvidia/h100-80gb"
+    h100 = over.get("nvidia/h100-80gb")
+    assert h100.price_per_device_hour == 2.5 and h100.images.train == "registry.local/train:cuda"
+    assert h100.node_labels["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert over.defaults.mfu == 0.5 and catalog.defaults.mfu == 0.35
+    assert over.get("aws/trn1").node_labels_any_of == {"node.kubernetes.io/instance-type": ("trn1.32xlarge",)}
+
+
+def test_bad_override_fails_loudly():
+    with pytest.raises(ValidationError):
+        load_catalog("vendors: {nvidia: {products: {h100-80gb: {memoryGB: 80}}}}")
+
+
+def test_no_vendor_branches_in_code():
+    """Vendor differences live in catalog.yaml only."""
+    vendor_words = re.compile(r"['\"](nvidia|amd|huawei|intel|aws|google|cuda|npu|hpu|rocm|ascend)['\"]", re.I)
+    offenders = [f"{p.relative_to(OPERATOR)}:{i}" for p in OPERATOR.rglob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if vendor_words.search(line)]
+    assert offenders == []

@@ -1,0 +1,67 @@
+"""The committed CRD is generated from the models, structural, and bounded for CEL cost."""
+from __future__ import annotations
+
+import yaml
+
+from tuneserve import crdgen
+from tuneserve.api.finetunejob import FineTuneJobSpec
+
+
+def test_committed_crds_match_the_models():
+    for name, content in crdgen.rendered_crds().items():
+        committed = (crdgen.CRD_DIR / name).read_text()
+        assert committed == content, f"{name} is stale: run `python -m tuneserve.crdgen`"
+
+
+def _version():
+    return crdgen.finetunejob_crd()["spec"]["versions"][0]
+
+
+def test_schema_is_structural_and_bounded():
+    schema = _version()["schema"]["openAPIV3Schema"]
+    assert crdgen.check_structural(schema["properties"]["spec"]) == []
+    assert crdgen.check_structural(schema["properties"]["status"], bounded=False) == []
+    text = yaml.safe_dump(schema)
+    for forbidden in ("$ref", "anyOf", "$defs", "title:", "additionalProperties: false", "type: 'null'"):
+        assert forbidden not in text
+
+
+def test_names_subresources_and_columns():
+    crd = crdgen.finetunejob_crd()
+    names = crd["spec"]["names"]
+    assert names["shortNames"] == ["ftj"] and names["categories"] == ["tuneserve"] and crd["spec"]["scope"] == "Namespaced"
+    version = _version()
+    assert version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[:1] == ["Phase"] and {"Accelerator", "Progress", "Loss", "ETA", "Cost", "Age"} <= set(columns)
+    status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    for column in version["additionalPrinterColumns"]:
+        path = column["jsonPath"].split(".")[1:]
+        if path[0] == "status":
+            node = {"properties": status_props}
+            for part in path[1:]:
+                node = node["properties"][part]
+            assert node["type"] == column["type"] if column["type"] != "date" else True
+
+
+def test_every_rule_is_emitted_and_spec_is_immutable_except_suspend():
+    text = yaml.safe_dump(crdgen.finetunejob_crd())
+    spec_rules = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
+    immutable = {r["fieldPath"] for r in spec_rules if "oldSelf" in r["rule"]}
+    aliases = {f.alias for f in FineTuneJobSpec.model_fields.values()}
+    assert immutable == {f".{a}" for a in aliases - {"suspend"}}
+    assert all("has(oldSelf." in r["rule"] for r in spec_rules if "oldSelf" in r["rule"])
+    assert "set exactly one of accelerators.choices" in text
+
+
+def test_cel_regexes_need_no_escapes():
+    """URI patterns use no backslashes, so they are the same text in Python, RE2 and CEL."""
+    for rule in yaml.safe_load(crdgen.render_yaml(crdgen.finetunejob_crd()).split("\n", 1)[1])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["baseModel"]["x-kubernetes-validations"]:
+        assert "\\" not in rule["rule"]
+
+
+def test_defaults_are_valid():
+    spec = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["lora"]["default"] == {}
+    assert spec["properties"]["method"]["default"] == "lora"
+    assert spec["properties"]["training"]["properties"]["precision"]["default"] in spec["properties"]["training"]["properties"]["precision"]["enum"]
