@@ -1,0 +1,424 @@
+#!/usr/bin/env python3
+"""LoRA training-step throughput: plain transformers+PEFT loop vs the worker's step (fastpath).
+
+Builds a random-initialised model straight on the device (no downloads), adds LoRA with PEFT and
+trains it on the same fixed random batches from the same initial adapter weights with:
+
+  plain   transformers + PEFT: ``model(input_ids, labels=...).loss``, backward, clip 1.0, fused AdamW
+          (eager, SDPA attention, no activation checkpointing) - the baseline of the notes.
+  worker  the worker's ``TrainStep`` (train/loop.py: fastpath.causal_lm_loss, clip 1.0, AdamW,
+          scheduler) on a model passed through ``fastpath.optimize_for_training`` - variants below
+          differ only in the options given to optimize_for_training / the batch.
+
+Both run under bf16 autocast with fp32 LoRA weights, as the worker does. Prints a table (tokens/s,
+MFU, peak memory allocated/reserved), the loss curves side by side with the max abs difference,
+and the ratio to the same-run plain loop. Warm-up steps (compilation included) are not timed.
+
+MFU: LoRA trains no base weights, so a step costs forward + input-gradient = 2x forward:
+  FLOPs/token = 2 * (2*N + 4*L*S*d)   (N: non-embedding base parameters incl. the LM head,
+  L layers, S sequence length, d hidden; attention counted without the causal half), against
+  989 TFLOP/s bf16 dense (H100 SXM). The same formula as shared/notes/performance.md.
+
+  python bench/train_throughput.py                 # Llama-3-8B shape on one CUDA GPU
+  python bench/train_throughput.py --tiny          # tiny config, CPU or GPU, a smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workers"))
+
+from tuneserve_workers.train import fastpath  # noqa: E402
+
+PEAK_BF16 = 989e12
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = 1024 ** 3
+
+
+def load_train_step():
+    """The worker's TrainStep; the bench says when it had to use its own copy of the semantics."""
+    try:
+        from tuneserve_workers.train.loop import TrainStep
+        return TrainStep, "tuneserve_workers.train.loop.TrainStep"
+    except Exception as e:  # e.g. the worker's other dependencies are missing on this machine
+        print(f"note: cannot import loop.TrainStep ({type(e).__name__}: {e}); using bench copy")
+
+        class BenchStep:
+            def __init__(self, model, optimizer, scheduler, *, grad_accum, clip, amp_dtype=None):
+                self.model, self.opt, self.sched, self.clip, self.amp = model, optimizer, scheduler, clip, amp_dtype
+                self.params = [p for p in model.parameters() if p.requires_grad]
+
+            def __call__(self, mb):
+                dev = self.params[0].device
+                mb = {k: v.to(dev) for k, v in mb.items()}
+                with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+                    s, n = fastpath.causal_lm_loss(self.model, mb)
+                (s / n).backward()
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+                self.opt.step(), self.sched.step(), self.opt.zero_grad(set_to_none=True)
+                return {"loss": (s / n).item()}
+        return BenchStep, "bench copy of TrainStep semantics"
+
+
+def build(args, device, dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.tiny:
+        cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096,
+                          tie_word_embeddings=False)
+    else:   # Llama-3-8B shape
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(args.seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)       # init directly in bf16 on the device (buffers stay fp32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)   # LoRA weights in fp32 (PEFT's default), like the worker
+    model.train()
+    n_all = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    n_emb = model.get_base_model().model.embed_tokens.weight.numel()
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, cfg, n_all - n_emb, n_lora, n_all
+
+
+def make_batches(args, cfg, device, batch, packed=False):
+    g = torch.Generator().manual_seed(args.seed + 1)
+    out = []
+    for _ in range(args.distinct_batches):
+        ids = torch.randint(0, cfg.vocab_size, (batch, args.seq), generator=g)
+        b = {"input_ids": ids, "labels": ids.clone()}
+        if packed:   # documents of 1/4, 1/2, 1/4 of the row; no label across a document start
+            q = args.seq // 4
+            lens = [q, 2 * q, args.seq - 3 * q]
+            pos = torch.cat([torch.arange(n) for n in lens]).expand(batch, -1).contiguous()
+            b["labels"][:, [q, 3 * q]] = -100
+            b["position_ids"] = pos
+        out.append({k: v.to(device) for k, v in b.items()})
+    return out
+
+
+class Lora:
+    """Initial adapter weights, restored before every run so all runs start identically."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.init = [p.detach().clone() for p in self.params]
+
+    def reset(self):
+        with torch.no_grad():
+            for p, v in zip(self.params, self.init):
+                p.copy_(v)
+                p.grad = None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(name, step_fn, batches, args, device, tokens_per_step, n_steps):
+    """Run n_steps; time the last args.steps; returns dict with losses, timing, memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    losses, t0, t_warm = [], time.perf_counter(), None
+    warm = n_steps - args.steps
+    ev0 = ev1 = None
+    for i in range(n_steps):
+        if i == warm:
+            sync(device)
+            t_warm = time.perf_counter()
+            if device.type == "cuda":
+                ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                ev0.record()
+        losses.append(step_fn(batches[i % len(batches)]))
+    if ev1 is not None:
+        ev1.record()
+    sync(device)
+    t_end = time.perf_counter()
+    wall = t_end - t_warm
+    r = {"name": name, "losses": [float(x) for x in losses], "timed_steps": args.steps,
+         "warmup_steps": warm, "warmup_s": t_warm - t0, "step_s": wall / args.steps,
+         "tokens_per_s": tokens_per_step * args.steps / wall}
+    if ev0 is not None:
+        r["gpu_step_s"] = ev0.elapsed_time(ev1) / 1e3 / args.steps
+        r["max_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
+        r["max_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    return r
+
+
+def plain_runner(model, params, args, device, amp):
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda" or None)
+
+    def step(b):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(input_ids=b["input_ids"], labels=b["labels"],
+                        **({"position_ids": b["position_ids"]} if "position_ids" in b else {}))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+    return step, opt
+
+
+def worker_runner(TrainStep, model, params, args, device, amp):
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda" or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ts = TrainStep(model, opt, sched, grad_accum=1, clip=1.0, amp_dtype=amp)
+    return (lambda b: ts(b)["loss"]), opt
+
+
+def profile_step(step_fn, batch, out_dir, device, label):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step_fn(batch)
+        sync(device)
+    ka = prof.key_averages()
+    table, key = None, None
+    for key in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda"
+                else ("self_cpu_time_total",)):
+        try:
+            table = ka.table(sort_by=key, row_limit=45, max_name_column_width=80)
+            break
+        except Exception:
+            continue
+    table = table or ka.table(row_limit=45)
+    (out_dir / f"profile_{label}.txt").write_text(table)
+    print(f"--- profile ({label}, 2 steps), top kernels by {key} ---")
+    print("\n".join(table.splitlines()[:32]))
+
+
+def fmt_table(results, flops_per_token, base, device):
+    lines = []
+    hdr = f"{'run':<42} {'tok/s':>9} {'MFU':>6} {'step s':>7} {'alloc GiB':>9} {'resv GiB':>8} {'x plain':>7}"
+    lines += [hdr, "-" * len(hdr)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['name']:<42} FAILED: {r['error'][:80]}")
+            continue
+        mfu = r["tokens_per_s"] * flops_per_token / PEAK_BF16 if device.type == "cuda" else float("nan")
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+        lines.append(f"{r['name']:<42} {r['tokens_per_s']:>9,.0f} {mfu:>6.3f} {r['step_s']:>7.3f} "
+                     f"{r.get('max_alloc_gib', float('nan')):>9.1f} {r.get('max_reserved_gib', float('nan')):>8.1f} "
+                     f"{ratio:>7.2f}")
+    return "\n".join(lines)
+
+
+def loss_table(plain, others, n):
+    lines = []
+    names = [o["name"] for o in others]
+    lines.append(f"{'step':>4} {'plain':>9} " + " ".join(f"{nm[:16]:>16}" for nm in names))
+    for i in range(n):
+        row = f"{i:>4} {plain['losses'][i]:>9.4f} "
+        row += " ".join(f"{o['losses'][i]:>16.4f}" if i < len(o.get("losses", [])) else f"{'-':>16}" for o in others)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny config (CPU or GPU smoke test)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 12, tiny 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 8, tiny 2)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distinct-batches", type=int, default=2, help="batches cycled (so the loss can fall)")
+    ap.add_argument("--tolerance", type=float, default=0.02, help="max |loss diff| allowed vs plain")
+    ap.add_argument("--variants", default="fast,plain-again,fused-eager,peft-compiled,fast-cudnn,packed,batch4,dropout",
+                    help="worker-step variants to run after the plain loop, in order")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps of plain and fast")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "out"))
+    ap.add_argument("--budget-s", type=float, default=float("inf"), help="skip variants after this many seconds")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if args.tiny:
+        args.seq = min(args.seq, 128)
+    args.steps = args.steps or (3 if args.tiny else 12)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 8)
+    n_steps = args.warmup + args.steps
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    amp = torch.bfloat16 if cuda else None
+
+    import peft
+    import transformers
+    env = (f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+           f"device {torch.cuda.get_device_name() if cuda else 'cpu'}")
+    print(env, flush=True)
+    TrainStep, step_src = load_train_step()
+    print(f"worker step: {step_src}", flush=True)
+
+    model, cfg, n_params, n_lora, n_all = build(args, device, dtype)
+    L, d = cfg.num_hidden_layers, cfg.hidden_size
+    attn = 4 * L * args.seq * d
+    flops_per_token = 2 * (2 * n_params + attn)
+    print(f"model: {n_all / 1e9:.3f}B base params ({n_params / 1e9:.3f}B non-embedding), {n_lora / 1e6:.1f}M LoRA; "
+          f"batch {args.batch} x seq {args.seq}; FLOPs/token = 2*(2*{n_params:.4g} + 4*{L}*{args.seq}*{d}) = "
+          f"{flops_per_token:.4g}; build {time.perf_counter() - t_start:.0f}s", flush=True)
+    if cuda:
+        try:
+            hd = d // cfg.num_attention_heads
+            q = torch.randn(args.batch, cfg.num_attention_heads, args.seq, hd, device=device, dtype=dtype)
+            kv = torch.randn(args.batch, cfg.num_key_value_heads, args.seq, hd, device=device, dtype=dtype)
+            names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+            ch = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, None, True)
+            print(f"SDPA backend for causal GQA (enable_gqa) at these shapes: {names.get(int(ch), ch)}", flush=True)
+            del q, kv
+        except Exception as e:
+            print(f"SDPA backend check failed: {e}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    lora = Lora(model)
+    batches = make_batches(args, cfg, device, args.batch)
+    tokens = args.batch * args.seq
+    results = []
+
+    def report():
+        base = next((r for r in results if r["name"].startswith("plain") and "error" not in r), None)
+        text = [env, f"worker step: {step_src}",
+                f"FLOPs/token {flops_per_token:.4g} (2x(2N+4LSd), N={n_params:.4g}); peak {PEAK_BF16 / 1e12:.0f} TFLOP/s",
+                f"batch {args.batch} x seq {args.seq}, {args.warmup} warm-up + {args.steps} timed steps, "
+                f"lr {args.lr}, {args.distinct_batches} distinct batches cycled, seed {args.seed}", "",
+                fmt_table(results, flops_per_token, base, device)]
+        if base:
+            comp = [r for r in results if r is not base and "error" not in r and r.get("compare", True)]
+            if comp:
+                text += ["", "loss per step (same init, same batches):", loss_table(base, comp, n_steps), ""]
+                for r in comp:
+                    n = min(len(r["losses"]), len(base["losses"]))
+                    diff = max(abs(a - b) for a, b in zip(r["losses"][:n], base["losses"][:n]))
+                    r["max_abs_loss_diff"] = diff
+                    ok = "OK" if diff <= args.tolerance else "EXCEEDS"
+                    text.append(f"max |loss - plain| over {n} steps, {r['name']}: {diff:.4f} "
+                                f"(tolerance {args.tolerance}: {ok})")
+            drop = base["losses"][0] - min(base["losses"])
+            text.append(f"plain loss fell by {drop:.3f} over the run (curves must move for the check to mean much)")
+        s = "\n".join(text)
+        (out_dir / "train_throughput.txt").write_text(s + "\n")
+        (out_dir / "train_throughput.json").write_text(json.dumps(
+            {"env": env, "args": vars(args), "flops_per_token": flops_per_token, "results": results}, indent=1))
+        return s
+
+    # (a) plain loop ------------------------------------------------------------------------
+    lora.reset()
+    step, opt = plain_runner(model, params, args, device, amp)
+    results.append(run(f"plain b{args.batch} (HF+PEFT eager)", step, batches, args, device, tokens, n_steps))
+    if args.profile:
+        profile_step(step, batches[0], out_dir, device, "plain")
+    del step, opt
+    print(report(), flush=True)
+
+    # (b) the worker's step, variants ----------------------------------------------------------
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if time.perf_counter() - t_start > args.budget_s:
+            results.append({"name": v, "error": "skipped: time budget"})
+            continue
+        opts = dict(compile=cuda, attention="flash", fuse_layers=True)
+        bsz, packed, dropout, name, compare = args.batch, False, 0.0, None, True
+        if v == "fast":
+            name = f"worker b{bsz} fused+compile, flash"
+        elif v == "fast-cudnn":
+            opts["attention"] = "cudnn"
+            name = f"worker b{bsz} fused+compile, cuDNN attn"
+        elif v == "fused-eager":
+            opts["compile"] = False
+            name = f"worker b{bsz} fused, no compile"
+        elif v == "peft-compiled":
+            opts["fuse_layers"] = False
+            name = f"worker b{bsz} PEFT layers compiled+CE"
+        elif v == "packed":
+            packed = True
+            name = f"worker b{bsz} fused+compile, packed 3 docs"
+        elif v == "dropout":
+            dropout, compare = 0.05, False
+            name = f"worker b{bsz} fused+compile, dropout .05"
+        elif v == "batch4":
+            bsz, compare = 4, False
+            name = "worker b4 fused+compile, flash"
+        elif v == "plain-again":
+            name = f"plain b{bsz} again (noise floor)"
+        else:
+            print(f"unknown variant {v}")
+            continue
+        if not cuda:
+            opts["compile"] = False
+            if v == "fast-cudnn":
+                continue
+            name = name.replace("fused+compile", "fused (CPU: no compile)")
+        try:
+            fastpath.reset_fastpath(model)
+            lora.reset()
+            if v == "plain-again":
+                step, opt = plain_runner(model, params, args, device, amp)
+                r = run(name, step, batches, args, device, tokens, n_steps)
+            else:
+                fastpath.optimize_for_training(model, device=device.type, force=not cuda, **opts)
+                st = getattr(model, fastpath._STATE_ATTR)
+                if dropout:
+                    for p in st.layers:
+                        for l in (*p.qkv, p.o, *p.gu, p.down):
+                            l.dropout = dropout
+                    fastpath.reset_fastpath(model)   # rebuild the compiled fns with the new meta
+                    setattr(model, fastpath._STATE_ATTR, st)
+                    st.layer_fns = []
+                    fns = {}
+                    for p in st.layers:
+                        meta = fastpath._layer_meta(p)
+                        if meta not in fns:
+                            fn = fastpath._make_layer_fn(st, meta)
+                            fns[meta] = torch.compile(fn, dynamic=False) if opts["compile"] else fn
+                        st.layer_fns.append(fns[meta])
+                print(f"[{name}] {fastpath.fastpath_summary(model)}", flush=True)
+                bb = batches if (bsz == args.batch and not packed) else make_batches(args, cfg, device, bsz, packed)
+                step, opt = worker_runner(TrainStep, model, params, args, device, amp)
+                r = run(name, step, bb, args, device, bsz * args.seq, n_steps)
+                if v == "fast" and args.profile:
+                    profile_step(step, bb[0], out_dir, device, "fast")
+            r["compare"] = compare and not packed
+            r["variant"] = v
+            results.append(r)
+            del step, opt
+        except Exception as e:  # keep going: one failing variant must not lose the others
+            traceback.print_exc()
+            results.append({"name": name or v, "variant": v, "error": f"{type(e).__name__}: {e}"})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(report(), flush=True)
+        print(f"[elapsed {time.perf_counter() - t_start:.0f}s]", flush=True)
+    failed = [r for r in results if "max_abs_loss_diff" in r and r["max_abs_loss_diff"] > args.tolerance]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
