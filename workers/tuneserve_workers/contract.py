@@ -79,6 +79,7 @@ class TrainingSpec(_Model):
     packing: bool = True
     seed: int = 42
     precision: Precision = Precision.bf16
+    gradient_checkpointing: bool = True  # the operator's memory sizing assumes it unless disabled
 
 
 class CheckpointSpec(_Model):
@@ -97,8 +98,10 @@ class AcceleratorRuntime(_Model):
     torch_device: str = "cpu"            # cuda | xpu | npu | hpu | xla | cpu
     distributed_backend: str = "gloo"    # nccl | rccl(nccl API) | hccl | xccl | gloo
     ray_resource: Optional[str] = None   # e.g. "GPU", "NPU", "HPU", "neuron_cores"
+    ray_resources_per_worker: int = 0    # units of ray_resource per worker (neuron: 2 per device)
     supports_4bit: bool = False
     price_per_device_hour: float = 0.0
+    visible_devices_env: Optional[str] = None  # e.g. CUDA_VISIBLE_DEVICES, ASCEND_RT_VISIBLE_DEVICES
 
 
 class TrainJobConfig(_Model):
@@ -114,6 +117,7 @@ class TrainJobConfig(_Model):
     output_uri: str
     merge_weights: bool = False
     accelerator: AcceleratorRuntime = Field(default_factory=AcceleratorRuntime)
+    attempt: int = 1                     # placement attempt; +1 when the operator falls back
 
 
 class CheckpointRef(_Model):

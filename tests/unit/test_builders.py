@@ -1,0 +1,167 @@
+"""Rendered children of a FineTuneJob: golden files per vendor, determinism, secrets, RBAC."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import load_example, merge_patch
+from localcluster import HACK, build_fleet_nodes, load_fleet
+from tuneserve.api.finetunejob import FineTuneJob
+from tuneserve.builders import build_finetune_children, build_rayjob, build_worker_rbac
+from tuneserve.catalog import load_catalog
+from tuneserve.inventory import build_inventory
+from tuneserve.placement import Outcome, decide_placement
+from tuneserve_workers import contract
+
+GOLDEN = Path(__file__).parent / "golden"
+CATALOG = load_catalog()
+INVENTORY = build_inventory(build_fleet_nodes(load_fleet(HACK / "fleet.yaml")), [])
+CHOICES = {
+    "h100": {"vendor": "nvidia", "product": "H100", "devicesPerWorker": 8, "workers": 2},
+    "mi300x": {"vendor": "amd", "product": "MI300X", "devicesPerWorker": 8, "workers": 1},
+    "ascend910b": {"vendor": "huawei", "product": "Ascend910B", "devicesPerWorker": 8, "workers": 2},
+    "gaudi2": {"vendor": "intel", "product": "Gaudi2", "devicesPerWorker": 8, "workers": 1},
+}
+
+
+def bank_job(choice: dict | None = None, **spec_patch) -> FineTuneJob:
+    body = load_example("finetunejob-qwen-bank.yaml")
+    body["metadata"].update(uid="3f1c2a9e-0000-4000-8000-000000000001", generation=1)
+    patch = dict(spec_patch)
+    if choice:
+        patch["accelerators"] = {"choices": [choice]}
+    return FineTuneJob.from_body(merge_patch(body, {"spec": patch}))
+
+
+def render(job: FineTuneJob, attempt: int = 1) -> list[dict]:
+    decision = decide_placement(job.spec, CATALOG, INVENTORY)
+    assert decision.outcome == Outcome.Placed, decision.reason
+    return build_finetune_children(job, decision.candidate, decision.pool, attempt, CATALOG)
+
+
+class _GoldenDumper(yaml.SafeDumper):
+    """Readable goldens: multi-line strings (the config JSON) as literal blocks."""
+
+
+_GoldenDumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def dump(objects: list[dict]) -> str:
+    text = yaml.dump_all(objects, Dumper=_GoldenDumper, sort_keys=True, width=120)
+    assert "&id" not in text, "builders must not share sub-objects between places"
+    return text
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_golden(name):
+    rendered = dump(render(bank_job(CHOICES[name])))
+    path = GOLDEN / f"finetunejob-{name}.yaml"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(rendered)
+    assert path.exists(), "missing golden file: run with UPDATE_GOLDEN=1"
+    assert rendered == path.read_text(), f"{path.name} differs: review, then UPDATE_GOLDEN=1"
+
+
+def test_same_spec_renders_byte_identical():
+    assert dump(render(bank_job())) == dump(render(bank_job()))
+
+
+def _worker(rayjob):
+    return rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+
+
+def test_rayjob_shape_for_h100():
+    objects = render(bank_job(CHOICES["h100"]))
+    kinds = [o["kind"] for o in objects]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "ConfigMap", "RayJob"]
+    rayjob = objects[-1]
+    assert rayjob["metadata"]["name"] == "fin-v1-1" and rayjob["apiVersion"] == "ray.io/v1"
+    spec = rayjob["spec"]
+    assert spec["submissionMode"] == "K8sJobMode" and spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] == 2
+    assert spec["entrypoint"] == "python -m tuneserve_workers.train --config /etc/tuneserve/config.json"
+    group = _worker(rayjob)
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    assert group["rayStartParams"] == {}  # nvidia.com/gpu -> num-gpus by KubeRay
+    pod = group["template"]["spec"]
+    res = pod["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "8"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "tuneserve.dev/pool": "h100"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["priorityClassName"] == "training" and pod["serviceAccountName"] == "fin-v1-worker"
+    owner = rayjob["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "FineTuneJob" and owner["controller"] is True and owner["uid"].startswith("3f1c2a9e")
+    assert rayjob["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "tuneserve", "tuneserve.dev/finetunejob": "fin-v1", "tuneserve.dev/attempt": "1"}
+
+
+@pytest.mark.parametrize("name,ray_resources", [("ascend910b", '"{\\"NPU\\": 8}"'), ("gaudi2", '"{\\"HPU\\": 8}"')])
+def test_custom_ray_resources_for_non_gpu(name, ray_resources):
+    group = _worker(render(bank_job(CHOICES[name]))[-1])
+    assert group["rayStartParams"] == {"resources": ray_resources}
+
+
+def test_secrets_are_references_only_and_env_is_ordered():
+    rayjob = render(bank_job())[-1]
+    env = _worker(rayjob)["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
+    assert "value" not in by_name["AWS_SECRET_ACCESS_KEY"]
+    assert by_name[contract.CONFIG_ENV]["value"] == "/etc/tuneserve/config.json"
+    assert by_name[contract.PROGRESS_CONFIGMAP_ENV]["value"] == "bank/fin-v1-progress"
+    assert by_name["TUNESERVE_VISIBLE_DEVICES_ENV"]["value"] == "CUDA_VISIBLE_DEVICES"
+    assert by_name["HF_HUB_ENABLE_HF_TRANSFER"]["value"] == "1"
+
+
+def test_user_env_cannot_override_operator_env():
+    job = bank_job(env=[{"name": "TUNESERVE_CONFIG", "value": "/tmp/evil"}, {"name": "HF_TOKEN", "value": "x"}])
+    env = _worker(render(job)[-1])["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "TUNESERVE_CONFIG"] == [{"name": "TUNESERVE_CONFIG", "value": "/etc/tuneserve/config.json"}]
+    assert len([e for e in env if e["name"] == "HF_TOKEN"]) == 1
+
+
+def test_image_override_per_vendor():
+    job = bank_job(imageOverrides={"nvidia": "registry.bank/train:cuda"})
+    container = _worker(render(job)[-1])["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.bank/train:cuda"
+
+
+def test_config_configmap_holds_the_contract():
+    objects = render(bank_job(CHOICES["ascend910b"]))
+    config = next(o for o in objects if o["metadata"]["name"] == "fin-v1-1-config")
+    cfg = contract.TrainJobConfig.model_validate_json(config["data"]["config.json"])
+    assert cfg.base_model.uri == "hf://Qwen/Qwen2.5-7B-Instruct" and cfg.output_uri == "s3://bank/adapters/fin-v1"
+    assert (cfg.accelerator.torch_device, cfg.accelerator.distributed_backend, cfg.accelerator.ray_resource) == ("npu", "hccl", "NPU")
+    assert cfg.accelerator.workers == 2 and cfg.accelerator.devices_per_worker == 8 and cfg.accelerator.ray_resources_per_worker == 8
+    assert cfg.checkpoint.interval_minutes == 10 and cfg.checkpoint.uri == "s3://bank/checkpoints/fin-v1"
+    assert "hf-token" not in config["data"]["config.json"]  # no secret names/values in the config either
+
+
+def test_rbac_is_limited_to_the_progress_configmap():
+    job = bank_job()
+    sa, role, binding = build_worker_rbac(job)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["fin-v1-progress"],
+                              "verbs": ["get", "update", "patch"]}]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fin-v1-worker", "namespace": "bank"}]
+    own = bank_job(serviceAccountName="bank-training")
+    objects = build_worker_rbac(own)
+    assert [o["kind"] for o in objects] == ["Role", "RoleBinding"] and objects[1]["subjects"][0]["name"] == "bank-training"
+
+
+def test_attempts_get_distinct_rayjobs():
+    job = bank_job()
+    decision = decide_placement(job.spec, CATALOG, INVENTORY)
+    first = build_rayjob(job, decision.candidate, decision.pool, 1, CATALOG)
+    second = build_rayjob(job, decision.candidate, decision.pool, 2, CATALOG)
+    assert first["metadata"]["name"] == "fin-v1-1" and second["metadata"]["name"] == "fin-v1-2"
+    assert second["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "fin-v1-2-config"
+
+
+def test_suspend_passes_through():
+    assert render(bank_job(suspend=True))[-1]["spec"]["suspend"] is True
+
+
+def test_rendered_objects_are_json_serialisable():
+    json.dumps(render(bank_job()), sort_keys=True)

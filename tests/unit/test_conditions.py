@@ -1,0 +1,131 @@
+"""derive_status: phases, conditions with stable transition times, usage, write suppression."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from helpers import load_example
+from localcluster import HACK, build_fleet_nodes, load_fleet
+from tuneserve.api.finetunejob import FineTuneJob
+from tuneserve.api.status import ConditionReason, ConditionStatus, ConditionType, Phase, RejectionCode
+from tuneserve.catalog import load_catalog
+from tuneserve.conditions import Observed, derive_status, status_patch, timed_out_history
+from tuneserve.inventory import build_inventory
+from tuneserve.placement import decide_placement
+from tuneserve_workers.contract import CheckpointRef, Progress
+
+CATALOG = load_catalog()
+INVENTORY = build_inventory(build_fleet_nodes(load_fleet(HACK / "fleet.yaml")), [])
+T0 = datetime(2026, 9, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def job(**meta) -> FineTuneJob:
+    body = load_example("finetunejob-qwen-bank.yaml")
+    body["metadata"].update(uid="u1", generation=1, **meta)
+    return FineTuneJob.from_body(body)
+
+
+def ray_job(deployment: str, job_status: str = "", start: str | None = "2026-09-01T12:05:00Z", **extra) -> dict:
+    status = {"jobDeploymentStatus": deployment, "jobStatus": job_status, **extra}
+    if start:
+        status["startTime"] = start
+    return {"status": status}
+
+
+def cond(status, type_):
+    return status.condition(type_)
+
+
+def placed():
+    j = job()
+    decision = decide_placement(j.spec, CATALOG, INVENTORY)
+    return j, derive_status(j, Observed(decision=decision, attempt=1), T0)
+
+
+def test_first_placement_is_pending_with_estimate():
+    _, status = placed()
+    assert status.phase == Phase.Pending
+    assert status.placement.accelerator == "NVIDIA H100 80GB x8" and status.placement.ray_job_name == "fin-v1-1"
+    assert cond(status, ConditionType.Placed).reason == ConditionReason.FitsNow
+    assert cond(status, ConditionType.Accepted).status == ConditionStatus.true
+    assert status.estimate.cost_usd > 0 and status.progress.eta.startswith("~") and status.usage.cost.startswith("$0.00 of ~$")
+    assert [c.type for c in status.conditions] == list(ConditionType)
+
+
+def test_running_with_progress_and_stable_transition_times():
+    j, s1 = placed()
+    progress = Progress(state="Running", step=450, total_steps=1000, loss=1.23456, eta_seconds=4800,
+                        last_checkpoint=CheckpointRef(uri="s3://bank/checkpoints/fin-v1/step-400", step=400, time=T0))
+    s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING"), progress=progress), T0 + timedelta(minutes=65), s1)
+    assert s2.phase == Phase.Running
+    assert s2.progress.summary == "45% (450/1000)" and s2.progress.eta == "1h20m" and s2.progress.loss == 1.2346
+    assert cond(s2, ConditionType.Checkpointed).reason == ConditionReason.CheckpointSaved
+    assert s2.usage.accelerator_hours == 8.0  # 8 devices x 1 hour since startTime 12:05
+    assert s2.usage.cost_usd == 28.0
+    assert cond(s2, ConditionType.Accepted).last_transition_time == T0  # unchanged status keeps its time
+    assert cond(s2, ConditionType.Running).last_transition_time == T0 + timedelta(minutes=65)
+    s3 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING"), progress=progress), T0 + timedelta(minutes=65), s2)
+    assert status_patch(s2.to_wire(), s3) is None
+
+
+def test_success_records_artifact_and_stays_terminal():
+    j, s1 = placed()
+    done = Progress(state="Succeeded", step=1000, total_steps=1000, artifact_uri="s3://bank/adapters/fin-v1", artifact_digest="sha256:ab")
+    s2 = derive_status(j, Observed(ray_job=ray_job("Complete", "SUCCEEDED", endTime="2026-09-01T14:05:00Z"), progress=done), T0 + timedelta(hours=3), s1)
+    assert s2.phase == Phase.Succeeded and s2.artifact.uri == "s3://bank/adapters/fin-v1" and s2.artifact.rank == 16
+    assert s2.usage.accelerator_hours == 16.0 and s2.completion_time is not None
+    s3 = derive_status(j, Observed(ray_job=None), T0 + timedelta(hours=4), s2)
+    assert s3.phase == Phase.Succeeded and s3.completion_time == s2.completion_time
+
+
+def test_failure_after_retries():
+    j, s1 = placed()
+    s2 = derive_status(j, Observed(ray_job=ray_job("Failed", "FAILED", failed=2, message="OOM")), T0 + timedelta(hours=1), s1)
+    assert s2.phase == Phase.Failed and s2.restarts == 2
+    assert cond(s2, ConditionType.Failed).reason == ConditionReason.BackoffLimitExceeded and "OOM" in s2.message
+
+
+def test_suspend():
+    j = job()
+    body = load_example("finetunejob-qwen-bank.yaml")
+    body["spec"]["suspend"] = True
+    body["metadata"].update(uid="u1", generation=2)
+    suspended = FineTuneJob.from_body(body)
+    _, s1 = placed()
+    s2 = derive_status(suspended, Observed(ray_job=ray_job("Suspended")), T0, s1)
+    assert s2.phase == Phase.Suspended and cond(s2, ConditionType.Suspended).status == ConditionStatus.true
+    assert s2.observed_generation == 2
+
+
+def test_spec_error_fails():
+    s = derive_status(job(), Observed(spec_error="cannot tell the size", spec_error_reason=ConditionReason.ModelSizeUnknown), T0)
+    assert s.phase == Phase.Failed and cond(s, ConditionType.Accepted).reason == ConditionReason.ModelSizeUnknown
+
+
+def test_fallback_keeps_history_and_usage():
+    j, s1 = placed()
+    s2 = derive_status(j, Observed(ray_job=ray_job("Initializing", start="2026-09-01T12:00:00Z")), T0 + timedelta(minutes=30), s1)
+    history = {"nvidia/h100-80gb 1x8": "nvidia/h100-80gb 1x8: pods unschedulable for 16m; moved on"}
+    decision = decide_placement(j.spec, CATALOG, INVENTORY, timed_out=history)
+    from tuneserve.api.status import ChoiceRejection
+    timed_out = (ChoiceRejection(choice="nvidia/h100-80gb 1x8", code=RejectionCode.TimedOut, message=history["nvidia/h100-80gb 1x8"], at=T0),)
+    s3 = derive_status(j, Observed(decision=decision, attempt=2, fallback_reason="H100 timed out", timed_out=timed_out),
+                       T0 + timedelta(minutes=31), s2)
+    assert s3.placement.attempt == 2 and s3.placement.ray_job_name == "fin-v1-2" and s3.placement.vendor == "amd"
+    assert cond(s3, ConditionType.Placed).reason == ConditionReason.FellBack
+    assert timed_out_history(s3) == history
+    assert s3.usage.prior_accelerator_hours == s2.usage.accelerator_hours == 4.0
+
+
+def test_unplaceable_for_good_fails_but_missing_nodes_waits():
+    body = load_example("finetunejob-qwen-bank.yaml")
+    body["metadata"].update(uid="u1", generation=1)
+    body["spec"]["baseModel"]["uri"] = "hf://Qwen/Qwen2.5-72B-Instruct"
+    body["spec"]["accelerators"] = {"choices": [{"product": "L4"}]}
+    j = FineTuneJob.from_body(body)
+    s = derive_status(j, Observed(decision=decide_placement(j.spec, CATALOG, INVENTORY)), T0)
+    assert s.phase == Phase.Failed and cond(s, ConditionType.Placed).reason == ConditionReason.NoAcceptableChoice
+    body["spec"]["baseModel"]["uri"] = "hf://Qwen/Qwen2.5-0.5B-Instruct"
+    body["spec"]["accelerators"] = {"choices": [{"vendor": "google"}]}
+    j2 = FineTuneJob.from_body(body)
+    s2 = derive_status(j2, Observed(decision=decide_placement(j2.spec, CATALOG, INVENTORY)), T0)
+    assert s2.phase == Phase.Pending and "no schedulable node has Google TPU v5e" in s2.message

@@ -1,0 +1,160 @@
+"""Placement over the local test fleet (hack/fleet.yaml) and hand-made snapshots."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from helpers import load_example, merge_patch, node, pod_on
+from localcluster import HACK, build_fleet_nodes, load_fleet
+from tuneserve.api.finetunejob import FineTuneJob
+from tuneserve.api.status import RejectionCode
+from tuneserve.catalog import load_catalog
+from tuneserve.inventory import build_inventory, parse_quantity, pod_requests
+from tuneserve.placement import Outcome, decide_placement, fallback_verdict, unschedulable_since
+from tuneserve.sizing import ModelSizeUnknown
+
+CATALOG = load_catalog()
+FLEET = build_fleet_nodes(load_fleet(HACK / "fleet.yaml"))
+NOW = datetime(2026, 9, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def bank_spec(**patch):
+    return FineTuneJob.from_body(merge_patch(load_example("finetunejob-qwen-bank.yaml"), {"spec": patch} if patch else {})).spec
+
+
+def busy(prefix: str, resource: str, per_node: int = 8):
+    return [pod_on(n["metadata"]["name"], resource, per_node) for n in FLEET if n["metadata"]["name"].startswith(prefix)]
+
+
+def test_quantities():
+    assert parse_quantity("500m") == parse_quantity("0.5")
+    assert parse_quantity("16Gi") == 16 * 2 ** 30 and parse_quantity("1e3") == 1000
+    pod = {"spec": {"containers": [{"resources": {"requests": {"cpu": "1"}}}, {"resources": {"requests": {"cpu": "500m"}}}],
+                    "initContainers": [{"resources": {"requests": {"cpu": "2"}}}], "overhead": {"cpu": "100m"}}}
+    assert pod_requests(pod)["cpu"] == parse_quantity("2.1")
+
+
+def test_inventory_subtracts_running_pods_only():
+    inv = build_inventory(FLEET, [pod_on("h100-0", "nvidia.com/gpu", 4), pod_on("h100-1", "nvidia.com/gpu", 8, phase="Succeeded")])
+    free = {n.name: n.free.get("nvidia.com/gpu") for n in inv.nodes if n.pool == "h100"}
+    assert free == {"h100-0": 4, "h100-1": 8}
+
+
+def test_h100_fits_now():
+    decision = decide_placement(bank_spec(), CATALOG, build_inventory(FLEET, []))
+    assert decision.outcome == Outcome.Placed
+    assert decision.candidate.key == "nvidia/h100-80gb 1x8" and decision.pool == "h100"
+    assert decision.rejections == ()
+    assert decision.reason.startswith("choice 1: NVIDIA H100 80GB x8 fits now in pool h100")
+
+
+def test_busy_h100_falls_to_mi300x_with_reason():
+    inv = build_inventory(FLEET, busy("h100", "nvidia.com/gpu", 4))
+    decision = decide_placement(bank_spec(), CATALOG, inv)
+    assert decision.candidate.profile.key == "amd/mi300x" and decision.pool == "mi300x"
+    (rej,) = decision.rejections
+    assert rej.code == RejectionCode.Busy
+    assert "needs 1 worker x 8 nvidia.com/gpu, free per node: [4, 4]" in rej.message
+
+
+def test_everything_busy_waits_on_first_that_could():
+    pods = busy("h100", "nvidia.com/gpu") + busy("mi300x", "amd.com/gpu") + busy("ascend", "huawei.com/Ascend910")
+    decision = decide_placement(bank_spec(), CATALOG, build_inventory(FLEET, pods))
+    assert decision.outcome == Outcome.Waiting and decision.candidate.profile.key == "nvidia/h100-80gb"
+    assert "waiting for capacity in pool h100" in decision.reason
+    assert [r.choice for r in decision.rejections] == ["amd/mi300x 1x8", "huawei/ascend910b 1x8"]
+
+
+def test_multi_worker_needs_two_nodes():
+    spec = bank_spec(accelerators={"choices": [{"vendor": "nvidia", "product": "H100", "devicesPerWorker": 8, "workers": 2}]})
+    inv = build_inventory(FLEET, [pod_on("h100-1", "nvidia.com/gpu", 4)])
+    decision = decide_placement(spec, CATALOG, inv)
+    assert decision.outcome == Outcome.Waiting
+    assert "needs 2 workers x 8 nvidia.com/gpu, free per node: [8, 4]" in decision.reason
+    spec3 = bank_spec(accelerators={"choices": [{"vendor": "nvidia", "product": "H100", "devicesPerWorker": 8, "workers": 3}]})
+    d3 = decide_placement(spec3, CATALOG, build_inventory(FLEET, []))
+    assert d3.outcome == Outcome.Unplaceable and d3.rejections[0].code == RejectionCode.InsufficientCapacity
+
+
+def test_72b_rejections_carry_the_arithmetic():
+    spec = bank_spec(baseModel={"uri": "hf://Qwen/Qwen2.5-72B-Instruct"},
+                     accelerators={"choices": [{"product": "L4"}, {"vendor": "nvidia", "product": "H100", "devicesPerWorker": 8},
+                                               {"vendor": "amd", "devicesPerWorker": 8}]})
+    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+    assert decision.candidate.profile.key == "amd/mi300x"
+    l4, h100 = decision.rejections
+    assert l4.code == h100.code == RejectionCode.InsufficientMemory
+    assert "choice 1: Qwen2.5-72B-Instruct needs" in l4.message and "(weights 134.1 + LoRA states" in l4.message
+    assert h100.message.endswith("but NVIDIA H100 80GB has 80 GiB")
+
+
+def test_unknown_product_and_missing_nodes():
+    spec = bank_spec(baseModel={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+                     accelerators={"choices": [{"vendor": "nvidia", "product": "B200"}, {"vendor": "google"}, {"product": "L4"}]})
+    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+    codes = [(r.choice, r.code) for r in decision.rejections]
+    assert codes == [("nvidia/B200", RejectionCode.UnknownAccelerator), ("google/tpu-v5e 1x1", RejectionCode.NoMatchingNodes)]
+    assert decision.candidate.profile.key == "nvidia/l4" and decision.pool == "l4"
+
+
+def test_qlora_skips_accelerators_without_4bit():
+    spec = bank_spec(method="qlora", accelerators={"choices": [{"vendor": "intel", "devicesPerWorker": 8}, {"vendor": "amd", "devicesPerWorker": 8}]})
+    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+    assert decision.rejections[0].code == RejectionCode.Unsupported and decision.candidate.profile.key == "amd/mi300x"
+
+
+def test_timed_out_choice_is_skipped_with_recorded_reason():
+    decision = decide_placement(bank_spec(), CATALOG, build_inventory(FLEET, []),
+                                timed_out={"nvidia/h100-80gb 1x8": "pods unschedulable for 16m"})
+    assert decision.candidate.profile.key == "amd/mi300x"
+    assert decision.rejections[0].code == RejectionCode.TimedOut
+
+
+def test_user_node_selector_and_tolerations_apply():
+    spec = bank_spec(nodeSelector={"topology.kubernetes.io/zone": "zone-c"})
+    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+    assert decision.candidate.profile.key == "huawei/ascend910b"
+    cpu_only = bank_spec(accelerators={"choices": [{"vendor": "cpu", "devicesPerWorker": 8}]}, training={"maxSeqLength": 512, "microBatchSize": 1, "globalBatchSize": 8})
+    inv = build_inventory([node("tainted", "p", "m7i", taint="dedicated", cpu="64", memory="256Gi")], [])
+    assert decide_placement(cpu_only, CATALOG, inv).rejections[0].code == RejectionCode.NoMatchingNodes
+
+
+def test_cpu_choice_lands_on_cpu_pool():
+    spec = bank_spec(baseModel={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, accelerators={"choices": [{"vendor": "cpu", "devicesPerWorker": 4}]},
+                     training={"maxSeqLength": 512, "microBatchSize": 1, "globalBatchSize": 8})
+    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+    assert decision.outcome == Outcome.Placed and decision.pool == "cpu"
+
+
+def test_auto_orders_by_cost_per_token_and_filters_memory():
+    spec = FineTuneJob.from_body(load_example("finetunejob-auto.yaml")).spec
+    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+    assert decision.outcome == Outcome.Placed
+    assert decision.candidate.devices == 8 and decision.candidate.label == "auto"
+    excluded = {r.choice for r in decision.rejections if r.code == RejectionCode.Excluded}
+    assert {"nvidia/l4", "nvidia/a10g", "aws/trn1", "google/tpu-v5e"} <= excluded
+    # QLoRA: only 4-bit capable accelerators remain; the cheapest per token among them wins.
+    assert decision.candidate.profile.supports_4bit
+
+
+def test_unknown_model_size_raises():
+    with pytest.raises(ModelSizeUnknown):
+        decide_placement(bank_spec(baseModel={"uri": "hf://microsoft/phi-4"}), CATALOG, build_inventory(FLEET, []))
+
+
+def test_fallback_verdict():
+    since = NOW - timedelta(minutes=16)
+    assert fallback_verdict("k", None, timedelta(minutes=15), NOW).move_on is False
+    wait = fallback_verdict("k", NOW - timedelta(minutes=5), timedelta(minutes=15), NOW)
+    assert not wait.move_on and wait.deadline == NOW + timedelta(minutes=10)
+    verdict = fallback_verdict("nvidia/h100-80gb 1x8", since, timedelta(minutes=15), NOW)
+    assert verdict.move_on and "pods unschedulable for 16m" in verdict.reason and "timeout 15m" in verdict.reason
+
+
+def test_unschedulable_since_reads_pod_conditions():
+    pending = {"status": {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": "2026-09-01T11:40:00Z"}]}}
+    running = {"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}}
+    assert unschedulable_since([running, pending]) == datetime(2026, 9, 1, 11, 40, tzinfo=timezone.utc)
+    assert unschedulable_since([running]) is None
