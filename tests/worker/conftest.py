@@ -1,44 +1,22 @@
 """Fixtures for the training worker tests: a real MinIO on loopback, one shared Ray instance,
-a tiny model built locally, and helpers to run the entrypoint as a real subprocess.
+a tiny model built locally (helpers for running the entrypoint are in worker_helpers.py).
 
 Nothing here downloads anything: HF_HUB_OFFLINE=1 everywhere, the model is built from a config.
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHONPATH = os.pathsep.join([str(REPO / "workers"), str(REPO / "operator")])
+from worker_helpers import PYTHONPATH, REPO, free_port, wait_for
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def wait_for(cond, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------- MinIO
@@ -124,9 +102,9 @@ def s3_env(minio, monkeypatch):
 
 # ------------------------------------------------------------------------------------- Ray
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_address(tmp_path_factory):
-    """One small Ray instance for the whole session; entrypoints join it via RAY_ADDRESS."""
+    """One small Ray instance per test module; entrypoints join it via RAY_ADDRESS."""
     import ray
     os.environ["PYTHONPATH"] = PYTHONPATH
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -147,53 +125,3 @@ def tiny_model(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
 
 
-def job_config(tmp: Path, *, model: str, dataset: str, checkpoint: str | None = None,
-               output: str | None = None, **training) -> dict:
-    """A small 2-worker CPU job over the toy task."""
-    t = {"max_steps": 40, "learning_rate": 5e-3, "warmup_ratio": 0.05, "global_batch_size": 4,
-         "micro_batch_size": 1, "max_seq_length": 64, "packing": True, "seed": 7}
-    ckpt = {"interval_steps": 10, "interval_minutes": None, "keep": 2}
-    ckpt.update(training.pop("checkpoint", {}))
-    t.update(training)
-    return {"job_name": "tiny", "namespace": "test",
-            "base_model": {"uri": model},
-            "dataset": {"uri": dataset, "format": "chat", "validation_split": 0.125},
-            "adapter": {"method": "lora", "rank": 8, "alpha": 16, "dropout": 0.0,
-                        "target_modules": ["all-linear"]},
-            "training": t,
-            "checkpoint": {"uri": checkpoint or str(tmp / "ckpt"), **ckpt},
-            "output_uri": output or str(tmp / "out"),
-            "accelerator": {"workers": 2, "torch_device": "cpu", "distributed_backend": "gloo"}}
-
-
-def entrypoint_env(ray_address: str | None, tmp: Path, extra: dict | None = None) -> dict:
-    env = dict(os.environ, PYTHONPATH=PYTHONPATH, HF_HUB_OFFLINE="1",
-               TUNESERVE_PROGRESS_INTERVAL_S="0", TUNESERVE_CACHE=str(tmp / "cache"),
-               TUNESERVE_RAY_STORAGE=str(tmp / "ray-storage"), PYTHONUNBUFFERED="1")
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    else:
-        env.pop("RAY_ADDRESS", None)
-    env.update(extra or {})
-    return env
-
-
-def start_entrypoint(cfg: dict, tmp: Path, env: dict, name: str = "run") -> subprocess.Popen:
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    log = open(tmp / f"{name}.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "tuneserve_workers.train", "--config", str(path)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp))
-
-
-def run_entrypoint(cfg: dict, tmp: Path, env: dict, name: str = "run", timeout: float = 240):
-    """Run to completion; returns (exit code, log text)."""
-    proc = start_entrypoint(cfg, tmp, env, name)
-    try:
-        rc = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"entrypoint {name} did not finish in {timeout}s:\n"
-                             + (tmp / f"{name}.log").read_text()[-4000:])
-    return rc, (tmp / f"{name}.log").read_text()

@@ -9,8 +9,9 @@ Each micro-batch is a dict of tensors (``input_ids``, ``labels`` and ``position_
 ``attention_mask``; see data.collate). One call does grad_accum forward/backward passes through
 ``fastpath.causal_lm_loss``, then one clipped optimizer step and one scheduler step. The loss is
 normalised by the label tokens of the whole global step (all micro-batches, all ranks), so it is a
-true per-token mean however tokens are spread. Works with or without torch.distributed (a DDP
-model skips gradient sync on all but the last micro-batch). Returned metrics (Python numbers):
+true per-token mean however tokens are spread. Works with or without torch.distributed: with it,
+the adapter gradients are summed over ranks in one flat all-reduce after the last micro-batch (no
+DDP wrapper, so ``causal_lm_loss`` may run the model however it likes). Returned metrics (Python numbers):
 ``loss`` (global per-token mean), ``tokens`` (input tokens this rank processed, packing padding
 included), ``global_tokens``, ``label_tokens`` (global), ``grad_norm``, ``lr``.
 
@@ -72,28 +73,24 @@ class TrainStep:
         if len(micro) != self.grad_accum:
             raise ValueError(f"expected {self.grad_accum} micro-batches, got {len(micro)}")
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
-        _, world = _dist()
         local = torch.stack([(mb["labels"][:, 1:] != -100).sum() for mb in micro]).sum()
         tokens = sum(mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
                      for mb in micro)
         counts = _all_sum(torch.stack([local, torch.as_tensor(tokens, device=self.device)]).float())
-        scale = world / counts[0].clamp(min=1)      # DDP averages gradients over ranks
+        scale = 1.0 / counts[0].clamp(min=1)
         loss_total = torch.zeros((), device=self.device)
-        ddp = hasattr(self.model, "no_sync")
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                if self.amp_dtype is not None else contextlib.nullcontext())
-        for i, mb in enumerate(micro):
-            sync = contextlib.nullcontext() if not ddp or i == len(micro) - 1 else self.model.no_sync()
-            with sync:
-                with amp:
-                    loss_sum, _ = self.loss_fn(self.model, mb)
-                (loss_sum * scale).backward()
+        for mb in micro:
+            with amp:
+                loss_sum, _ = self.loss_fn(self.model, mb)
+            (loss_sum * scale).backward()
             loss_total += loss_sum.detach().float()
+        self._sync_grads()
         if self.clip:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         else:
-            grad_norm = torch.linalg.vector_norm(torch.stack(
-                [p.grad.norm() for p in self.params if p.grad is not None]))
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params]))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -102,6 +99,23 @@ class TrainStep:
         return {"loss": (loss_total / counts[0].clamp(min=1)).item(), "tokens": int(tokens),
                 "global_tokens": int(counts[1].item()), "label_tokens": int(counts[0].item()),
                 "grad_norm": float(grad_norm), "lr": lr}
+
+    def _sync_grads(self) -> None:
+        """Sum the (small) adapter gradients over ranks in one flat all-reduce.
+
+        Done by hand rather than through DDP so the loss function may run the model any way it
+        likes (fused layers, decoder-only forward) without going through a DDP wrapper."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if _dist()[1] == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        grads = [p.grad for p in self.params]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
 
 
 # --------------------------------------------------------------------------------- worker loop
@@ -235,12 +249,7 @@ def train_worker(payload: dict) -> None:
         last_ref = CheckpointRef(uri=chosen.uri, step=chosen.step, time=chosen.time)
     shutil.rmtree(local_ckpt, ignore_errors=True)
 
-    ddp_model = model
-    if world > 1:
-        ids = [device.index] if device.type != "cpu" and device.index is not None else None
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                            broadcast_buffers=False)
-    train_step = TrainStep(ddp_model, optimizer, scheduler, grad_accum=accum, clip=1.0,
+    train_step = TrainStep(model, optimizer, scheduler, grad_accum=accum, clip=1.0,
                            amp_dtype=amp_dtype)
 
     messages = [m for m in (note, f"resumed from checkpoint step {chosen_step}"

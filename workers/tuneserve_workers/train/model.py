@@ -141,6 +141,8 @@ def load_model(model_dir: str, adapter: AdapterSpec, acc: AcceleratorRuntime,
 
 
 def resolved_targets(peft_model) -> list[str]:
+    """Leaf module names the adapter covers (``all-linear`` resolved), e.g. ['k_proj', 'q_proj']."""
     cfg = next(iter(peft_model.peft_config.values()))
     t = cfg.target_modules
-    return sorted(t) if isinstance(t, (set, list, tuple)) else [str(t)]
+    names = t if isinstance(t, (set, list, tuple)) else [str(t)]
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
