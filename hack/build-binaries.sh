@@ -50,7 +50,7 @@ fi
 etcd_dir=$cache/bin/etcd-$ETCD_VERSION
 if ! have "$etcd_dir" etcd; then
   timed "etcd $ETCD_VERSION" build_into "$etcd_dir" etcd "" go.etcd.io/etcd/server/v3
-  mv "$etcd_dir/v3" "$etcd_dir/etcd"
+  mv "$etcd_dir/server" "$etcd_dir/etcd"   # the main package is the module root, named "server"
 fi
 
 # kwok, plus the Stage YAMLs shipped in its module (v0.8 has no built-in stages).
@@ -79,9 +79,16 @@ if ! have "$helm_dir" helm; then
     "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 fi
 
+# MinIO: the S3-compatible server the worker tests keep datasets, checkpoints and adapters in.
+minio_dir=$cache/bin/minio-$MINIO_VERSION
+if ! have "$minio_dir" minio; then
+  timed "minio $MINIO_VERSION" build_into "$minio_dir" minio "" github.com/minio/minio
+fi
+
 # One stable directory of links, so callers need not know versions.
 mkdir -p "$cache/current"
-for f in "$k8s_dir"/* "$etcd_dir/etcd" "$kwok_dir/kwok" "$ray_dir/ray-operator" "$helm_dir/helm"; do
+for f in "$k8s_dir"/* "$etcd_dir/etcd" "$kwok_dir/kwok" "$ray_dir/ray-operator" "$helm_dir/helm" \
+         "$minio_dir/minio"; do
   ln -sfn "$f" "$cache/current/$(basename "$f")"
 done
 ln -sfn "$kwok_dir/stages" "$cache/current/kwok-stages"

@@ -38,4 +38,7 @@ gen kuberay 1.24.0
 
 gen helm 1.26.0
 (cd "$here/tools/helm" && go get -tool "helm.sh/helm/v3/cmd/helm@$HELM_VERSION")
+# MinIO publishes no semver tags; MINIO_VERSION is the pseudo-version of a release commit.
+gen minio 1.24.0
+(cd "$here/tools/minio" && go get -tool "github.com/minio/minio@$MINIO_VERSION")
 echo "regenerated hack/tools/*/go.mod"

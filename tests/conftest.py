@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from fake_dashboard import DashboardClient  # noqa: E402
 from kube import Kube, wait_for  # noqa: E402
 from localcluster import BIN, LocalCluster  # noqa: E402
+from operator_process import OperatorProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +60,24 @@ def namespace(kube, request) -> str:
     wait_for(lambda: kube.get("v1", "ServiceAccount", "default", name), 60, f"default SA in {name}")
     yield name
     kube.core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def tuneserve_crds(cluster) -> list[str]:
+    """tuneserve's generated CRDs, installed and Established."""
+    files = sorted((REPO / "crds").glob("tuneserve.dev_*.yaml"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", *[a for f in files for a in ("-f", str(f))])
+    names = [f.name.removeprefix("tuneserve.dev_").removesuffix(".yaml") + ".tuneserve.dev" for f in files]
+    cluster.wait_crds_established(names, 60)
+    return names
+
+
+@pytest.fixture(scope="session")
+def operator(cluster, tuneserve_crds) -> OperatorProcess:
+    """The tuneserve operator, running as a process against the local control plane."""
+    proc = OperatorProcess(cluster.kubeconfig, cluster.logs)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()

@@ -42,6 +42,7 @@ class Observed:
     ray_job: Optional[Mapping[str, Any]] = None
     progress: Optional[Progress] = None
     timed_out: tuple[ChoiceRejection, ...] = field(default=())
+    blocked: Optional[str] = None   # e.g. a referenced Secret is missing: Pending, retried, not terminal
 
 
 def placement_status(decision: PlacementDecision, attempt: int, job_name: str, now: datetime) -> PlacementStatus:
@@ -116,7 +117,8 @@ def _usage(previous: Optional[FineTuneJobStatus], placement: Optional[PlacementS
     rj_status = (ray_job or {}).get("status") or {}
     start = _parse_time(rj_status.get("startTime"))
     if placement and start:
-        end = _parse_time(rj_status.get("endTime")) or now
+        # A running job is billed to the minute, so status changes once a minute, not every resync.
+        end = _parse_time(rj_status.get("endTime")) or now.replace(second=0, microsecond=0)
         hours = max(0.0, (end - start).total_seconds()) / 3600 * placement.workers * placement.devices_per_worker
     cost = hours * (placement.price_per_device_hour if placement else 0.0)
     total_hours, total_cost = round(prior_hours + hours, 3), round(prior_cost + cost, 2)
@@ -166,6 +168,8 @@ def derive_status(job: FineTuneJob, observed: Observed, now: datetime,
     # Accepted
     if observed.spec_error:
         s(ConditionType.Accepted, F, observed.spec_error_reason, observed.spec_error)
+    elif observed.blocked:
+        s(ConditionType.Accepted, F, R.SecretNotFound, observed.blocked)
     else:
         s(ConditionType.Accepted, T, R.SpecValid, "spec is valid and the model size is known")
 
@@ -194,6 +198,8 @@ def derive_status(job: FineTuneJob, observed: Observed, now: datetime,
         phase = Phase.Failed if permanent else Phase.Pending
         failed_reason = R.NoAcceptableChoice if permanent else None
         message = decision.reason
+    elif observed.blocked:
+        phase, message = Phase.Pending, observed.blocked
     elif succeeded:
         phase = Phase.Succeeded
     elif deployment == "Failed" or (deployment == "Complete" and job_status in ("FAILED", "STOPPED")) or \

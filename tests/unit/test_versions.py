@@ -9,6 +9,7 @@ MODULES = {
     "KWOK_VERSION": ("kwok", "sigs.k8s.io/kwok"),
     "KUBERAY_VERSION": ("kuberay", "github.com/ray-project/kuberay/ray-operator"),
     "HELM_VERSION": ("helm", "helm.sh/helm/v3"),
+    "MINIO_VERSION": ("minio", "github.com/minio/minio"),
 }
 
 

@@ -50,6 +50,7 @@ class ConditionReason(str, Enum):
     SpecValid = "SpecValid"
     InvalidSpec = "InvalidSpec"
     ModelSizeUnknown = "ModelSizeUnknown"
+    SecretNotFound = "SecretNotFound"        # a referenced Secret or key is missing (not terminal)
     # Placed
     Placing = "Placing"
     FitsNow = "FitsNow"

@@ -1,0 +1,87 @@
+"""The operator's only way of writing to the cluster: server-side apply with one field manager,
+deletes, and status writes. Reads come from kopf's indexes (handlers.py), not from here, except
+Secrets, which are looked up by name and never cached or copied."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+from kubernetes import client, dynamic
+from kubernetes.client.exceptions import ApiException
+
+from tuneserve import API_GROUP, API_VERSION, FIELD_MANAGER
+
+log = logging.getLogger(__name__)
+APPLIED_HASH_ANNOTATION = "tuneserve.dev/applied-hash"
+
+
+def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object plus an annotation hashing its desired state, so an unchanged child is never
+    re-applied (no API write when nothing changed)."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    meta = dict(obj["metadata"])
+    meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_HASH_ANNOTATION: digest}
+    return {**obj, "metadata": meta}
+
+
+def needs_apply(desired: Mapping[str, Any], live: Optional[Mapping[str, Any]]) -> bool:
+    if live is None:
+        return True
+    live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_HASH_ANNOTATION)
+    return live_hash != desired["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+
+
+def secret_refs(objs: Iterable[Any]) -> Iterator[tuple[str, str]]:
+    """Every (secret name, key) that rendered objects reference through secretKeyRef."""
+    for obj in objs:
+        if isinstance(obj, Mapping):
+            ref = obj.get("secretKeyRef")
+            if isinstance(ref, Mapping):
+                yield ref["name"], ref["key"]
+            yield from secret_refs(obj.values())
+        elif isinstance(obj, list):
+            yield from secret_refs(obj)
+
+
+class KubeApi:
+    def __init__(self, api_client: client.ApiClient):
+        self.api_client = api_client
+        self.dyn = dynamic.DynamicClient(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def apply(self, obj: Mapping[str, Any]) -> None:
+        res = self.dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+        meta = obj["metadata"]
+        res.server_side_apply(body=dict(obj), name=meta["name"], namespace=meta.get("namespace"),
+                              field_manager=FIELD_MANAGER, force_conflicts=True)
+        log.info("applied %s %s/%s", obj["kind"], meta.get("namespace"), meta["name"])
+
+    def delete(self, api_version: str, kind: str, name: str, namespace: str) -> None:
+        res = self.dyn.resources.get(api_version=api_version, kind=kind)
+        try:
+            res.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"})
+            log.info("deleted %s %s/%s", kind, namespace, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def write_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Replaces the whole status (a merge patch would leave fields that were dropped)."""
+        self.custom.api_client.call_api(
+            f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{plural}/{name}/status", "PATCH",
+            body=[{"op": "add", "path": "/status", "value": status}],
+            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
+            auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True)
+
+    def secret_keys(self, namespace: str, name: str) -> Optional[set[str]]:
+        """The key names of a Secret, or None when it does not exist. Values are not kept."""
+        try:
+            secret = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())

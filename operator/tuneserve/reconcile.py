@@ -1,0 +1,211 @@
+"""One FineTuneJob reconcile as a pure plan: what to apply, what to delete, which status to write,
+which events to post. The kopf handlers (handlers.py) gather the inputs from their indexes and
+carry the plan out; nothing here talks to the API, so it is tested without a cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Callable, Mapping, Optional
+
+from pydantic import ValidationError
+
+from tuneserve.api.finetunejob import FineTuneJob
+from tuneserve.api.status import (
+    TERMINAL_PHASES, ChoiceRejection, ConditionReason, ConditionStatus, ConditionType, FineTuneJobStatus,
+    RejectionCode,
+)
+from tuneserve.builders import build_finetune_children
+from tuneserve.builders.common import ATTEMPT_LABEL, progress_configmap_name, rayjob_name
+from tuneserve.catalog import Catalog
+from tuneserve.conditions import Observed, derive_status, status_patch, timed_out_history
+from tuneserve.inventory import build_inventory
+from tuneserve.kubeapi import needs_apply, secret_refs, with_applied_hash
+from tuneserve.placement import Outcome, candidate_from_status, decide_placement, fallback_verdict, unschedulable_since
+from tuneserve.sizing import ModelSizeUnknown
+from tuneserve_workers.contract import PROGRESS_KEY, Progress
+
+WARNING_REASONS = frozenset({ConditionReason.InvalidSpec, ConditionReason.ModelSizeUnknown,
+                             ConditionReason.NoAcceptableChoice, ConditionReason.TrainingFailed,
+                             ConditionReason.BackoffLimitExceeded, ConditionReason.SecretNotFound,
+                             ConditionReason.FellBack})
+
+
+@dataclass(frozen=True)
+class World:
+    """What the operator observed for one FineTuneJob (from kopf's indexes)."""
+    nodes: list[Mapping[str, Any]]
+    pods: list[Mapping[str, Any]]                 # every pod in the cluster (for free capacity)
+    job_pods: list[Mapping[str, Any]]             # pods labelled with this job
+    ray_jobs: dict[str, Mapping[str, Any]]        # this job's RayJobs by name
+    children: dict[tuple[str, str], Mapping[str, Any]]  # (kind, name) -> live child, for the hash check
+    progress_configmap: Optional[Mapping[str, Any]]
+    secret_keys: Callable[[str], Optional[set[str]]]   # secret name -> its keys, None if missing
+
+
+@dataclass
+class Event:
+    type: str          # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[tuple[str, str, str]] = field(default_factory=list)   # (apiVersion, kind, name)
+    status: Optional[dict[str, Any]] = None
+    events: list[Event] = field(default_factory=list)
+    requeue_after: Optional[float] = None
+
+
+def _readable(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:
+    raw = ((cm or {}).get("data") or {}).get(PROGRESS_KEY)
+    if not raw:
+        return None
+    try:
+        return Progress.model_validate_json(raw)
+    except ValidationError:
+        return None   # a half-written or foreign document: ignore, the next update replaces it
+
+
+def _missing_secrets(children: list[dict[str, Any]], lookup: Callable[[str], Optional[set[str]]]) -> Optional[str]:
+    problems, seen = [], {}
+    for name, key in sorted(set(secret_refs(children))):
+        if name not in seen:
+            seen[name] = lookup(name)
+        keys = seen[name]
+        if keys is None:
+            problems.append(f"Secret {name!r} not found")
+        elif key not in keys:
+            problems.append(f"Secret {name!r} has no key {key!r}")
+    return "; ".join(problems) or None
+
+
+def _condition_events(previous: Optional[FineTuneJobStatus], new: FineTuneJobStatus) -> list[Event]:
+    """One Event per condition transition (type, status or reason changed)."""
+    events = []
+    for cond in new.conditions:
+        before = previous.condition(cond.type) if previous else None
+        if before and (before.status, before.reason) == (cond.status, cond.reason):
+            continue
+        if cond.status != ConditionStatus.true and cond.reason in (ConditionReason.InProgress, ConditionReason.NotSuspended,
+                                                                   ConditionReason.NotStarted, ConditionReason.NoCheckpointYet) \
+                and before is None:
+            continue   # initial "not yet" conditions are noise
+        warn = cond.reason in WARNING_REASONS and (cond.status == ConditionStatus.true or cond.type != ConditionType.Failed)
+        if cond.type in (ConditionType.Accepted, ConditionType.Placed) and cond.status == ConditionStatus.false:
+            warn = True
+        events.append(Event("Warning" if warn else "Normal", cond.reason.value,
+                            f"{cond.type.value}={cond.status.value}: {cond.message}"[:1024]))
+    return events
+
+
+def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, now: datetime) -> Plan:
+    plan = Plan()
+    previous_raw = body.get("status") or None
+    previous = FineTuneJobStatus.model_validate(previous_raw) if previous_raw else None
+    if previous and previous.phase in TERMINAL_PHASES:
+        return plan   # finished: children stay until the job is deleted (owner references)
+
+    try:
+        job = FineTuneJob.from_body(body)
+    except ValidationError as exc:
+        job = None
+        observed = Observed(spec_error=_readable(exc))
+    if job is None:
+        # Status derivation needs a parsed job; report on the raw body instead.
+        status = {"phase": "Failed", "message": observed.spec_error, "observedGeneration": body["metadata"].get("generation"),
+                  "conditions": [{"type": "Accepted", "status": "False", "reason": "InvalidSpec",
+                                  "message": observed.spec_error, "lastTransitionTime": now.isoformat()}]}
+        plan.status = status
+        plan.events.append(Event("Warning", "InvalidSpec", observed.spec_error))
+        return plan
+
+    placement = previous.placement if previous else None
+    attempt = placement.attempt if placement else 1
+    decision = None
+    fallback_reason = None
+    timed_out: list[ChoiceRejection] = []
+    try:
+        if placement is None:
+            inventory = build_inventory(world.nodes, world.pods)
+            decision = decide_placement(job.spec, catalog, inventory, timed_out_history(previous))
+        else:
+            attempt_pods = [p for p in world.job_pods
+                            if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(placement.attempt)]
+            since = unschedulable_since(attempt_pods)
+            verdict = fallback_verdict(placement.choice, since,
+                                       timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now)
+            if verdict.move_on:
+                history = {**timed_out_history(previous), placement.choice: verdict.reason}
+                inventory = build_inventory(world.nodes, world.pods)
+                decision = decide_placement(job.spec, catalog, inventory, history)
+                timed_out = [ChoiceRejection(choice=placement.choice, code=RejectionCode.TimedOut,
+                                             message=verdict.reason, at=now)]
+                fallback_reason = verdict.reason
+                attempt = placement.attempt + 1
+            elif verdict.deadline is not None:
+                plan.requeue_after = max(1.0, (verdict.deadline - now).total_seconds())
+            elif placement.waiting and not any((p.get("spec") or {}).get("nodeName") for p in attempt_pods):
+                # Waiting for capacity and nothing bound yet: a choice may fit now.
+                inventory = build_inventory(world.nodes, world.pods)
+                fresh = decide_placement(job.spec, catalog, inventory, timed_out_history(previous))
+                if fresh.outcome == Outcome.Placed:
+                    decision = fresh
+                    if fresh.candidate.key != placement.choice:
+                        attempt = placement.attempt + 1
+                        fallback_reason = f"{fresh.candidate.key} fits now while {placement.choice} is still busy"
+    except ModelSizeUnknown as exc:
+        observed = Observed(spec_error=str(exc), spec_error_reason=ConditionReason.ModelSizeUnknown)
+        return _finish(plan, job, observed, previous, now)
+
+    candidate, pool = None, None
+    if decision is not None and decision.candidate is not None:
+        candidate, pool = decision.candidate, decision.pool
+    elif decision is None and placement is not None:
+        candidate, pool = candidate_from_status(placement, catalog), placement.pool
+
+    blocked = None
+    if candidate is not None:
+        children = build_finetune_children(job, candidate, pool, attempt, catalog)
+        blocked = _missing_secrets(children, world.secret_keys)
+        if blocked is None:
+            for child in children:
+                desired = with_applied_hash(child)
+                live = world.children.get((child["kind"], child["metadata"]["name"]))
+                if needs_apply(desired, live):
+                    plan.apply.append(desired)
+        current = rayjob_name(job.metadata.name, attempt)
+        for name in sorted(world.ray_jobs):
+            if name != current:
+                plan.delete.append(("ray.io/v1", "RayJob", name))
+    if blocked:
+        plan.requeue_after = 10.0
+
+    ray_job = world.ray_jobs.get(rayjob_name(job.metadata.name, attempt))
+    observed = Observed(decision=decision, attempt=attempt, fallback_reason=fallback_reason,
+                        ray_job=ray_job, progress=_parse_progress(world.progress_configmap),
+                        timed_out=tuple(timed_out), blocked=blocked)
+    return _finish(plan, job, observed, previous, now)
+
+
+def _finish(plan: Plan, job: FineTuneJob, observed: Observed, previous: Optional[FineTuneJobStatus],
+            now: datetime) -> Plan:
+    status = derive_status(job, observed, now, previous)
+    plan.status = status_patch(previous.to_wire() if previous else None, status)
+    if plan.status is not None:
+        plan.events.extend(_condition_events(previous, status))
+    return plan
+
+
+def progress_configmap_key(namespace: str, job_name: str) -> tuple[str, str]:
+    return namespace, progress_configmap_name(job_name)
