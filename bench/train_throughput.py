@@ -252,7 +252,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct-batches", type=int, default=2, help="batches cycled (so the loss can fall)")
     ap.add_argument("--tolerance", type=float, default=0.02, help="max |loss diff| allowed vs plain")
-    ap.add_argument("--variants", default="fast,plain-again,fused-eager,peft-compiled,fast-cudnn,packed,batch4,dropout",
+    ap.add_argument("--variants", default="fast,plain-again,fast-addmm,fast-flash,fast-cudnn,fused-eager,peft-compiled,packed,dropout,batch4,fast-cdt",
                     help="worker-step variants to run after the plain loop, in order")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps of plain and fast")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "out"))
@@ -292,7 +292,7 @@ def main():
             q = torch.randn(args.batch, cfg.num_attention_heads, args.seq, hd, device=device, dtype=dtype)
             kv = torch.randn(args.batch, cfg.num_key_value_heads, args.seq, hd, device=device, dtype=dtype)
             names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
-            ch = torch._fused_sdp_choice(q, kv, kv, None, 0.0, True, None, True)
+            ch = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=True)
             print(f"SDPA backend for causal GQA (enable_gqa) at these shapes: {names.get(int(ch), ch)}", flush=True)
             del q, kv
         except Exception as e:
@@ -344,13 +344,22 @@ def main():
         if time.perf_counter() - t_start > args.budget_s:
             results.append({"name": v, "error": "skipped: time budget"})
             continue
-        opts = dict(compile=cuda, attention="flash", fuse_layers=True)
-        bsz, packed, dropout, name, compare = args.batch, False, 0.0, None, True
+        opts = dict(compile=cuda, attention="auto", fuse_layers=True)
+        bsz, packed, dropout, name, compare, cdt = args.batch, False, 0.0, None, True, False
         if v == "fast":
-            name = f"worker b{bsz} fused+compile, flash"
+            name = f"worker b{bsz} fused+compile (default)"
         elif v == "fast-cudnn":
             opts["attention"] = "cudnn"
             name = f"worker b{bsz} fused+compile, cuDNN attn"
+        elif v == "fast-flash":
+            opts["attention"] = "flash"
+            name = f"worker b{bsz} fused+compile, flash attn"
+        elif v == "fast-addmm":
+            opts["addmm"] = True
+            name = f"worker b{bsz} fused+compile, addmm LoRA add"
+        elif v == "fast-cdt":
+            cdt = True
+            name = f"worker b{bsz} fused+compile, coord-descent"
         elif v == "fused-eager":
             opts["compile"] = False
             name = f"worker b{bsz} fused, no compile"
@@ -365,7 +374,7 @@ def main():
             name = f"worker b{bsz} fused+compile, dropout .05"
         elif v == "batch4":
             bsz, compare = 4, False
-            name = "worker b4 fused+compile, flash"
+            name = "worker b4 fused+compile (default)"
         elif v == "plain-again":
             name = f"plain b{bsz} again (noise floor)"
         else:
@@ -383,6 +392,9 @@ def main():
                 step, opt = plain_runner(model, params, args, device, amp)
                 r = run(name, step, batches, args, device, tokens, n_steps)
             else:
+                if cdt:
+                    import torch._inductor.config as ic
+                    ic.coordinate_descent_tuning = True
                 fastpath.optimize_for_training(model, device=device.type, force=not cuda, **opts)
                 st = getattr(model, fastpath._STATE_ATTR)
                 if dropout:
@@ -405,6 +417,9 @@ def main():
                 r = run(name, step, bb, args, device, bsz * args.seq, n_steps)
                 if v == "fast" and args.profile:
                     profile_step(step, bb[0], out_dir, device, "fast")
+            if cdt:
+                import torch._inductor.config as ic
+                ic.coordinate_descent_tuning = False
             r["compare"] = compare and not packed
             r["variant"] = v
             results.append(r)
@@ -416,7 +431,9 @@ def main():
                 torch.cuda.empty_cache()
         print(report(), flush=True)
         print(f"[elapsed {time.perf_counter() - t_start:.0f}s]", flush=True)
-    failed = [r for r in results if "max_abs_loss_diff" in r and r["max_abs_loss_diff"] > args.tolerance]
+    # the exit code judges the worker's default configuration; other rows are for comparison
+    failed = [r for r in results if r.get("variant") == "fast" and
+              ("error" in r or r.get("max_abs_loss_diff", 0.0) > args.tolerance)]
     return 1 if failed else 0
 
 

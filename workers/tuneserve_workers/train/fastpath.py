@@ -174,7 +174,8 @@ class _FastState:
     attn_scale: float = 1.0
     layer_fns: list = field(default_factory=list)
     ce_chunk_fn: Any = None
-    attention: str = "flash"   # flash (SDPA default order) | cudnn
+    attention: str = "auto"    # auto (SDPA's own choice) | flash | cudnn | efficient
+    addmm: bool = True         # LoRA add in the base matmul's epilogue (eager) or fused (compiled)
 
 
 def _lora_of(mod: nn.Module) -> Optional[_Lora]:
@@ -264,11 +265,13 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As, Bs, scales,
-                dropouts, training: bool):
+                dropouts, training: bool, addmm: bool = True):
     """x @ w.T (+ b) + [s_i * drop_i(x) @ A_i.T @ B_i.T]_i for projections sharing the input x.
 
     Without dropout the A matrices are one matmul (x is read once) and the B matrices one
-    block-diagonal matmul; the base matmul adds the LoRA term in its epilogue (addmm, beta=1).
+    block-diagonal matmul. ``addmm``: the base matmul adds the LoRA term in its epilogue (eager: one
+    kernel fewer; cuBLAS still copies the addend into the output first); else a plain add, which
+    torch.compile fuses into the consumer (RoPE, SwiGLU, residual add) - cheaper when compiled.
     LoRA weights (often fp32 masters) are cast to the activation dtype, as autocast would.
     """
     dt = x.dtype
@@ -286,7 +289,9 @@ def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As,
     lora = xa @ bb.t()
     if b is not None:
         lora = lora + b
-    return torch.addmm(lora, x, w.t())
+    if addmm:
+        return torch.addmm(lora, x, w.t())
+    return x @ w.t() + lora
 
 
 def _layer_tensors(p: _LayerParams) -> tuple:
@@ -304,7 +309,8 @@ def _layer_meta(p: _LayerParams) -> tuple:
 
 def _make_layer_fn(st: _FastState, meta: tuple):
     n_heads, n_kv, hd, eps, scale = st.n_heads, st.n_kv, st.head_dim, st.eps, st.attn_scale
-    native_gqa = st.attention == "flash"
+    native_gqa = st.attention in ("auto", "flash")
+    am = st.addmm
     (s_q, s_k, s_v, s_o, s_g, s_u, s_d), (d_q, d_k, d_v, d_o, d_g, d_u, d_d) = meta
 
     def layer_fn(h, cos, sin, mask, training: bool, ln1, ln2, w_qkv, b_qkv, a_q, a_k, a_v,
@@ -313,7 +319,7 @@ def _make_layer_fn(st: _FastState, meta: tuple):
         x = h.reshape(-1, hid)
         xn = _rms_norm(x, ln1, eps)
         qkv = _lora_group(xn, w_qkv, b_qkv, (a_q, a_k, a_v), (b_q, b_k, b_v), (s_q, s_k, s_v),
-                          (d_q, d_k, d_v), training)
+                          (d_q, d_k, d_v), training, am)
         q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
         q = q.view(bsz, seq, n_heads, hd).transpose(1, 2)
         k = k.view(bsz, seq, n_kv, hd).transpose(1, 2)
@@ -335,11 +341,11 @@ def _make_layer_fn(st: _FastState, meta: tuple):
         else:
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         attn = attn.transpose(1, 2).reshape(-1, n_heads * hd)
-        x = x + _lora_group(attn, w_o, None, (a_o,), (b_o,), (s_o,), (d_o,), training)
+        x = x + _lora_group(attn, w_o, None, (a_o,), (b_o,), (s_o,), (d_o,), training, am)
         xn = _rms_norm(x, ln2, eps)
-        gu = _lora_group(xn, w_gu, None, (a_g, a_u), (b_g, b_u), (s_g, s_u), (d_g, d_u), training)
+        gu = _lora_group(xn, w_gu, None, (a_g, a_u), (b_g, b_u), (s_g, s_u), (d_g, d_u), training, am)
         g, u = gu.chunk(2, dim=-1)
-        x = x + _lora_group(F.silu(g) * u, w_down, None, (a_d,), (b_d,), (s_d,), (d_d,), training)
+        x = x + _lora_group(F.silu(g) * u, w_down, None, (a_d,), (b_d,), (s_d,), (d_d,), training, am)
         return x.view(bsz, seq, hid)
 
     return layer_fn
@@ -383,20 +389,24 @@ def _install_fused(model: nn.Module, st: _FastState) -> None:
 # public API
 # ----------------------------------------------------------------------------------------------
 def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force: bool = False,
-                          attention: str = "flash", fuse_layers: bool = True) -> nn.Module:
+                          attention: str = "auto", fuse_layers: bool = True,
+                          addmm: Optional[bool] = None) -> nn.Module:
     """Prepare ``model`` for fast LoRA training steps (in place; returns it).
 
     Call it after the adapters are added and before the optimizer is built. On CPU it does
-    nothing unless ``force``. ``attention``: "flash" (SDPA's default order: flash on H100) or
-    "cudnn" (SDPA's cuDNN backend). ``fuse_layers=False`` keeps PEFT's layers (and only compiles
-    them) - for comparison.
+    nothing unless ``force``. Use ``compile=True`` on CUDA: the fused layers rely on
+    torch.compile for their elementwise fusions. ``attention``: "auto" (SDPA picks; cuDNN on H100
+    with torch 2.11), or force "flash" / "cudnn" / "efficient". ``fuse_layers=False`` keeps PEFT's
+    layers (only compiles them) and ``addmm`` overrides where the LoRA term is added - both for
+    comparisons in the benchmark.
     """
     dev = torch.device(device).type if device else "cpu"
     if dev == "cpu" and not force:
         return model
     if getattr(model, _STATE_ATTR, None) is not None:
         return model
-    st = _FastState(device=dev, compiled=bool(compile), attention=attention)
+    st = _FastState(device=dev, compiled=bool(compile), attention=attention,
+                    addmm=(not compile) if addmm is None else bool(addmm))
     if fuse_layers:
         _install_fused(model, st)
     else:
@@ -443,7 +453,8 @@ def fastpath_summary(model: nn.Module) -> str:
     if st is None:
         return "fastpath: not optimized (plain model, chunked CE where possible)"
     parts = [f"device={st.device}", f"compile={st.compiled}",
-             f"fused_layers={'yes' if st.fused else 'no (' + st.reason + ')'}", f"attention={st.attention}"]
+             f"fused_layers={'yes' if st.fused else 'no (' + st.reason + ')'}", f"attention={st.attention}",
+             f"lora_add={'addmm epilogue' if st.addmm else 'fused add'}"]
     return "fastpath: " + ", ".join(parts)
 
 
@@ -487,9 +498,11 @@ def _fused_hidden(model: nn.Module, st: _FastState, input_ids, attention_mask, p
 
 def _sdpa_context(st: _FastState):
     import contextlib
-    if st.attention == "cudnn":
+    if st.attention in ("flash", "cudnn", "efficient"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+        return sdpa_kernel([{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                             "efficient": SDPBackend.EFFICIENT_ATTENTION}[st.attention],
+                            SDPBackend.MATH][:1 if st.device == "cuda" else 2])
     return contextlib.nullcontext()
 
 
