@@ -1,13 +1,16 @@
-"""Names, labels and owner references shared by every child object of a FineTuneJob."""
+"""Names, labels and owner references shared by every child object of a FineTuneJob or a
+ModelServe (the "owner")."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Protocol
 
-from tuneserve.api.finetunejob import FineTuneJob
+from tuneserve.api.finetunejob import ObjectMeta
 
 MANAGED_BY = "tuneserve"
 JOB_LABEL = "tuneserve.dev/finetunejob"
+SERVE_LABEL = "tuneserve.dev/modelserve"
+OWNER_LABELS = {"FineTuneJob": JOB_LABEL, "ModelServe": SERVE_LABEL}
 ATTEMPT_LABEL = "tuneserve.dev/attempt"
 CHOICE_ANNOTATION = "tuneserve.dev/choice"
 CONFIG_DIR = "/etc/tuneserve"
@@ -37,34 +40,67 @@ def progress_role_name(job_name: str) -> str:
     return f"{job_name}-progress-writer"
 
 
+def rayservice_name(serve_name: str) -> str:
+    """One RayService per ModelServe, for its whole life: KubeRay rolls engine changes out on a
+    new RayCluster behind it (upgradeStrategy NewCluster)."""
+    return serve_name
+
+
+def adapters_configmap_name(serve_name: str) -> str:
+    return f"{serve_name}-adapters"
+
+
+def serve_status_configmap_name(serve_name: str) -> str:
+    return f"{serve_name}-serve-status"
+
+
+def openai_service_name(serve_name: str) -> str:
+    return f"{serve_name}-openai"
+
+
+def serve_service_account_name(serve_name: str) -> str:
+    return f"{serve_name}-serve"
+
+
+def serve_status_role_name(serve_name: str) -> str:
+    return f"{serve_name}-serve-status-writer"
+
+
 def dns_label(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-def labels(job: FineTuneJob, attempt: int | None = None) -> dict[str, str]:
-    out = {"app.kubernetes.io/managed-by": MANAGED_BY, JOB_LABEL: job.metadata.name}
+class Owner(Protocol):
+    """A parsed tuneserve resource (FineTuneJob, ModelServe)."""
+    api_version: str
+    kind: str
+    metadata: ObjectMeta
+
+
+def labels(owner: Owner, attempt: int | None = None) -> dict[str, str]:
+    out = {"app.kubernetes.io/managed-by": MANAGED_BY, OWNER_LABELS[owner.kind]: owner.metadata.name}
     if attempt is not None:
         out[ATTEMPT_LABEL] = str(attempt)
     return out
 
 
-def owner_references(job: FineTuneJob) -> list[dict[str, Any]]:
+def owner_references(owner: Owner) -> list[dict[str, Any]]:
     return [{
-        "apiVersion": job.api_version,
-        "kind": job.kind,
-        "name": job.metadata.name,
-        "uid": job.metadata.uid,
+        "apiVersion": owner.api_version,
+        "kind": owner.kind,
+        "name": owner.metadata.name,
+        "uid": owner.metadata.uid,
         "controller": True,
         "blockOwnerDeletion": True,
     }]
 
 
-def object_meta(job: FineTuneJob, name: str, attempt: int | None = None, **extra: Any) -> dict[str, Any]:
+def object_meta(owner: Owner, name: str, attempt: int | None = None, **extra: Any) -> dict[str, Any]:
     meta = {
         "name": name,
-        "namespace": job.metadata.namespace,
-        "labels": labels(job, attempt),
-        "ownerReferences": owner_references(job),
+        "namespace": owner.metadata.namespace,
+        "labels": labels(owner, attempt),
+        "ownerReferences": owner_references(owner),
     }
     meta.update(extra)
     return meta

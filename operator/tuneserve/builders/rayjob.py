@@ -5,7 +5,6 @@ devices variable) comes from the catalog profile on the candidate.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 from tuneserve.api.finetunejob import FineTuneJob
@@ -13,19 +12,17 @@ from tuneserve.builders.common import (
     CHOICE_ANNOTATION, CONFIG_DIR, CONFIG_FILE, TRAIN_ENTRYPOINT, config_configmap_name, dns_label, labels,
     object_meta, progress_configmap_name, rayjob_name,
 )
+from tuneserve.builders.raycluster import (  # noqa: F401  (RAY_VERSION, RESERVED_ENV_PREFIX: public here before)
+    RAY_VERSION, RESERVED_ENV_PREFIX, credential_env, image_for, node_affinity, plain_tree, pod_spec,
+    ray_start_resources, with_user_env,
+)
 from tuneserve.builders.rbac import pod_service_account
 from tuneserve.catalog import AcceleratorProfile, Catalog
 from tuneserve.inventory import DEFAULT_POOL, POOL_LABEL
-from tuneserve.placement import Candidate, pod_tolerations
+from tuneserve.placement import Candidate
 from tuneserve_workers import contract
 
-RAY_VERSION = "2.60.0"
 TTL_SECONDS_AFTER_FINISHED = 300
-RESERVED_ENV_PREFIX = "TUNESERVE_"
-
-
-def _secret_env(name: str, ref: Any) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
 def build_env(job: FineTuneJob, profile: AcceleratorProfile) -> list[dict[str, Any]]:
@@ -38,26 +35,7 @@ def build_env(job: FineTuneJob, profile: AcceleratorProfile) -> list[dict[str, A
     ]
     if profile.visible_devices_env:
         env.append({"name": "TUNESERVE_VISIBLE_DEVICES_ENV", "value": profile.visible_devices_env})
-    creds = job.spec.credentials
-    if creds:
-        if creds.hugging_face_token:
-            env.append(_secret_env("HF_TOKEN", creds.hugging_face_token))
-        store = creds.object_store
-        if store:
-            env.append(_secret_env("AWS_ACCESS_KEY_ID", store.access_key_id))
-            env.append(_secret_env("AWS_SECRET_ACCESS_KEY", store.secret_access_key))
-            if store.session_token:
-                env.append(_secret_env("AWS_SESSION_TOKEN", store.session_token))
-            if store.endpoint_url:
-                env.append({"name": "AWS_ENDPOINT_URL", "value": store.endpoint_url})
-            if store.region:
-                env.append({"name": "AWS_DEFAULT_REGION", "value": store.region})
-        for item in creds.secret_env or []:
-            env.append(_secret_env(item.name, item.secret_key_ref))
-    taken = {e["name"] for e in env}
-    env += [{"name": e.name, "value": e.value} for e in job.spec.env or []
-            if not e.name.startswith(RESERVED_ENV_PREFIX) and e.name not in taken]
-    return env
+    return with_user_env(env + credential_env(job.spec), job.spec)
 
 
 def _volumes(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
@@ -73,50 +51,12 @@ _MOUNTS = [
 ]
 
 
-def _node_affinity(profile: AcceleratorProfile) -> Optional[dict[str, Any]]:
-    if not profile.node_labels_any_of:
-        return None
-    expressions = [{"key": k, "operator": "In", "values": list(v)} for k, v in sorted(profile.node_labels_any_of.items())]
-    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-        "nodeSelectorTerms": [{"matchExpressions": expressions}]}}}
-
-
-def _pod_spec(job: FineTuneJob, profile: AcceleratorProfile, attempt: int, container: dict[str, Any],
-              node_selector: dict[str, str], affinity: Optional[dict[str, Any]]) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "serviceAccountName": pod_service_account(job),
-        "containers": [container],
-        "volumes": _volumes(job, attempt),
-        "tolerations": pod_tolerations(profile, job.spec),
-    }
-    if node_selector:
-        spec["nodeSelector"] = dict(sorted(node_selector.items()))
-    if affinity:
-        spec["affinity"] = affinity
-    if job.spec.priority_class_name:
-        spec["priorityClassName"] = job.spec.priority_class_name
-    return spec
-
-
-def _ray_start_resources(profile: AcceleratorProfile, devices: int) -> dict[str, str]:
-    """KubeRay turns limits ending in "gpu" into num-gpus itself; other accelerators need
-    `--resources` in the form KubeRay passes through verbatim: "{\\"NPU\\": 8}" (quoted JSON)."""
-    if not profile.ray_resource or profile.ray_resource_auto_mapped:
-        return {}
-    payload = json.dumps({profile.ray_resource: devices * profile.ray_resources_per_device}).replace('"', '\\"')
-    return {"resources": f'"{payload}"'}
-
-
-def _plain_tree(obj: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(obj))
-
-
 def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], attempt: int,
                  catalog: Catalog) -> dict[str, Any]:
     """RayJob (ray.io/v1, K8sJobMode) with a CPU-only head and one worker group of
     ``candidate.workers`` pods, each requesting ``devices_per_worker`` devices."""
     profile = candidate.profile
-    image = (job.spec.image_overrides or {}).get(profile.vendor) or profile.images.train
+    image = image_for(job.spec, profile, profile.images.train)
     env = build_env(job, profile)
     pod_labels = labels(job, attempt)
     user_selector = dict(job.spec.node_selector or {})
@@ -142,9 +82,7 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
         worker_selector[POOL_LABEL] = pool
 
     name = rayjob_name(job.metadata.name, attempt)
-    # A JSON round trip: the pod specs share env/labels/mounts while building; callers get a plain
-    # tree with no shared sub-objects (deepcopy would keep the sharing).
-    return _plain_tree({
+    return plain_tree({
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": object_meta(job, name, attempt, annotations={CHOICE_ANNOTATION: candidate.key}),
@@ -161,7 +99,7 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": _pod_spec(job, profile, attempt, head_container, user_selector, None),
+                        "spec": pod_spec(job.spec, profile, pod_service_account(job), head_container, _volumes(job, attempt), user_selector, None),
                     },
                 },
                 "workerGroupSpecs": [{
@@ -169,10 +107,10 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
                     "replicas": candidate.workers,
                     "minReplicas": candidate.workers,
                     "maxReplicas": candidate.workers,
-                    "rayStartParams": _ray_start_resources(profile, candidate.devices_per_worker),
+                    "rayStartParams": ray_start_resources(profile, candidate.devices_per_worker),
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": _pod_spec(job, profile, attempt, worker_container, worker_selector, _node_affinity(profile)),
+                        "spec": pod_spec(job.spec, profile, pod_service_account(job), worker_container, _volumes(job, attempt), worker_selector, node_affinity(profile)),
                     },
                 }],
             },

@@ -1,0 +1,95 @@
+"""Pieces of a Ray cluster spec shared by the RayJob (training) and RayService (serving)
+builders: env from Secret references, pod spec, node affinity, Ray start resources, and the
+head/worker container shape. Vendor differences come from the catalog profile only.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from tuneserve.api.workload import RayPodOptions
+from tuneserve.catalog import AcceleratorProfile
+from tuneserve.placement import pod_tolerations
+
+RAY_VERSION = "2.60.0"
+RESERVED_ENV_PREFIX = "TUNESERVE_"
+
+
+def secret_env(name: str, ref: Any) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def credential_env(spec: RayPodOptions) -> list[dict[str, Any]]:
+    """Secret references (never values) for the model hub and the object store."""
+    env: list[dict[str, Any]] = []
+    creds = spec.credentials
+    if not creds:
+        return env
+    if creds.hugging_face_token:
+        env.append(secret_env("HF_TOKEN", creds.hugging_face_token))
+    store = creds.object_store
+    if store:
+        env.append(secret_env("AWS_ACCESS_KEY_ID", store.access_key_id))
+        env.append(secret_env("AWS_SECRET_ACCESS_KEY", store.secret_access_key))
+        if store.session_token:
+            env.append(secret_env("AWS_SESSION_TOKEN", store.session_token))
+        if store.endpoint_url:
+            env.append({"name": "AWS_ENDPOINT_URL", "value": store.endpoint_url})
+        if store.region:
+            env.append({"name": "AWS_DEFAULT_REGION", "value": store.region})
+    for item in creds.secret_env or []:
+        env.append(secret_env(item.name, item.secret_key_ref))
+    return env
+
+
+def with_user_env(env: list[dict[str, Any]], spec: RayPodOptions) -> list[dict[str, Any]]:
+    """``env`` then the user's plain env; names starting with TUNESERVE_ and names already set
+    are dropped (the operator's variables win)."""
+    taken = {e["name"] for e in env}
+    return env + [{"name": e.name, "value": e.value} for e in spec.env or []
+                  if not e.name.startswith(RESERVED_ENV_PREFIX) and e.name not in taken]
+
+
+def node_affinity(profile: AcceleratorProfile) -> Optional[dict[str, Any]]:
+    if not profile.node_labels_any_of:
+        return None
+    expressions = [{"key": k, "operator": "In", "values": list(v)} for k, v in sorted(profile.node_labels_any_of.items())]
+    return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": expressions}]}}}
+
+
+def pod_spec(spec: RayPodOptions, profile: AcceleratorProfile, service_account: str, container: dict[str, Any],
+             volumes: list[dict[str, Any]], node_selector: dict[str, str],
+             affinity: Optional[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        "containers": [container],
+        "volumes": volumes,
+        "tolerations": pod_tolerations(profile, spec),  # type: ignore[arg-type]  # needs only the pod options
+    }
+    if node_selector:
+        out["nodeSelector"] = dict(sorted(node_selector.items()))
+    if affinity:
+        out["affinity"] = affinity
+    if spec.priority_class_name:
+        out["priorityClassName"] = spec.priority_class_name
+    return out
+
+
+def ray_start_resources(profile: AcceleratorProfile, devices: int) -> dict[str, str]:
+    """KubeRay turns limits ending in "gpu" into num-gpus itself; other accelerators need
+    `--resources` in the form KubeRay passes through verbatim: "{\\"NPU\\": 8}" (quoted JSON)."""
+    if not profile.ray_resource or profile.ray_resource_auto_mapped:
+        return {}
+    payload = json.dumps({profile.ray_resource: devices * profile.ray_resources_per_device}).replace('"', '\\"')
+    return {"resources": f'"{payload}"'}
+
+
+def plain_tree(obj: dict[str, Any]) -> dict[str, Any]:
+    """A JSON round trip: pod specs share env/labels/mounts while building; callers get a plain
+    tree with no shared sub-objects (deepcopy would keep the sharing)."""
+    return json.loads(json.dumps(obj))
+
+
+def image_for(spec: RayPodOptions, profile: AcceleratorProfile, default: str) -> str:
+    return (spec.image_overrides or {}).get(profile.vendor) or default
