@@ -1,0 +1,1 @@
+"""The serve application (Ray Serve + vLLM): see app.py for the design and server.py/adapters.py."""
