@@ -20,6 +20,8 @@ import yaml
 
 from tuneserve import API_GROUP, API_VERSION
 from tuneserve.api import finetunejob as ftj
+from tuneserve.api import modelserve as ms
+from tuneserve.api.modelserve_status import ModelServeStatus
 from tuneserve.api.status import FineTuneJobStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +35,17 @@ FINETUNEJOB_PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
     {"name": "Cost", "type": "string", "jsonPath": ".status.usage.cost"},
+    {"name": "Why", "type": "string", "jsonPath": ".status.placement.reason", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+MODELSERVE_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Ready", "type": "string", "jsonPath": ".status.replicas.summary"},
+    {"name": "Adapters", "type": "string", "jsonPath": ".status.adapterSummary"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
+    {"name": "Accelerator", "type": "string", "jsonPath": ".status.placement.accelerator"},
+    {"name": "Cost/h", "type": "string", "jsonPath": ".status.cost"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
     {"name": "Why", "type": "string", "jsonPath": ".status.placement.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
@@ -111,13 +124,13 @@ def check_structural(schema: dict[str, Any], path: str = "", bounded: bool = Tru
     return problems
 
 
-def finetunejob_schema() -> dict[str, Any]:
-    spec = to_structural(ftj.FineTuneJobSpec.model_json_schema(by_alias=True, mode="validation"))
-    status = to_structural(FineTuneJobStatus.model_json_schema(by_alias=True, mode="serialization"), keep_defaults=False)
+def _resource_schema(spec_cls: type, status_cls: type, description: str, name_rule: Any) -> dict[str, Any]:
+    spec = to_structural(spec_cls.model_json_schema(by_alias=True, mode="validation"))
+    status = to_structural(status_cls.model_json_schema(by_alias=True, mode="serialization"), keep_defaults=False)
     status["description"] = "Observed state, written by the operator only."
     return {
         "type": "object",
-        "description": "FineTuneJob fine-tunes an open model with LoRA/QLoRA on the first acceptable accelerator and writes the adapter to object storage.",
+        "description": description,
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
@@ -126,24 +139,23 @@ def finetunejob_schema() -> dict[str, Any]:
             "status": status,
         },
         "required": ["spec"],
-        "x-kubernetes-validations": [ftj.NAME_RULE.as_schema()],
+        "x-kubernetes-validations": [name_rule.as_schema()],
     }
 
 
-def finetunejob_crd() -> dict[str, Any]:
-    """The FineTuneJob CustomResourceDefinition as a dict."""
+def _crd(module: Any, schema: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{ftj.PLURAL}.{API_GROUP}"},
+        "metadata": {"name": f"{module.PLURAL}.{API_GROUP}"},
         "spec": {
             "group": API_GROUP,
             "names": {
-                "kind": ftj.KIND,
-                "listKind": f"{ftj.KIND}List",
-                "plural": ftj.PLURAL,
-                "singular": ftj.KIND.lower(),
-                "shortNames": list(ftj.SHORT_NAMES),
+                "kind": module.KIND,
+                "listKind": f"{module.KIND}List",
+                "plural": module.PLURAL,
+                "singular": module.KIND.lower(),
+                "shortNames": list(module.SHORT_NAMES),
                 "categories": ["tuneserve"],
             },
             "scope": "Namespaced",
@@ -151,12 +163,36 @@ def finetunejob_crd() -> dict[str, Any]:
                 "name": API_VERSION,
                 "served": True,
                 "storage": True,
-                "schema": {"openAPIV3Schema": finetunejob_schema()},
+                "schema": {"openAPIV3Schema": schema},
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": FINETUNEJOB_PRINTER_COLUMNS,
+                "additionalPrinterColumns": columns,
             }],
         },
     }
+
+
+def finetunejob_schema() -> dict[str, Any]:
+    return _resource_schema(
+        ftj.FineTuneJobSpec, FineTuneJobStatus,
+        "FineTuneJob fine-tunes an open model with LoRA/QLoRA on the first acceptable accelerator and writes the adapter to object storage.",
+        ftj.NAME_RULE)
+
+
+def finetunejob_crd() -> dict[str, Any]:
+    """The FineTuneJob CustomResourceDefinition as a dict."""
+    return _crd(ftj, finetunejob_schema(), FINETUNEJOB_PRINTER_COLUMNS)
+
+
+def modelserve_schema() -> dict[str, Any]:
+    return _resource_schema(
+        ms.ModelServeSpec, ModelServeStatus,
+        "ModelServe serves an open model and its LoRA adapters with vLLM on Ray Serve behind one OpenAI-compatible endpoint, on the first acceptable accelerator.",
+        ms.NAME_RULE)
+
+
+def modelserve_crd() -> dict[str, Any]:
+    """The ModelServe CustomResourceDefinition as a dict."""
+    return _crd(ms, modelserve_schema(), MODELSERVE_PRINTER_COLUMNS)
 
 
 def render_yaml(doc: dict[str, Any]) -> str:
@@ -166,7 +202,10 @@ def render_yaml(doc: dict[str, Any]) -> str:
 
 def rendered_crds() -> dict[str, str]:
     """File name -> content of every generated CRD."""
-    return {f"{API_GROUP}_{ftj.PLURAL}.yaml": render_yaml(finetunejob_crd())}
+    return {
+        f"{API_GROUP}_{ftj.PLURAL}.yaml": render_yaml(finetunejob_crd()),
+        f"{API_GROUP}_{ms.PLURAL}.yaml": render_yaml(modelserve_crd()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

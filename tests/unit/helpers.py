@@ -8,8 +8,10 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((REPO / "crds" / "examples").glob("*.yaml"))
+EXAMPLES = sorted((REPO / "crds" / "examples").glob("finetunejob-*.yaml"))
+MODELSERVE_EXAMPLES = sorted((REPO / "crds" / "examples").glob("modelserve-*.yaml"))
 INVALID_CASES_FILE = Path(__file__).parent / "data" / "invalid_finetunejobs.yaml"
+INVALID_MODELSERVES_FILE = Path(__file__).parent / "data" / "invalid_modelserves.yaml"
 
 
 def merge_patch(base: Any, patch: Any) -> Any:
@@ -25,9 +27,9 @@ def merge_patch(base: Any, patch: Any) -> Any:
     return out
 
 
-def invalid_cases() -> list[dict[str, Any]]:
+def invalid_cases(path: Path = INVALID_CASES_FILE) -> list[dict[str, Any]]:
     """Each case with its full `manifest` (and `base` for update cases)."""
-    doc = yaml.safe_load(INVALID_CASES_FILE.read_text())
+    doc = yaml.safe_load(path.read_text())
     return [{**case, "base": doc["base"], "manifest": merge_patch(doc["base"], case["patch"])} for case in doc["cases"]]
 
 

@@ -65,3 +65,37 @@ def test_defaults_are_valid():
     assert spec["properties"]["lora"]["default"] == {}
     assert spec["properties"]["method"]["default"] == "lora"
     assert spec["properties"]["training"]["properties"]["precision"]["default"] in spec["properties"]["training"]["properties"]["precision"]["enum"]
+
+
+def _ms_version():
+    return crdgen.modelserve_crd()["spec"]["versions"][0]
+
+
+def test_modelserve_crd_is_structural_bounded_and_mutable():
+    crd = crdgen.modelserve_crd()
+    assert crd["spec"]["names"]["shortNames"] == ["ms"] and crd["spec"]["names"]["kind"] == "ModelServe"
+    schema = _ms_version()["schema"]["openAPIV3Schema"]
+    assert crdgen.check_structural(schema["properties"]["spec"]) == []
+    assert crdgen.check_structural(schema["properties"]["status"], bounded=False) == []
+    text = yaml.safe_dump(crd)
+    assert "oldSelf" not in text  # the spec is mutable
+    for message in ("adapter names must be unique", "an adapter needs exactly one of fineTuneJobRef or uri",
+                    "replicas.min must not exceed replicas.max"):
+        assert message in text
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["adapters"]["maxItems"] == 32
+    assert spec["engine"]["properties"]["quantization"]["enum"] == ["none", "fp8", "awq", "gptq", "int8"]
+
+
+def test_modelserve_printer_columns_point_at_status_fields():
+    version = _ms_version()
+    columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert columns == ["Ready", "Adapters", "Endpoint", "Accelerator", "Cost/h", "Age"]
+    status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    for column in version["additionalPrinterColumns"]:
+        path = column["jsonPath"].split(".")[1:]
+        if path[0] == "status":
+            node = {"properties": status_props}
+            for part in path[1:]:
+                node = node["properties"][part]
+            assert node["type"] == column["type"]

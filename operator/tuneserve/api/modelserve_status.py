@@ -1,0 +1,147 @@
+"""ModelServe status: what `kubectl get ms` and `kubectl describe ms` show.
+
+Written only by the operator. Condition types and reasons are closed sets of their own (a
+ModelServe never "succeeds"; it is Ready or not). Display strings (``replicas.summary``,
+``adapterSummary``, ``cost``) exist because a printer column shows one JSONPath.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Optional
+
+from pydantic import Field
+
+from tuneserve.api.status import ChoiceRejection, ConditionStatus, StatusModel
+
+
+class ServePhase(str, Enum):
+    Pending = "Pending"        # accepted, not placed, or no replica yet
+    Waiting = "Waiting"        # placed on an accelerator that is busy now
+    Deploying = "Deploying"    # Ray cluster / Serve application starting
+    Ready = "Ready"            # the endpoint answers; every usable adapter loaded
+    Degraded = "Degraded"      # the endpoint answers, but something is missing (see Degraded)
+    Failed = "Failed"          # cannot serve (invalid spec, no acceptable accelerator, app failed)
+
+
+class ServeConditionType(str, Enum):
+    Accepted = "Accepted"            # spec understood, model size known
+    Placed = "Placed"                # an accelerator choice was made
+    Ready = "Ready"                  # the endpoint serves the base model
+    AdaptersReady = "AdaptersReady"  # every listed adapter is loaded on every ready replica
+    Degraded = "Degraded"            # serving, but fewer replicas or adapters than wanted
+    Upgrading = "Upgrading"          # a base model / engine change is rolling out on a new cluster
+
+
+class ServeConditionReason(str, Enum):
+    # Accepted
+    SpecValid = "SpecValid"
+    InvalidSpec = "InvalidSpec"
+    ModelSizeUnknown = "ModelSizeUnknown"
+    SecretNotFound = "SecretNotFound"
+    # Placed
+    Placing = "Placing"
+    FitsNow = "FitsNow"
+    WaitingForCapacity = "WaitingForCapacity"
+    FellBack = "FellBack"
+    NoAcceptableChoice = "NoAcceptableChoice"
+    # Ready
+    NotPlaced = "NotPlaced"
+    RayServiceStarting = "RayServiceStarting"
+    ApplicationDeploying = "ApplicationDeploying"
+    ApplicationFailed = "ApplicationFailed"
+    NoReadyReplicas = "NoReadyReplicas"
+    ScaledToZero = "ScaledToZero"
+    Serving = "Serving"
+    # AdaptersReady
+    NoAdapters = "NoAdapters"
+    AdaptersPending = "AdaptersPending"
+    AdaptersLoading = "AdaptersLoading"
+    AdaptersFailed = "AdaptersFailed"
+    AllAdaptersLoaded = "AllAdaptersLoaded"
+    # Degraded
+    AsDesired = "AsDesired"
+    ReplicasUnavailable = "ReplicasUnavailable"
+    AdaptersUnavailable = "AdaptersUnavailable"
+    ApplicationUnhealthy = "ApplicationUnhealthy"
+    # Upgrading
+    NoUpgrade = "NoUpgrade"
+    NewClusterStarting = "NewClusterStarting"
+
+
+class ServeCondition(StatusModel):
+    """A metav1.Condition with ModelServe's types and reasons."""
+    type: ServeConditionType
+    status: ConditionStatus
+    reason: ServeConditionReason
+    message: str = ""
+    last_transition_time: datetime
+    observed_generation: Optional[int] = None
+
+
+class AdapterState(str, Enum):
+    Pending = "Pending"    # not usable yet (FineTuneJob not Succeeded) or not picked up by replicas yet
+    Loading = "Loading"    # loaded on some ready replicas, not all
+    Loaded = "Loaded"      # loaded on every ready replica: requests for it are answered
+    Failed = "Failed"      # cannot be served (base model mismatch, rank too high, load error)
+
+
+class AdapterStatus(StatusModel):
+    """One listed adapter."""
+    name: str
+    source: str = Field(description="'FineTuneJob fin-v1' or the URI as written.")
+    uri: Optional[str] = Field(None, description="Where the replicas load it from (resolved).")
+    state: AdapterState
+    message: str = ""
+    since: Optional[datetime] = Field(None, description="When the state last changed.")
+
+
+class ReplicaStatus(StatusModel):
+    ready: int = 0
+    desired: int = 0
+    min: int = 0
+    max: int = 0
+    summary: str = Field("", description="ready/desired, e.g. '2/4'.")
+
+
+class ServePlacementStatus(StatusModel):
+    """Where the replicas run (or wait to run) and why."""
+    attempt: int = Field(description="1 for the first placement; +1 on every fallback.")
+    choice: str
+    vendor: str
+    product: str
+    accelerator: str = Field(description="Display, e.g. 'NVIDIA H100 80GB x1 per replica'.")
+    pool: Optional[str] = None
+    tensor_parallel_size: int = Field(description="Devices per replica.")
+    tensor_parallel_auto: bool = Field(False, description="Chosen from model size and device memory.")
+    resource_name: Optional[str] = None
+    ray_service_name: str
+    price_per_device_hour: float = 0.0
+    memory_per_device_gib: Optional[float] = Field(None, alias="memoryPerDeviceGiB", description="Estimated need per device (weights, LoRA slots, one sequence of KV cache, overhead).")
+    waiting: bool = False
+    reason: str = Field(description="Why this choice.")
+    since: datetime
+
+
+class ModelServeStatus(StatusModel):
+    phase: ServePhase = ServePhase.Pending
+    observed_generation: Optional[int] = None
+    message: Optional[str] = None
+    endpoint: Optional[str] = Field(None, description="OpenAI-compatible base URL, e.g. http://fin-openai.bank.svc.cluster.local:8000/v1.")
+    served_model_name: Optional[str] = None
+    conditions: list[ServeCondition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    replicas: Optional[ReplicaStatus] = None
+    adapters: list[AdapterStatus] = Field(default_factory=list)
+    adapter_summary: str = Field("", description="loaded/listed, e.g. '1/2'.")
+    placement: Optional[ServePlacementStatus] = None
+    rejected_choices: list[ChoiceRejection] = Field(default_factory=list)
+    cost_per_hour_usd: float = Field(0.0, alias="costPerHourUSD", description="Running replicas x devices per replica x price per device-hour.")
+    cost: str = Field("", description="e.g. '$7.00/h'.")
+
+    def condition(self, type_: ServeConditionType) -> Optional[ServeCondition]:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+    def adapter(self, name: str) -> Optional[AdapterStatus]:
+        return next((a for a in self.adapters if a.name == name), None)
