@@ -69,6 +69,7 @@ class AcceleratorProfile(_CatalogModel):
     serving_quantizations: tuple[str, ...] = ()
     vllm_platform: str = "cpu"
     vllm_plugin: Optional[str] = None
+    serve_env: dict[str, str] = Field(default_factory=dict)
     memory_gib: float = Field(alias="memoryGiB")
     memory_scope: str = Field("device", pattern="^(device|worker)$")
     bf16_tflops: float

@@ -26,6 +26,18 @@ PROGRESS_KEY = "progress.json"
 PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "tuneserve-manifest.json"
 
+# Serving (ModelServe); see the module docstring.
+SERVE_IMPORT_PATH = "tuneserve_workers.serve.app:build_app"
+SERVE_APP_NAME = "tuneserve"
+SERVE_DEPLOYMENT_NAME = "tuneserve"     # the @serve.deployment name the serveConfigV2 overrides
+SERVE_PORT = 8000
+ADAPTERS_DIR = "/etc/tuneserve/adapters"
+ADAPTERS_KEY = "adapters.json"
+ADAPTERS_FILE = f"{ADAPTERS_DIR}/{ADAPTERS_KEY}"
+SERVE_STATUS_KEY_PREFIX = "replica."
+SERVE_HEARTBEAT_SECONDS = 15
+SERVE_REPORT_STALE_SECONDS = 60
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -172,8 +184,11 @@ class ServeAdapter(_Model):
 
 
 class ServeAppConfig(_Model):
-    """The serve application's config (Ray Serve app args). Only ``adapters`` may change without
-    a new Ray cluster; everything else is part of the engine and rolls out a new one."""
+    """The serve application's config (Ray Serve app args). The operator leaves ``adapters`` empty
+    and renders the desired set into ``adapters_file`` instead, so adapter changes never touch the
+    RayService; everything here is part of the engine and rolls out a new cluster when it changes.
+    A replica holds all ``tensor_parallel_size`` devices itself (Ray actor resources), so tensor
+    parallelism runs inside the replica (vLLM's multiprocessing executor)."""
     contract_version: str = CONTRACT_VERSION
     served_model_name: str
     base_model: ModelSource
@@ -186,3 +201,37 @@ class ServeAppConfig(_Model):
     extra_engine_args: dict[str, str] = Field(default_factory=dict)
     device: str = "cpu"
     adapters: list[ServeAdapter] = Field(default_factory=list)
+    # Added for ModelServe; optional so older configs still parse.
+    adapters_file: Optional[str] = None       # ADAPTERS_FILE: JSON list of ServeAdapter, live
+    adapters_configmap: Optional[str] = None  # "<namespace>/<ms>-adapters" (same content, via the API)
+    status_configmap: Optional[str] = None    # "<namespace>/<ms>-serve-status": ServeReplicaReport per key
+    model_serve: Optional[str] = None         # "<namespace>/<name>" of the ModelServe, for logs/metrics
+    vllm_plugin: Optional[str] = None         # platform plugin package the image must carry (catalog)
+    ray_resource: Optional[str] = None        # e.g. GPU, NPU, HPU, neuron_cores
+    ray_resources_per_replica: int = 0        # units of ray_resource each replica actor holds
+
+
+class ReplicaAdapterReport(_Model):
+    """One adapter as one replica sees it."""
+    state: Literal["Loading", "Loaded", "Failed"]
+    uri: Optional[str] = None                 # the URI it loaded (a changed URI is a new load)
+    message: Optional[str] = None
+
+
+class ServeReplicaReport(_Model):
+    """Written by each serve replica into the status ConfigMap under ``replica_report_key``."""
+    contract_version: str = CONTRACT_VERSION
+    replica_id: str
+    state: Literal["Starting", "Ready", "Stopping"] = "Starting"   # Ready: engine up, probe answered
+    adapters: dict[str, ReplicaAdapterReport] = Field(default_factory=dict)
+    adapters_digest: Optional[str] = None     # sha256 of the adapters file it applied
+    adapters_error: Optional[str] = None      # the file could not be read/parsed (last good set kept)
+    target_replicas: Optional[int] = None     # the deployment's autoscaling target, if the replica knows it
+    message: Optional[str] = None
+    updated_at: datetime
+
+
+def replica_report_key(replica_id: str) -> str:
+    """ConfigMap key of one replica's report (keys allow [-._a-zA-Z0-9] only)."""
+    safe = "".join(c if c.isalnum() or c in "-._" else "-" for c in replica_id)
+    return f"{SERVE_STATUS_KEY_PREFIX}{safe}.json"

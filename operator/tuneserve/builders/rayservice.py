@@ -1,0 +1,206 @@
+"""The KubeRay RayService (ray.io/v1) that serves a ModelServe.
+
+Shape: a CPU-only head (Serve controller and an HTTP proxy) and one worker group whose pods each
+hold one replica's tensorParallelSize devices; Ray Serve autoscales replicas between
+replicas.min and replicas.max and the in-tree autoscaler adds worker pods to match.
+
+What changes what (the design's point):
+* adapters -> only ConfigMap ``<ms>-adapters`` (mounted, kubelet refreshes it in place). The
+  RayService, serveConfigV2 included, does not depend on adapters: no redeploy, no restart.
+* replicas -> serveConfigV2 ``autoscaling_config`` (a lightweight Serve update: no restart) and the
+  worker group's min/max. KubeRay leaves replica bounds out of its cluster hash (no new cluster,
+  and the live RayCluster is not updated either), so the operator patches the live RayCluster
+  with ``raycluster_scaling_patch``.
+* base model / engine / accelerator -> rayClusterConfig and the app args: KubeRay prepares a new
+  cluster (``upgradeStrategy: NewCluster``) and switches the Service over once it serves.
+
+The endpoint Service is KubeRay's own serve Service, named ``<ms>-openai`` through
+``spec.serveService``: KubeRay points its selector at the *active* cluster's serving pods
+(``ray.io/cluster`` + ``ray.io/serve: "true"``) and moves it only when a new cluster's
+application is RUNNING. A Service rendered by the operator selecting ``ray.io/serve`` alone would
+send traffic to a half-started new cluster during an upgrade.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import yaml
+
+from tuneserve.api.modelserve import ModelServe
+from tuneserve.builders.common import (
+    CHOICE_ANNOTATION, adapters_configmap_name, dns_label, labels, object_meta, openai_service_name,
+    rayservice_name, serve_status_configmap_name,
+)
+from tuneserve.builders.raycluster import (
+    RAY_VERSION, credential_env, image_for, node_affinity, plain_tree, pod_spec, ray_start_resources,
+    with_user_env,
+)
+from tuneserve.builders.rbac import serve_pod_service_account
+from tuneserve.builders.serve import build_serve_app_config
+from tuneserve.catalog import AcceleratorProfile, Catalog
+from tuneserve.inventory import DEFAULT_POOL, POOL_LABEL
+from tuneserve.placement import Candidate
+from tuneserve_workers import contract
+
+ADAPTERS_VOLUME = "tuneserve-adapters"
+# Ray's default ports, declared so KubeRay's head and serve Services expose exactly these.
+HEAD_PORTS = [
+    {"name": "gcs-server", "containerPort": 6379},
+    {"name": "dashboard", "containerPort": 8265},
+    {"name": "client", "containerPort": 10001},
+    {"name": "serve", "containerPort": contract.SERVE_PORT},
+]
+AUTOSCALER_IDLE_TIMEOUT_SECONDS = 300
+
+
+def build_serve_env(serve: ModelServe, profile: AcceleratorProfile) -> list[dict[str, Any]]:
+    """Operator variables, the catalog's serving env, Secret references (never values), then
+    the user's plain env (TUNESERVE_* reserved)."""
+    ns, name = serve.metadata.namespace, serve.metadata.name
+    env: list[dict[str, Any]] = [
+        {"name": "TUNESERVE_MODELSERVE", "value": f"{ns}/{name}"},
+        {"name": "TUNESERVE_ADAPTERS_FILE", "value": contract.ADAPTERS_FILE},
+        {"name": "TUNESERVE_SERVE_STATUS_CONFIGMAP", "value": f"{ns}/{serve_status_configmap_name(name)}"},
+        {"name": "TUNESERVE_VLLM_PLATFORM", "value": profile.vllm_platform},
+    ]
+    if profile.vllm_plugin:
+        env.append({"name": "TUNESERVE_VLLM_PLUGIN", "value": profile.vllm_plugin})
+    if profile.visible_devices_env:
+        env.append({"name": "TUNESERVE_VISIBLE_DEVICES_ENV", "value": profile.visible_devices_env})
+    env += [{"name": k, "value": v} for k, v in sorted(profile.serve_env.items())]
+    return with_user_env(env + credential_env(serve.spec), serve.spec)
+
+
+def _volumes(serve: ModelServe) -> list[dict[str, Any]]:
+    # No subPath mount: kubelet refreshes only whole ConfigMap volumes in place.
+    return [
+        {"name": ADAPTERS_VOLUME, "configMap": {"name": adapters_configmap_name(serve.metadata.name)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+
+
+_MOUNTS = [
+    {"name": ADAPTERS_VOLUME, "mountPath": contract.ADAPTERS_DIR, "readOnly": True},
+    {"name": "dshm", "mountPath": "/dev/shm"},
+]
+
+
+def _actor_options(profile: AcceleratorProfile, tensor_parallel_size: int) -> dict[str, Any]:
+    """One replica actor holds all of its devices (tensor parallelism inside the replica)."""
+    if not profile.ray_resource:
+        return {"num_cpus": tensor_parallel_size}
+    units = tensor_parallel_size * profile.ray_resources_per_device
+    if profile.ray_resource == "GPU":
+        return {"num_cpus": 1, "num_gpus": units}
+    return {"num_cpus": 1, "resources": {profile.ray_resource: units}}
+
+
+def build_serve_config_v2(serve: ModelServe, candidate: Candidate) -> str:
+    """serveConfigV2: one application, the ServeAppConfig as args, the deployment's autoscaling
+    and per-replica resources. Deterministic YAML (sorted keys)."""
+    replicas = serve.spec.replicas
+    app = {
+        "name": contract.SERVE_APP_NAME,
+        "route_prefix": "/",
+        "import_path": contract.SERVE_IMPORT_PATH,
+        "args": build_serve_app_config(serve, candidate).model_dump(mode="json"),
+        "deployments": [{
+            "name": contract.SERVE_DEPLOYMENT_NAME,
+            "autoscaling_config": {
+                "min_replicas": replicas.min,
+                "max_replicas": replicas.max,
+                "target_ongoing_requests": replicas.target_ongoing_requests,
+            },
+            "ray_actor_options": _actor_options(candidate.profile, candidate.devices_per_worker),
+        }],
+    }
+    return yaml.safe_dump({"applications": [app]}, sort_keys=True, width=120)
+
+
+def worker_group_name(profile: AcceleratorProfile) -> str:
+    return dns_label(f"{profile.vendor}-{profile.product}")
+
+
+def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str], catalog: Catalog) -> dict[str, Any]:
+    """RayService with a CPU-only head and one worker group of replicas.min..replicas.max pods,
+    each with ``candidate.devices_per_worker`` (= tensorParallelSize) devices."""
+    spec, profile = serve.spec, candidate.profile
+    name = serve.metadata.name
+    image = image_for(spec, profile, profile.images.serve)
+    env = build_serve_env(serve, profile)
+    pod_labels = labels(serve)
+    account = serve_pod_service_account(serve)
+    user_selector = dict(spec.node_selector or {})
+
+    head_resources = dict(catalog.defaults.head)
+    head_container = {
+        "name": "ray-head",
+        "image": image,
+        "env": env,
+        "ports": HEAD_PORTS,
+        "resources": {"requests": head_resources, "limits": head_resources},
+        "volumeMounts": _MOUNTS,
+    }
+    worker_resources = profile.worker_resources(candidate.devices_per_worker)
+    worker_container = {
+        "name": "ray-worker",
+        "image": image,
+        "env": env,
+        "resources": {"requests": worker_resources, "limits": worker_resources},
+        "volumeMounts": _MOUNTS,
+    }
+    worker_selector = {**profile.node_labels, **user_selector}
+    if pool and pool != DEFAULT_POOL:
+        worker_selector[POOL_LABEL] = pool
+
+    return plain_tree({
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": object_meta(serve, rayservice_name(name), annotations={CHOICE_ANNOTATION: candidate.key}),
+        "spec": {
+            "upgradeStrategy": {"type": "NewCluster"},
+            "serveService": {
+                "metadata": {"name": openai_service_name(name), "labels": pod_labels},
+                "spec": {"ports": [{"name": "serve", "port": contract.SERVE_PORT}]},
+            },
+            "serveConfigV2": build_serve_config_v2(serve, candidate),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"idleTimeoutSeconds": AUTOSCALER_IDLE_TIMEOUT_SECONDS},
+                "headGroupSpec": {
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                    "template": {
+                        "metadata": {"labels": pod_labels},
+                        "spec": pod_spec(spec, profile, account, head_container, _volumes(serve), user_selector, None),
+                    },
+                },
+                "workerGroupSpecs": [{
+                    "groupName": worker_group_name(profile),
+                    "replicas": spec.replicas.min,
+                    "minReplicas": spec.replicas.min,
+                    "maxReplicas": spec.replicas.max,
+                    "rayStartParams": ray_start_resources(profile, candidate.devices_per_worker),
+                    "template": {
+                        "metadata": {"labels": pod_labels},
+                        "spec": pod_spec(spec, profile, account, worker_container, _volumes(serve), worker_selector, node_affinity(profile)),
+                    },
+                }],
+            },
+        },
+    })
+
+
+def raycluster_scaling_patch(serve: ModelServe, live_raycluster: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+    """JSON patch for the live (active) RayCluster when replicas.min/max changed, or None.
+    KubeRay does not carry worker-group bounds from the RayService to an existing cluster."""
+    groups = (live_raycluster.get("spec") or {}).get("workerGroupSpecs") or []
+    if not groups:
+        return None
+    group = groups[0]
+    want = {"minReplicas": serve.spec.replicas.min, "maxReplicas": serve.spec.replicas.max}
+    ops = [{"op": "replace" if key in group else "add", "path": f"/spec/workerGroupSpecs/0/{key}", "value": value}
+           for key, value in want.items() if group.get(key) != value]
+    if not ops:
+        return None
+    return [{"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": group.get("groupName")}] + ops

@@ -1,0 +1,231 @@
+"""Rendered children of a ModelServe: golden files per vendor, adapters never touch the
+RayService, serving placement and sizing."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import load_example, merge_patch
+from localcluster import HACK, build_fleet_nodes, load_fleet
+from test_builders import dump
+from tuneserve.adapters import resolve_adapters
+from tuneserve.api.modelserve import ModelServe
+from tuneserve.api.status import RejectionCode
+from tuneserve.builders import (
+    build_modelserve_children, build_rayservice, build_serve_rbac, endpoint_url, raycluster_scaling_patch,
+)
+from tuneserve.catalog import load_catalog
+from tuneserve.inventory import build_inventory
+from tuneserve.placement import Outcome
+from tuneserve.serve_placement import decide_serve_placement
+from tuneserve.sizing import model_shape
+from tuneserve_workers import contract
+
+GOLDEN = Path(__file__).parent / "golden"
+CATALOG = load_catalog()
+INVENTORY = build_inventory(build_fleet_nodes(load_fleet(HACK / "fleet.yaml")), [])
+CHOICES = {
+    "h100": {"vendor": "nvidia", "product": "H100"},
+    "mi300x": {"vendor": "amd", "product": "MI300X"},
+    "ascend910b": {"vendor": "huawei", "product": "Ascend910B"},
+    "gaudi2": {"vendor": "intel", "product": "Gaudi2"},
+}
+SUCCEEDED_FIN_V1 = {
+    "apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob",
+    "metadata": {"name": "fin-v1", "namespace": "bank"},
+    "spec": load_example("finetunejob-qwen-bank.yaml")["spec"],
+    "status": {"phase": "Succeeded", "artifact": {"uri": "s3://bank/adapters/fin-v1", "baseModel": "hf://Qwen/Qwen2.5-7B-Instruct",
+                                                  "method": "lora", "rank": 16}},
+}
+
+
+def bank_serve(choice: dict | None = None, **spec_patch) -> ModelServe:
+    body = load_example("modelserve-qwen-bank.yaml")
+    body["metadata"].update(uid="5e7a0c1d-0000-4000-8000-000000000002", generation=1)
+    patch = dict(spec_patch)
+    if choice:
+        patch["accelerators"] = {"choices": [choice]}
+    return ModelServe.from_body(merge_patch(body, {"spec": patch}))
+
+
+def render(serve: ModelServe) -> list[dict]:
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    assert decision.outcome == Outcome.Placed, decision.reason
+    desired = resolve_adapters(serve.spec, {"fin-v1": SUCCEEDED_FIN_V1}).desired
+    return build_modelserve_children(serve, decision.candidate, decision.pool, desired, CATALOG)
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_golden(name):
+    rendered = dump(render(bank_serve(CHOICES[name])))
+    path = GOLDEN / f"modelserve-{name}.yaml"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(rendered)
+    assert path.exists(), "missing golden file: run with UPDATE_GOLDEN=1"
+    assert rendered == path.read_text(), f"{path.name} differs: review, then UPDATE_GOLDEN=1"
+
+
+def _rayservice(objects):
+    return next(o for o in objects if o["kind"] == "RayService")
+
+
+def _adapters(objects):
+    return next(o for o in objects if o["metadata"]["name"].endswith("-adapters"))
+
+
+def test_adapter_changes_never_touch_the_rayservice():
+    """The critical property: adapters live only in the adapters ConfigMap."""
+    one = render(bank_serve())
+    other = render(bank_serve(adapters=[{"name": "only-this", "uri": "gs://other/adapter"}]))
+    none = render(bank_serve(adapters=[]))
+    assert _rayservice(one) == _rayservice(other) == _rayservice(none)
+    assert _adapters(one) != _adapters(other)
+    assert json.loads(_adapters(other)["data"]["adapters.json"]) == [{"name": "only-this", "uri": "gs://other/adapter"}]
+    assert "only-this" not in json.dumps(_rayservice(other))
+
+
+def test_replica_changes_keep_the_cluster_hash():
+    """KubeRay hashes rayClusterConfig without replicas/min/max: scaling never makes a new cluster."""
+    def hashed(rs):
+        spec = json.loads(json.dumps(rs["spec"]["rayClusterConfig"]))
+        for group in spec["workerGroupSpecs"]:
+            for key in ("replicas", "minReplicas", "maxReplicas"):
+                group.pop(key, None)
+        return spec
+    a = _rayservice(render(bank_serve()))
+    b = _rayservice(render(bank_serve(replicas={"min": 2, "max": 8, "targetOngoingRequests": 4})))
+    assert hashed(a) == hashed(b) and a["spec"]["serveConfigV2"] != b["spec"]["serveConfigV2"]
+
+
+def test_adapters_configmap_resolves_succeeded_job():
+    cm = _adapters(render(bank_serve()))
+    assert cm["metadata"]["name"] == "bank-llm-adapters"
+    assert json.loads(cm["data"][contract.ADAPTERS_KEY]) == [
+        {"name": "fin-v1", "uri": "s3://bank/adapters/fin-v1"}, {"name": "support-v3", "uri": "s3://bank/adapters/support-v3"}]
+
+
+def test_rayservice_shape_for_h100():
+    objects = render(bank_serve(CHOICES["h100"]))
+    assert [o["kind"] for o in objects] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "ConfigMap", "RayService"]
+    rs = _rayservice(objects)
+    assert rs["apiVersion"] == "ray.io/v1" and rs["metadata"]["name"] == "bank-llm"
+    spec = rs["spec"]
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"}
+    assert spec["serveService"]["metadata"]["name"] == "bank-llm-openai"
+    assert spec["serveService"]["spec"]["ports"] == [{"name": "serve", "port": 8000}]
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    assert app["import_path"] == "tuneserve_workers.serve.app:build_app" and app["route_prefix"] == "/"
+    cfg = contract.ServeAppConfig.model_validate(app["args"])
+    assert cfg.adapters == [] and cfg.adapters_file == "/etc/tuneserve/adapters/adapters.json"
+    assert cfg.status_configmap == "bank/bank-llm-serve-status" and cfg.tensor_parallel_size == 1 and cfg.device == "cuda"
+    (deployment,) = app["deployments"]
+    assert deployment["name"] == contract.SERVE_DEPLOYMENT_NAME
+    assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16.0}
+    assert deployment["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1}
+    cluster = spec["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "serve", "containerPort": 8000} in head["ports"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) == (1, 4, 1)
+    pod = group["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["containers"][0]["image"] == "ghcr.io/tuneserve/serve:0.1.0-cuda12.8"
+    assert {"name": "tuneserve-adapters", "mountPath": "/etc/tuneserve/adapters", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert {"name": "tuneserve-adapters", "configMap": {"name": "bank-llm-adapters"}} in pod["volumes"]
+    assert pod["serviceAccountName"] == "bank-llm-serve"
+
+
+@pytest.mark.parametrize("name,plugin,resources", [
+    ("ascend910b", "vllm-ascend", {"NPU": 1}), ("gaudi2", "vllm-gaudi", {"HPU": 1})])
+def test_vendor_plugin_and_ray_resources(name, plugin, resources):
+    rs = _rayservice(render(bank_serve(CHOICES[name])))
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["vllm_plugin"] == plugin
+    assert app["deployments"][0]["ray_actor_options"] == {"num_cpus": 1, "resources": resources}
+    env = {e["name"]: e.get("value") for e in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TUNESERVE_VLLM_PLUGIN"] == plugin
+    assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"] == {"resources": '"{\\"%s\\": 1}"' % next(iter(resources))}
+
+
+def test_neuron_plugin_from_catalog():
+    profile = CATALOG.get("aws/inf2")
+    assert profile.vllm_plugin == "vllm-neuron"
+    from tuneserve.placement import Candidate
+    rs = build_rayservice(bank_serve(), Candidate(profile, 2, 1, "test"), None, CATALOG)
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert app["deployments"][0]["ray_actor_options"]["resources"] == {"neuron_cores": 4}
+    assert app["args"]["device"] == "neuron"
+
+
+def test_secrets_are_references_and_user_env_cannot_override():
+    serve = bank_serve(env=[{"name": "TUNESERVE_ADAPTERS_FILE", "value": "/tmp/evil"}, {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}])
+    env = _rayservice(render(serve))["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
+    assert by_name["TUNESERVE_ADAPTERS_FILE"]["value"] == contract.ADAPTERS_FILE
+    assert by_name["VLLM_LOGGING_LEVEL"]["value"] == "DEBUG"
+
+
+def test_serve_rbac_is_limited_to_its_configmaps():
+    _, role, binding = build_serve_rbac(bank_serve())
+    assert [r["resourceNames"] for r in role["rules"]] == [["bank-llm-serve-status"], ["bank-llm-adapters"]]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bank-llm-serve", "namespace": "bank"}]
+
+
+def test_endpoint_url():
+    assert endpoint_url(bank_serve()) == "http://bank-llm-openai.bank.svc.cluster.local:8000/v1"
+
+
+def test_scaling_patch_for_the_live_cluster():
+    live = {"spec": {"workerGroupSpecs": [{"groupName": "nvidia-h100-80gb", "minReplicas": 1, "maxReplicas": 4}]}}
+    assert raycluster_scaling_patch(bank_serve(), live) is None
+    patch = raycluster_scaling_patch(bank_serve(replicas={"min": 2, "max": 8}), live)
+    assert patch[0]["op"] == "test" and {(p["path"], p["value"]) for p in patch[1:]} == {
+        ("/spec/workerGroupSpecs/0/minReplicas", 2), ("/spec/workerGroupSpecs/0/maxReplicas", 8)}
+
+
+def test_same_spec_renders_byte_identical():
+    assert dump(render(bank_serve())) == dump(render(bank_serve()))
+
+
+# --- placement and sizing ------------------------------------------------------------------
+
+def test_quantization_unsupported_by_vendor_falls_through():
+    serve = bank_serve(engine={"quantization": "int8"}, accelerators={"choices": [{"product": "MI300X"}, {"product": "Ascend910B"}]})
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    assert decision.outcome == Outcome.Placed and decision.candidate.profile.key == "huawei/ascend910b"
+    (rejection,) = decision.rejections
+    assert rejection.code == RejectionCode.Unsupported
+    assert "AMD Instinct MI300X 192GB does not support int8 quantization for serving (supports: fp8, awq, gptq)" in rejection.message
+
+
+def test_auto_tensor_parallel_grows_with_the_model():
+    serve = bank_serve(baseModel={"uri": "hf://Qwen/Qwen2.5-72B-Instruct"}, adapters=[])
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    assert decision.outcome == Outcome.Placed and decision.tensor_parallel_size == 4 and decision.tensor_parallel_auto
+    mi = decide_serve_placement(bank_serve(CHOICES["mi300x"], baseModel={"uri": "hf://Qwen/Qwen2.5-72B-Instruct"}).spec, CATALOG, INVENTORY)
+    assert mi.tensor_parallel_size == 1
+
+
+def test_too_small_is_rejected_with_the_arithmetic():
+    serve = bank_serve({"product": "L4"}, baseModel={"uri": "hf://Qwen/Qwen2.5-72B-Instruct"}, engine={"tensorParallelSize": 1})
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    assert decision.outcome == Outcome.Unplaceable
+    message = decision.rejections[0].message
+    assert decision.rejections[0].code == RejectionCode.InsufficientMemory
+    assert "Qwen2.5-72B-Instruct with tensorParallelSize 1 needs" in message and "weights 134.1" in message and "NVIDIA L4 24GB gives vLLM" in message
+
+
+def test_fp8_halves_the_weights():
+    from tuneserve.sizing import estimate_serving_memory
+    shape = model_shape(bank_serve().spec.base_model)
+    profile = CATALOG.get("nvidia/h100-80gb")
+    plain = estimate_serving_memory(shape, bank_serve().spec.engine, profile, CATALOG, 1)
+    fp8 = estimate_serving_memory(shape, bank_serve(engine={"quantization": "fp8"}).spec.engine, profile, CATALOG, 1)
+    assert fp8.weights_gib == pytest.approx(plain.weights_gib / 2) and fp8.kv_room_tokens > plain.kv_room_tokens

@@ -1,0 +1,143 @@
+"""Adapter resolution, replica reports, and derive_modelserve_status."""
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+
+from helpers import merge_patch
+from test_modelserve_builders import CATALOG, INVENTORY, SUCCEEDED_FIN_V1, bank_serve
+from tuneserve.adapters import adapter_states, read_replica_reports, resolve_adapters
+from tuneserve.api.modelserve_status import AdapterState, ServeConditionReason, ServeConditionType, ServePhase
+from tuneserve.serve_placement import decide_serve_placement
+from tuneserve.serve_status import ServeObserved, derive_modelserve_status, status_patch
+from tuneserve_workers.contract import ReplicaAdapterReport, ServeReplicaReport, replica_report_key
+
+T0 = datetime(2026, 9, 1, 12, 0, tzinfo=timezone.utc)
+R = ServeConditionReason
+
+
+def job(**patch):
+    return merge_patch(copy.deepcopy(SUCCEEDED_FIN_V1), patch)
+
+
+def verdicts(serve, jobs):
+    return {v.name: v for v in resolve_adapters(serve.spec, jobs).verdicts}
+
+
+def test_succeeded_job_on_same_base_is_desired():
+    res = resolve_adapters(bank_serve().spec, {"fin-v1": job()})
+    assert [a.name for a in res.desired] == ["fin-v1", "support-v3"]
+
+
+def test_running_job_is_pending_and_the_rest_keep_serving():
+    res = resolve_adapters(bank_serve().spec, {"fin-v1": job(status={"phase": "Running", "progress": {"summary": "45% (450/1000)"}, "artifact": None})})
+    v = {x.name: x for x in res.verdicts}
+    assert v["fin-v1"].state == AdapterState.Pending and "phase Running, 45% (450/1000)" in v["fin-v1"].message
+    assert [a.name for a in res.desired] == ["support-v3"]
+
+
+def test_missing_failed_and_mismatched_jobs():
+    serve = bank_serve()
+    assert verdicts(serve, {})["fin-v1"].state == AdapterState.Pending
+    failed = verdicts(serve, {"fin-v1": job(status={"phase": "Failed", "message": "OOM", "artifact": None})})["fin-v1"]
+    assert failed.state == AdapterState.Failed and "OOM" in failed.message
+    other = verdicts(bank_serve(baseModel={"uri": "hf://Qwen/Qwen2.5-14B-Instruct"}), {"fin-v1": job()})["fin-v1"]
+    assert other.state == AdapterState.Failed and other.uri is None
+    assert other.message == "adapter fin-v1 was trained on hf://Qwen/Qwen2.5-7B-Instruct but this ModelServe serves hf://Qwen/Qwen2.5-14B-Instruct"
+
+
+def test_rank_above_max_lora_rank_fails():
+    v = verdicts(bank_serve(), {"fin-v1": job(status={"artifact": {"rank": 64}})})["fin-v1"]
+    assert v.state == AdapterState.Failed and "rank 64 but engine.maxLoraRank is 16" in v.message
+
+
+def test_revision_only_matters_when_both_name_one():
+    assert verdicts(bank_serve(baseModel={"uri": "hf://Qwen/Qwen2.5-7B-Instruct@main"}), {"fin-v1": job()})["fin-v1"].uri
+    pinned = job(status={"artifact": {"baseModel": "hf://Qwen/Qwen2.5-7B-Instruct@v1"}})
+    assert verdicts(bank_serve(baseModel={"uri": "hf://Qwen/Qwen2.5-7B-Instruct@v2"}), {"fin-v1": pinned})["fin-v1"].state == AdapterState.Failed
+
+
+def report(rid, state="Ready", at=T0, **adapters):
+    return ServeReplicaReport(replica_id=rid, state=state, updated_at=at,
+                              adapters={k: ReplicaAdapterReport(**v) for k, v in adapters.items()}).model_dump_json()
+
+
+LOADED_FIN = {"state": "Loaded", "uri": "s3://bank/adapters/fin-v1"}
+LOADED_SUP = {"state": "Loaded", "uri": "s3://bank/adapters/support-v3"}
+
+
+def test_reports_fold_into_adapter_states_and_stale_ones_are_pruned():
+    data = {
+        replica_report_key("r1"): report("r1", **{"fin-v1": LOADED_FIN, "support-v3": LOADED_SUP}),
+        replica_report_key("r2"): report("r2", **{"fin-v1": LOADED_FIN, "support-v3": {"state": "Loading"}}),
+        replica_report_key("old"): report("old", at=T0 - timedelta(minutes=5)),
+        "replica.bad.json": "{not json",
+    }
+    reports = read_replica_reports(data, T0 + timedelta(seconds=5))
+    assert len(reports.ready) == 2 and reports.stale_keys == ("replica.old.json",) and reports.unreadable_keys == ("replica.bad.json",)
+    states = {v.name: v for v in adapter_states(resolve_adapters(bank_serve().spec, {"fin-v1": job()}), reports)}
+    assert states["fin-v1"].state == AdapterState.Loaded and states["support-v3"].state == AdapterState.Loading
+    failed = read_replica_reports({"replica.r1.json": report("r1", **{"support-v3": {"state": "Failed", "message": "no adapter_config.json"}})}, T0)
+    states = {v.name: v for v in adapter_states(resolve_adapters(bank_serve().spec, {"fin-v1": job()}), failed)}
+    assert states["support-v3"].state == AdapterState.Failed and "no adapter_config.json" in states["support-v3"].message
+
+
+def ready_ray_service():
+    return {"status": {"conditions": [{"type": "Ready", "status": "True"}],
+                       "activeServiceStatus": {"applicationStatuses": {"tuneserve": {"status": "RUNNING"}}}}}
+
+
+def observe(serve, jobs, data, ray_service, now, decision=None):
+    return ServeObserved(decision=decision, resolution=resolve_adapters(serve.spec, jobs),
+                         reports=read_replica_reports(data, now), ray_service=ray_service)
+
+
+def test_lifecycle_pending_deploying_ready_degraded():
+    serve = bank_serve()
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    s1 = derive_modelserve_status(serve, observe(serve, {}, {}, None, T0, decision), T0)
+    assert s1.phase == ServePhase.Deploying and s1.endpoint == "http://bank-llm-openai.bank.svc.cluster.local:8000/v1"
+    assert s1.placement.accelerator == "NVIDIA H100 80GB x1 per replica" and s1.placement.tensor_parallel_size == 1
+    assert s1.replicas.summary == "0/1" and s1.adapter_summary == "0/2" and s1.cost == "$0.00/h"
+    assert s1.condition(ServeConditionType.Placed).reason == R.FitsNow
+
+    t1 = T0 + timedelta(minutes=5)
+    data = {"replica.r1.json": report("r1", at=t1, **{"fin-v1": LOADED_FIN, "support-v3": LOADED_SUP}),
+            "replica.r2.json": report("r2", at=t1, **{"fin-v1": LOADED_FIN, "support-v3": LOADED_SUP})}
+    s2 = derive_modelserve_status(serve, observe(serve, {"fin-v1": job()}, data, ready_ray_service(), t1), t1, s1)
+    assert s2.phase == ServePhase.Ready and s2.replicas.summary == "2/2" and s2.adapter_summary == "2/2"
+    assert s2.condition(ServeConditionType.AdaptersReady).reason == R.AllAdaptersLoaded
+    assert s2.cost_per_hour_usd == 7.0 and s2.cost == "$7.00/h"
+    assert s2.placement.since == s1.placement.since
+
+    # fin-v1's job now fails the base-model check: it is Failed, the rest keep serving, Degraded.
+    t2 = t1 + timedelta(seconds=10)
+    other = job(status={"artifact": {"baseModel": "hf://Qwen/Qwen2.5-14B-Instruct"}})
+    s3 = derive_modelserve_status(serve, observe(serve, {"fin-v1": other}, data, ready_ray_service(), t2), t2, s2)
+    assert s3.phase == ServePhase.Degraded and s3.adapter("fin-v1").state == AdapterState.Failed
+    assert s3.adapter("support-v3").state == AdapterState.Loaded and s3.adapter("support-v3").since == s2.adapter("support-v3").since
+    assert s3.condition(ServeConditionType.Degraded).reason == R.AdaptersUnavailable
+    assert s3.condition(ServeConditionType.Ready).last_transition_time == s2.condition(ServeConditionType.Ready).last_transition_time
+
+
+def test_unsupported_everywhere_fails():
+    serve = bank_serve(engine={"quantization": "int8"}, accelerators={"choices": [{"product": "MI300X"}, {"product": "Gaudi2"}]})
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    s = derive_modelserve_status(serve, ServeObserved(decision=decision), T0)
+    assert s.phase == ServePhase.Failed and s.condition(ServeConditionType.Placed).reason == R.NoAcceptableChoice
+    assert "does not support int8" in s.message and s.endpoint is None
+
+
+def test_upgrading_and_write_suppression():
+    serve = bank_serve()
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    rs = ready_ray_service()
+    rs["status"]["conditions"].append({"type": "UpgradeInProgress", "status": "True"})
+    data = {"replica.r1.json": report("r1", **{"support-v3": LOADED_SUP})}
+    s1 = derive_modelserve_status(serve, observe(serve, {}, data, rs, T0, decision), T0)
+    assert s1.condition(ServeConditionType.Upgrading).status.value == "True"
+    assert s1.adapter("fin-v1").state == AdapterState.Pending
+    wire = s1.to_wire()
+    again = derive_modelserve_status(serve, observe(serve, {}, data, rs, T0 + timedelta(seconds=30)), T0 + timedelta(seconds=30), s1)
+    assert status_patch(wire, again) is None
+    assert status_patch(None, again) == again.to_wire()
