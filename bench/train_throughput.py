@@ -192,6 +192,22 @@ def worker_runner(TrainStep, model, params, args, device, amp):
     return (lambda b: ts(b)["loss"]), opt
 
 
+def nosync_runner(model, params, args, device, amp):
+    """TrainStep's arithmetic (loss_sum / label tokens, clip 1.0, AdamW, scheduler) without its
+    per-step host syncs (.item() of the metrics): how much the loop's bookkeeping costs."""
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda" or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def step(b):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            s, n = fastpath.causal_lm_loss(model, b)
+        (s / n).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        return (s / n).detach()
+    return step, opt
+
+
 def profile_step(step_fn, batch, out_dir, device, label):
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -252,7 +268,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct-batches", type=int, default=2, help="batches cycled (so the loss can fall)")
     ap.add_argument("--tolerance", type=float, default=0.02, help="max |loss diff| allowed vs plain")
-    ap.add_argument("--variants", default="fast,plain-again,fast-addmm,fast-flash,fast-cudnn,fused-eager,peft-compiled,packed,dropout,batch4,fast-cdt",
+    ap.add_argument("--variants", default="fast,plain-again,fast-nosync,fast-fusedadd,fast-flash,fused-eager,peft-compiled,packed,dropout,batch4",
                     help="worker-step variants to run after the plain loop, in order")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps of plain and fast")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "out"))
@@ -354,9 +370,11 @@ def main():
         elif v == "fast-flash":
             opts["attention"] = "flash"
             name = f"worker b{bsz} fused+compile, flash attn"
-        elif v == "fast-addmm":
-            opts["addmm"] = True
-            name = f"worker b{bsz} fused+compile, addmm LoRA add"
+        elif v == "fast-fusedadd":
+            opts["addmm"] = False
+            name = f"worker b{bsz} fused+compile, LoRA add fused"
+        elif v == "fast-nosync":
+            name = "what-if: fast, no per-step host sync"
         elif v == "fast-cdt":
             cdt = True
             name = f"worker b{bsz} fused+compile, coord-descent"
@@ -413,7 +431,10 @@ def main():
                         st.layer_fns.append(fns[meta])
                 print(f"[{name}] {fastpath.fastpath_summary(model)}", flush=True)
                 bb = batches if (bsz == args.batch and not packed) else make_batches(args, cfg, device, bsz, packed)
-                step, opt = worker_runner(TrainStep, model, params, args, device, amp)
+                if v == "fast-nosync":
+                    step, opt = nosync_runner(model, params, args, device, amp)
+                else:
+                    step, opt = worker_runner(TrainStep, model, params, args, device, amp)
                 r = run(name, step, bb, args, device, bsz * args.seq, n_steps)
                 if v == "fast" and args.profile:
                     profile_step(step, bb[0], out_dir, device, "fast")

@@ -98,11 +98,11 @@ def test_optimize_is_noop_on_cpu_unless_forced():
     assert getattr(model, fastpath._STATE_ATTR, None) is None
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_fused_layers_match_peft(kind):
+@pytest.mark.parametrize("kind,addmm", [("llama", True), ("qwen2", True), ("llama", False)])
+def test_fused_layers_match_peft(kind, addmm):
     plain = tiny_model(kind)
     fused = copy.deepcopy(plain)
-    fastpath.optimize_for_training(fused, device="cpu", compile=False, force=True)
+    fastpath.optimize_for_training(fused, device="cpu", compile=False, force=True, addmm=addmm)
     st = getattr(fused, fastpath._STATE_ATTR)
     assert st.fused, st.reason
     b = batch()

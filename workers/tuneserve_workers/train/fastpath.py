@@ -175,7 +175,7 @@ class _FastState:
     layer_fns: list = field(default_factory=list)
     ce_chunk_fn: Any = None
     attention: str = "auto"    # auto (SDPA's own choice) | flash | cudnn | efficient
-    addmm: bool = True         # LoRA add in the base matmul's epilogue (eager) or fused (compiled)
+    addmm: bool = True         # LoRA add in the base matmul's epilogue, or a plain add
 
 
 def _lora_of(mod: nn.Module) -> Optional[_Lora]:
@@ -269,9 +269,9 @@ def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As,
     """x @ w.T (+ b) + [s_i * drop_i(x) @ A_i.T @ B_i.T]_i for projections sharing the input x.
 
     Without dropout the A matrices are one matmul (x is read once) and the B matrices one
-    block-diagonal matmul. ``addmm``: the base matmul adds the LoRA term in its epilogue (eager: one
-    kernel fewer; cuBLAS still copies the addend into the output first); else a plain add, which
-    torch.compile fuses into the consumer (RoPE, SwiGLU, residual add) - cheaper when compiled.
+    block-diagonal matmul. ``addmm``: the base matmul adds the LoRA term in its epilogue (cuBLAS
+    copies the addend into the output first); else a plain add, which torch.compile fuses into
+    the consumer (RoPE, SwiGLU, residual add) - no faster on an H100, see bench/README.md.
     LoRA weights (often fp32 masters) are cast to the activation dtype, as autocast would.
     """
     dt = x.dtype
@@ -405,8 +405,10 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
         return model
     if getattr(model, _STATE_ATTR, None) is not None:
         return model
+    # addmm by default: measured on an H100 as fast as letting Inductor fuse the add into the
+    # consumer, and closer to PEFT's numerics (bench/README.md).
     st = _FastState(device=dev, compiled=bool(compile), attention=attention,
-                    addmm=(not compile) if addmm is None else bool(addmm))
+                    addmm=True if addmm is None else bool(addmm))
     if fuse_layers:
         _install_fused(model, st)
     else:
