@@ -64,6 +64,8 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
         try:
             if check():
                 return
+        except ClusterError:
+            raise             # e.g. the component exited: waiting longer cannot help
         except Exception as exc:  # the thing we wait on may not answer yet
             last_exc = exc
         time.sleep(interval)
@@ -102,9 +104,7 @@ def build_fleet_nodes(fleet: dict) -> list[dict]:
                              "annotations": {FAKE_NODE_ANNOTATION[0]: FAKE_NODE_ANNOTATION[1],
                                              "node.alpha.kubernetes.io/ttl": "0"}},
                 "spec": {"taints": list(pool.get("taints") or [])},
-                "status": {"capacity": resources, "allocatable": dict(resources),
-                           "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
-                                        "kubeletVersion": "kwok", "containerRuntimeVersion": "kwok"}},
+                "status": {"capacity": resources, "allocatable": dict(resources)},   # kwok fills the rest
             })
     return nodes
 
@@ -237,8 +237,11 @@ class LocalCluster:
         return "\n--- end of %s ---\n%s" % (path, path.read_text(errors="replace")[-2000:]) if path.exists() else ""
 
     def kubectl(self, *args: str, input: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([self._binary("kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-                              input=input, text=True, capture_output=True, check=check)
+        out = subprocess.run([self._binary("kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+                             input=input, text=True, capture_output=True)
+        if check and out.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args[:3])} failed: {out.stderr.strip()}")
+        return out
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self, *, detach: bool = False, timeout: float = 120.0) -> "LocalCluster":
@@ -340,8 +343,7 @@ class LocalCluster:
     def _kwok_config(self) -> str:
         """KwokConfiguration plus the Stages kwok v0.8 needs (it has no built-in ones)."""
         stages = self.bin / "kwok-stages"
-        docs = [{"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
-                 "options": {"enableCRDs": []}}]
+        docs = []   # no KwokConfiguration document: a partial one zeroes kwok's defaults
         for rel in ("node/fast/node-initialize.yaml",
                     "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
                     "pod/fast/pod-ready.yaml", "pod/fast/pod-complete.yaml", "pod/fast/pod-delete.yaml"):

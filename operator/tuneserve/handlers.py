@@ -142,9 +142,9 @@ def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, 
             if plan.status is not None:
                 api.write_status("finetunejobs", namespace, name, plan.status)
         except ApiException as exc:
-            if exc.status == 404:
-                return   # the job was deleted meanwhile
-            raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}", delay=5)
+            if exc.status == 404 or (exc.status == 403 and "being terminated" in (exc.body or "")):
+                return   # the job or its namespace is going away
+            raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}: {(exc.body or '')[:300]}", delay=5)
         for event in plan.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 

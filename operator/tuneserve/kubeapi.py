@@ -70,11 +70,10 @@ class KubeApi:
 
     def write_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replaces the whole status (a merge patch would leave fields that were dropped)."""
-        self.custom.api_client.call_api(
-            f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{plural}/{name}/status", "PATCH",
+        self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, namespace, plural, name,
             body=[{"op": "add", "path": "/status", "value": status}],
-            header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
-            auth_settings=["BearerToken"], response_type="object", _return_http_data_only=True)
+            _content_type="application/json-patch+json")
 
     def secret_keys(self, namespace: str, name: str) -> Optional[set[str]]:
         """The key names of a Secret, or None when it does not exist. Values are not kept."""

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     namespaces = [n for n in os.environ.get("TUNESERVE_NAMESPACES", "").split(",") if n]
     health = os.environ.get("TUNESERVE_HEALTH_ADDR", "0.0.0.0:8080")
-    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces or None,
+    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
              liveness_endpoint=f"http://{health}/healthz")
     return 0
 

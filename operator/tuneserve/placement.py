@@ -81,14 +81,14 @@ class _Fit:
     code: Optional[RejectionCode] = None
 
 
-def _user_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
+def user_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     return [t.to_wire() for t in spec.tolerations or []]
 
 
 def pod_tolerations(profile: AcceleratorProfile, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
     """The accelerator's tolerations, then the user's (duplicates dropped)."""
     out: list[dict[str, Any]] = []
-    for tol in [t.model_dump(exclude_none=True) for t in profile.tolerations] + _user_tolerations(spec):
+    for tol in [t.model_dump(exclude_none=True) for t in profile.tolerations] + user_tolerations(spec):
         if tol not in out:
             out.append(tol)
     return out

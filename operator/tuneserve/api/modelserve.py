@@ -115,7 +115,7 @@ class ReplicaConfig(ApiModel):
     target_ongoing_requests: float = Field(16, gt=0, le=1024, description="Ray Serve adds replicas when ongoing requests per replica exceed this.")
 
     rules: ClassVar[tuple[Rule, ...]] = (
-        Rule(cel="self.min <= self.max", message="replicas.min must not exceed replicas.max",
+        Rule(cel="!has(self.min) || !has(self.max) || self.min <= self.max", message="replicas.min must not exceed replicas.max",
              check=lambda r: r.min <= r.max),
     )
 

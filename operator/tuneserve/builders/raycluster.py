@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from tuneserve.api.workload import RayPodOptions
 from tuneserve.catalog import AcceleratorProfile
-from tuneserve.placement import pod_tolerations
+from tuneserve.placement import pod_tolerations, user_tolerations
 
 RAY_VERSION = "2.60.0"
 RESERVED_ENV_PREFIX = "TUNESERVE_"
@@ -60,12 +60,15 @@ def node_affinity(profile: AcceleratorProfile) -> Optional[dict[str, Any]]:
 
 def pod_spec(spec: RayPodOptions, profile: AcceleratorProfile, service_account: str, container: dict[str, Any],
              volumes: list[dict[str, Any]], node_selector: dict[str, str],
-             affinity: Optional[dict[str, Any]]) -> dict[str, Any]:
+             affinity: Optional[dict[str, Any]], *, on_accelerator: bool = True) -> dict[str, Any]:
+    """A Ray pod. Only pods that use the accelerator tolerate its taint: the head (no devices)
+    stays off the accelerator nodes, keeping their CPU and memory for the workers."""
+    tolerations = pod_tolerations(profile, spec) if on_accelerator else [dict(t) for t in user_tolerations(spec)]
     out: dict[str, Any] = {
         "serviceAccountName": service_account,
         "containers": [container],
         "volumes": volumes,
-        "tolerations": pod_tolerations(profile, spec),  # type: ignore[arg-type]  # needs only the pod options
+        "tolerations": tolerations,  # type: ignore[arg-type]  # needs only the pod options
     }
     if node_selector:
         out["nodeSelector"] = dict(sorted(node_selector.items()))

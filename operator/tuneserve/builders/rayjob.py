@@ -99,7 +99,7 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(job.spec, profile, pod_service_account(job), head_container, _volumes(job, attempt), user_selector, None),
+                        "spec": pod_spec(job.spec, profile, pod_service_account(job), head_container, _volumes(job, attempt), user_selector, None, on_accelerator=False),
                     },
                 },
                 "workerGroupSpecs": [{

@@ -172,7 +172,7 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(spec, profile, account, head_container, _volumes(serve), user_selector, None),
+                        "spec": pod_spec(spec, profile, account, head_container, _volumes(serve), user_selector, None, on_accelerator=False),
                     },
                 },
                 "workerGroupSpecs": [{

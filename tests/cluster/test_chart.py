@@ -1,0 +1,70 @@
+"""The Helm chart installs on the real API server, and the operator works with exactly its RBAC."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kube import wait_for
+from localcluster import BIN
+from operator_process import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "tuneserve"
+
+
+def helm(cluster, *args: str) -> str:
+    out = subprocess.run([str(BIN / "helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_chart_lints_and_its_crds_are_the_generated_ones(cluster):
+    helm(cluster, "lint", str(CHART))
+    for link in (CHART / "crds").iterdir():
+        assert link.read_text() == (REPO / "crds" / link.name).read_text()
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+
+
+def test_rbac_has_no_wildcards(cluster):
+    docs = [d for d in yaml.safe_load_all(helm(cluster, "template", "ts", str(CHART))) if d]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[field], rule
+    secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secrets and all(r["verbs"] == ["get"] for r in secrets), "Secrets: get by name only, never list"
+
+
+def test_operator_runs_with_only_the_charts_permissions(cluster, kube, namespace, tuneserve_crds):
+    """helm install (operator Deployment scaled to 0: kwok pods run nothing), then run the operator
+    with a token of the chart's ServiceAccount: placement and children work with that RBAC."""
+    release_ns = f"{namespace}-sys"
+    helm(cluster, "install", "ts", str(CHART), "--namespace", release_ns, "--create-namespace",
+         "--set", "replicas=0", "--skip-crds", "--wait", "--timeout", "60s")
+    try:
+        token = cluster.kubectl("create", "token", "ts-operator", "-n", release_ns, "--duration", "1h").stdout.strip()
+        cfg = yaml.safe_load(cluster.kubeconfig.read_text())
+        cfg["users"][0]["user"] = {"token": token}
+        sa_kubeconfig = cluster.dir / f"sa-{namespace}.kubeconfig"
+        sa_kubeconfig.write_text(yaml.safe_dump(cfg))
+        proc = OperatorProcess(sa_kubeconfig, cluster.logs, env={"TUNESERVE_NAMESPACES": namespace})
+        proc.start()
+        try:
+            doc = yaml.safe_load((REPO / "crds" / "examples" / "finetunejob-minimal.yaml").read_text())
+            kube.apply(doc, namespace)
+            rj = wait_for(lambda: kube.list("ray.io/v1", "RayJob", namespace), 60, "the RayJob, created with the chart's RBAC")
+            assert rj[0]["metadata"]["name"] == "tiny-1"
+            wait_for(lambda: (kube.get("tuneserve.dev/v1alpha1", "FineTuneJob", "tiny", namespace).get("status") or {})
+                     .get("placement"), 30, "status written with the chart's RBAC")
+            assert "Forbidden" not in proc.log_tail(100_000), proc.log_tail()
+        finally:
+            proc.stop()
+    finally:
+        helm(cluster, "uninstall", "ts", "--namespace", release_ns, "--wait")
+        kube.core.delete_namespace(release_ns)
