@@ -17,6 +17,8 @@ import tuneserve.handlers  # noqa: F401  (registers the handlers)
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("TUNESERVE_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every handler run at INFO; the operator logs what it writes (kubeapi.py) instead.
+    logging.getLogger("kopf.objects").setLevel(os.environ.get("TUNESERVE_KOPF_LOG_LEVEL", "WARNING"))
     namespaces = [n for n in os.environ.get("TUNESERVE_NAMESPACES", "").split(",") if n]
     health = os.environ.get("TUNESERVE_HEALTH_ADDR", "0.0.0.0:8080")
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces,

@@ -32,7 +32,7 @@ def test_chart_lints_and_its_crds_are_the_generated_ones(cluster):
 
 
 def test_rbac_has_no_wildcards(cluster):
-    docs = [d for d in yaml.safe_load_all(helm(cluster, "template", "ts", str(CHART))) if d]
+    docs = [d for d in yaml.safe_load_all(helm(cluster, "template", "ts", str(CHART), "--validate")) if d]
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     for rule in role["rules"]:
         for field in ("apiGroups", "resources", "verbs"):
@@ -53,7 +53,9 @@ def test_operator_runs_with_only_the_charts_permissions(cluster, kube, namespace
         cfg["users"][0]["user"] = {"token": token}
         sa_kubeconfig = cluster.dir / f"sa-{namespace}.kubeconfig"
         sa_kubeconfig.write_text(yaml.safe_dump(cfg))
-        proc = OperatorProcess(sa_kubeconfig, cluster.logs, env={"TUNESERVE_NAMESPACES": namespace})
+        log_dir = cluster.logs / f"operator-as-chart-sa-{namespace}"
+        log_dir.mkdir()
+        proc = OperatorProcess(sa_kubeconfig, log_dir, env={"TUNESERVE_NAMESPACES": namespace})
         proc.start()
         try:
             doc = yaml.safe_load((REPO / "crds" / "examples" / "finetunejob-minimal.yaml").read_text())
