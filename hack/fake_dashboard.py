@@ -5,6 +5,9 @@ RayJob's Ray job is doing. kwok pods run nothing, so the local control plane sta
 operator with ``HTTP_PROXY`` pointing here: every dashboard request arrives as a proxy request
 (absolute-form URL), and this server answers it from a table that tests control.
 
+It also answers Ray Serve's REST API the way a healthy head would: what KubeRay PUTs to
+/api/serve/applications/ is reported back as RUNNING with HEALTHY deployments.
+
 Control API (plain requests to this server, not proxied):
   PUT  /_control/jobs/<job_id>   {"status": "SUCCEEDED"|"FAILED"|"RUNNING"|..., "message": "..."}
   GET  /_control/jobs            the table, plus which jobs KubeRay asked about
@@ -91,6 +94,7 @@ class JobTable:
         self.lock = threading.Lock()
         self.jobs: dict[str, dict] = {}
         self.asked: dict[str, str] = {}       # job id -> Host KubeRay asked (which cluster)
+        self.serve_apps: dict[str, dict] = {}  # head host -> the Serve config KubeRay last PUT
         self.default_status = default_status
         self.kube = kube
 
@@ -130,7 +134,29 @@ class JobTable:
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {"jobs": dict(self.jobs), "asked": dict(self.asked), "default": self.default_status}
+            return {"jobs": dict(self.jobs), "asked": dict(self.asked), "default": self.default_status,
+                    "serve": {host: [a.get("name") for a in cfg.get("applications", [])]
+                              for host, cfg in self.serve_apps.items()}}
+
+    def put_serve(self, host: str, config: dict) -> None:
+        with self.lock:
+            self.serve_apps[host.split(":")[0]] = config
+
+    def serve_details(self, host: str) -> dict:
+        """Ray Serve's declarative status: every application KubeRay deployed is RUNNING and its
+        deployments HEALTHY (the pods are simulated; readiness of the real app is the serve
+        worker's own tests' business)."""
+        with self.lock:
+            config = self.serve_apps.get(host.split(":")[0], {})
+        apps = {}
+        for app in config.get("applications", []):
+            deployments = {d["name"]: {"name": d["name"], "status": "HEALTHY", "message": "",
+                                       "replicas": [], "deployment_config": {}}
+                           for d in app.get("deployments", [])}
+            apps[app["name"]] = {"name": app["name"], "route_prefix": app.get("route_prefix", "/"),
+                                 "status": "RUNNING", "message": "", "deployments": deployments,
+                                 "last_deployed_time_s": time.time()}
+        return {"applications": apps, "proxy_location": "EveryNode", "http_options": {}, "controller_info": {}}
 
 
 def make_handler(table: JobTable):
@@ -171,7 +197,7 @@ def make_handler(table: JobTable):
             if m and m.group("rest") == "logs":
                 return self._send(200, {"logs": ""})
             if path.rstrip("/") == "/api/serve/applications":
-                return self._send(200, {"applications": {}})
+                return self._send(200, table.serve_details(host))
             return self._send(404, {"error": f"no route {path}"})
 
         def do_POST(self):
@@ -199,6 +225,7 @@ def make_handler(table: JobTable):
                 table.default_status = body["status"]
                 return self._send(200, {"ok": True})
             if path.rstrip("/") == "/api/serve/applications":
+                table.put_serve(host, body)
                 return self._send(200, {})
             return self._send(404, {"error": f"no route {path}"})
 

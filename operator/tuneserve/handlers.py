@@ -16,13 +16,15 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from tuneserve import API_GROUP, API_VERSION
-from tuneserve.builders.common import JOB_LABEL, MANAGED_BY, progress_configmap_name
+from tuneserve.builders.common import JOB_LABEL, MANAGED_BY, SERVE_LABEL, progress_configmap_name
 from tuneserve.catalog import Catalog, load_catalog
 from tuneserve.kubeapi import KubeApi
-from tuneserve.reconcile import World, plan_finetunejob
+from tuneserve.reconcile import Plan, World, plan_finetunejob
+from tuneserve.reconcile_serve import ServeWorld, plan_modelserve
 
 log = logging.getLogger(__name__)
 FTJ = (API_GROUP, API_VERSION, "finetunejobs")
+MS = (API_GROUP, API_VERSION, "modelserves")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 RESYNC_SECONDS = float(os.environ.get("TUNESERVE_RESYNC_SECONDS", "3"))
 
@@ -90,23 +92,37 @@ def nodes_index(body: kopf.Body, **_: Any) -> dict:
 def pods_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
     slim = _slim_pod(body)
     keys = {None: slim}
-    if JOB_LABEL in labels:
-        keys[(namespace, labels[JOB_LABEL])] = slim
+    for owner_label in (JOB_LABEL, SERVE_LABEL):
+        if owner_label in labels:
+            keys[(owner_label, namespace, labels[owner_label])] = slim
     return keys
+
+
+def _owner_keys(body: kopf.Body, namespace: str, labels: Mapping[str, str]) -> dict:
+    """Children are indexed under (owner label, namespace, owner name)."""
+    return {(owner_label, namespace, labels[owner_label]): dict(body)
+            for owner_label in (JOB_LABEL, SERVE_LABEL) if owner_label in labels}
 
 
 @kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED)
 def rayjobs_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
-    return {(namespace, labels.get(JOB_LABEL)): dict(body)}
+    return _owner_keys(body, namespace, labels)
 
 
 def _child_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
-    return {(namespace, labels.get(JOB_LABEL)): dict(body)}
+    return _owner_keys(body, namespace, labels)
 
 
 for _resource in (("", "v1", "configmaps"), ("", "v1", "serviceaccounts"),
-                  ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings")):
+                  ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+                  ("ray.io", "v1", "rayservices")):
     kopf.index(*_resource, labels=MANAGED, id=f"children_{_resource[2]}")(_child_index)
+
+
+@kopf.index(*FTJ)
+def finetunejobs_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+    """ModelServes read the FineTuneJobs their adapters come from (phase, artifact, base model)."""
+    return {(namespace, name): {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
 
 
 # ----------------------------------------------------------------------------------- reconcile
@@ -115,13 +131,17 @@ def _all(index: kopf.Index, key: Any = None) -> list:
     return list(index.get(key, []))
 
 
+CHILD_INDEXES = ("children_configmaps", "children_serviceaccounts", "children_roles", "children_rolebindings",
+                 "children_rayservices", "rayjobs_index")
+
+
+def _children(key: tuple, indexes: Mapping[str, kopf.Index]) -> dict:
+    return {(obj["kind"], obj["metadata"]["name"]): obj for idx in CHILD_INDEXES for obj in indexes[idx].get(key, [])}
+
+
 def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> World:
-    key = (namespace, name)
-    children = {}
-    for idx_name in ("children_configmaps", "children_serviceaccounts", "children_roles", "children_rolebindings",
-                     "rayjobs_index"):
-        for obj in indexes[idx_name].get(key, []):
-            children[(obj["kind"], obj["metadata"]["name"])] = obj
+    key = (JOB_LABEL, namespace, name)
+    children = _children(key, indexes)
     ray_jobs = {obj["metadata"]["name"]: obj for obj in indexes["rayjobs_index"].get(key, [])}
     progress = children.get(("ConfigMap", progress_configmap_name(name)))
     api = Runtime.api
@@ -130,23 +150,44 @@ def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> Worl
                  progress_configmap=progress, secret_keys=lambda secret: api.secret_keys(namespace, secret))
 
 
+def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str) -> None:
+    api = Runtime.api
+    try:
+        for obj in plan.apply:
+            api.apply(obj)
+        for api_version, kind, child in plan.delete:
+            api.delete(api_version, kind, child, namespace)
+        if plan.status is not None:
+            api.write_status(plural, namespace, name, plan.status)
+    except ApiException as exc:
+        if exc.status == 404 or (exc.status == 403 and "being terminated" in (exc.body or "")):
+            return   # the object or its namespace is going away
+        raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}: {(exc.body or '')[:300]}", delay=5)
+    for event in plan.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
 def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
         plan = plan_finetunejob(body, _world(namespace, name, indexes), Runtime.catalog, datetime.now(timezone.utc))
-        api = Runtime.api
-        try:
-            for obj in plan.apply:
-                api.apply(obj)
-            for api_version, kind, child in plan.delete:
-                api.delete(api_version, kind, child, namespace)
-            if plan.status is not None:
-                api.write_status("finetunejobs", namespace, name, plan.status)
-        except ApiException as exc:
-            if exc.status == 404 or (exc.status == 403 and "being terminated" in (exc.body or "")):
-                return   # the job or its namespace is going away
-            raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}: {(exc.body or '')[:300]}", delay=5)
-        for event in plan.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        _carry_out(plan, body, "finetunejobs", namespace, name)
+
+
+def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> ServeWorld:
+    key = (SERVE_LABEL, namespace, name)
+    refs = {a.get("fineTuneJobRef", {}).get("name") for a in (body.spec.get("adapters") or [])} - {None}
+    jobs = {ref: next(iter(indexes["finetunejobs_index"].get((namespace, ref), [])), None) for ref in refs}
+    api = Runtime.api
+    return ServeWorld(nodes=_all(indexes["nodes_index"]), pods=_all(indexes["pods_index"]),
+                      serve_pods=_all(indexes["pods_index"], key), children=_children(key, indexes), jobs=jobs,
+                      secret_keys=lambda secret: api.secret_keys(namespace, secret))
+
+
+def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
+    with Runtime.lock(uid):
+        plan = plan_modelserve(body, _serve_world(body, namespace, name, indexes), Runtime.catalog,
+                               datetime.now(timezone.utc))
+        _carry_out(plan, body, "modelserves", namespace, name)
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
@@ -165,3 +206,17 @@ def finetunejob_resync(body: kopf.Body, namespace: str, name: str, uid: str, **k
     if body.metadata.get("deletionTimestamp"):
         return
     reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
+
+
+@kopf.on.event(*MS)
+def modelserve_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
+    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return
+    reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
+
+
+@kopf.timer(*MS, interval=RESYNC_SECONDS, idle=None)
+def modelserve_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
+    if body.metadata.get("deletionTimestamp"):
+        return
+    reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))

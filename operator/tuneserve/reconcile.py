@@ -11,12 +11,9 @@ from typing import Any, Callable, Mapping, Optional
 from pydantic import ValidationError
 
 from tuneserve.api.finetunejob import FineTuneJob
-from tuneserve.api.status import (
-    TERMINAL_PHASES, ChoiceRejection, ConditionReason, ConditionStatus, ConditionType, FineTuneJobStatus,
-    RejectionCode,
-)
+from tuneserve.api.status import TERMINAL_PHASES, ChoiceRejection, ConditionReason, FineTuneJobStatus, RejectionCode
 from tuneserve.builders import build_finetune_children
-from tuneserve.builders.common import ATTEMPT_LABEL, progress_configmap_name, rayjob_name
+from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
 from tuneserve.catalog import Catalog
 from tuneserve.conditions import Observed, derive_status, status_patch, timed_out_history
 from tuneserve.inventory import build_inventory
@@ -25,10 +22,13 @@ from tuneserve.placement import Outcome, candidate_from_status, decide_placement
 from tuneserve.sizing import ModelSizeUnknown
 from tuneserve_workers.contract import PROGRESS_KEY, Progress
 
-WARNING_REASONS = frozenset({ConditionReason.InvalidSpec, ConditionReason.ModelSizeUnknown,
-                             ConditionReason.NoAcceptableChoice, ConditionReason.TrainingFailed,
-                             ConditionReason.BackoffLimitExceeded, ConditionReason.SecretNotFound,
-                             ConditionReason.FellBack})
+# Reasons that mean "something needs a person's attention" (FineTuneJob and ModelServe alike).
+WARNING_REASONS = frozenset({"InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "TrainingFailed",
+                             "BackoffLimitExceeded", "SecretNotFound", "FellBack", "ApplicationFailed",
+                             "AdaptersFailed", "ReplicasUnavailable", "AdaptersUnavailable", "ApplicationUnhealthy"})
+# Initial "not yet" conditions: not worth an Event when they first appear.
+QUIET_INITIAL_REASONS = frozenset({"InProgress", "NotSuspended", "NotStarted", "NoCheckpointYet", "AsDesired",
+                                   "NoUpgrade", "NoAdapters", "NotPlaced", "Placing"})
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Plan:
     requeue_after: Optional[float] = None
 
 
-def _readable(exc: ValidationError) -> str:
+def readable(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -77,7 +77,7 @@ def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:
         return None   # a half-written or foreign document: ignore, the next update replaces it
 
 
-def _missing_secrets(children: list[dict[str, Any]], lookup: Callable[[str], Optional[set[str]]]) -> Optional[str]:
+def missing_secrets(children: list[dict[str, Any]], lookup: Callable[[str], Optional[set[str]]]) -> Optional[str]:
     problems, seen = [], {}
     for name, key in sorted(set(secret_refs(children))):
         if name not in seen:
@@ -90,22 +90,19 @@ def _missing_secrets(children: list[dict[str, Any]], lookup: Callable[[str], Opt
     return "; ".join(problems) or None
 
 
-def _condition_events(previous: Optional[FineTuneJobStatus], new: FineTuneJobStatus) -> list[Event]:
-    """One Event per condition transition (type, status or reason changed)."""
+def condition_events(previous: Any, new: Any) -> list[Event]:
+    """One Event per condition transition (status or reason changed), for any of our statuses."""
     events = []
     for cond in new.conditions:
         before = previous.condition(cond.type) if previous else None
-        if before and (before.status, before.reason) == (cond.status, cond.reason):
+        status, reason = cond.status.value, cond.reason.value
+        if before is not None and (before.status.value, before.reason.value) == (status, reason):
             continue
-        if cond.status != ConditionStatus.true and cond.reason in (ConditionReason.InProgress, ConditionReason.NotSuspended,
-                                                                   ConditionReason.NotStarted, ConditionReason.NoCheckpointYet) \
-                and before is None:
-            continue   # initial "not yet" conditions are noise
-        warn = cond.reason in WARNING_REASONS and (cond.status == ConditionStatus.true or cond.type != ConditionType.Failed)
-        if cond.type in (ConditionType.Accepted, ConditionType.Placed) and cond.status == ConditionStatus.false:
-            warn = True
-        events.append(Event("Warning" if warn else "Normal", cond.reason.value,
-                            f"{cond.type.value}={cond.status.value}: {cond.message}"[:1024]))
+        if before is None and status != "True" and reason in QUIET_INITIAL_REASONS:
+            continue
+        warn = reason in WARNING_REASONS and not (cond.type.value == "Failed" and status != "True")
+        events.append(Event("Warning" if warn else "Normal", reason,
+                            f"{cond.type.value}={status}: {cond.message}"[:1024]))
     return events
 
 
@@ -120,7 +117,7 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
         job = FineTuneJob.from_body(body)
     except ValidationError as exc:
         job = None
-        observed = Observed(spec_error=_readable(exc))
+        observed = Observed(spec_error=readable(exc))
     if job is None:
         # Status derivation needs a parsed job; report on the raw body instead.
         status = {"phase": "Failed", "message": observed.spec_error, "observedGeneration": body["metadata"].get("generation"),
@@ -177,7 +174,7 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
     blocked = None
     if candidate is not None:
         children = build_finetune_children(job, candidate, pool, attempt, catalog)
-        blocked = _missing_secrets(children, world.secret_keys)
+        blocked = missing_secrets(children, world.secret_keys)
         if blocked is None:
             for child in children:
                 desired = with_applied_hash(child)
@@ -203,9 +200,7 @@ def _finish(plan: Plan, job: FineTuneJob, observed: Observed, previous: Optional
     status = derive_status(job, observed, now, previous)
     plan.status = status_patch(previous.to_wire() if previous else None, status)
     if plan.status is not None:
-        plan.events.extend(_condition_events(previous, status))
+        plan.events.extend(condition_events(previous, status))
     return plan
 
 
-def progress_configmap_key(namespace: str, job_name: str) -> tuple[str, str]:
-    return namespace, progress_configmap_name(job_name)

@@ -1,0 +1,139 @@
+"""ModelServe on the real control plane: admission, the RayService per vendor, fallback, adapters
+resolved from FineTuneJobs, and adapter-list changes that leave the Ray cluster alone."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from kube import condition, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "unit"))
+from helpers import invalid_cases  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+MS = ("tuneserve.dev/v1alpha1", "ModelServe")
+EXAMPLES = REPO / "crds" / "examples"
+CASES = invalid_cases(REPO / "tests" / "unit" / "data" / "invalid_modelserves.yaml")
+
+
+def example(name: str) -> dict:
+    doc = yaml.safe_load((EXAMPLES / name).read_text())
+    doc["metadata"].pop("namespace", None)
+    return doc
+
+
+def ms(kube, name, namespace) -> dict:
+    return kube.get(*MS, name, namespace) or {}
+
+
+def secrets(kube, namespace):
+    kube.apply([{"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token"}, "stringData": {"token": "x"}},
+                {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bank-s3"},
+                 "stringData": {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}}], namespace)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_invalid_modelserve_is_rejected_at_admission(kube, namespace, tuneserve_crds, case):
+    if case.get("update"):
+        kube.apply(copy.deepcopy(case["base"]), namespace)
+    with pytest.raises(ApiException) as err:
+        kube.apply(copy.deepcopy(case["manifest"]), namespace)
+    assert err.value.status == 422, err.value.body
+    assert case["expect"] in json.loads(err.value.body)["message"]
+
+
+def test_bank_modelserve_serves_with_adapters_and_hot_adapter_changes_keep_the_cluster(kube, namespace, operator, cluster):
+    secrets(kube, namespace)
+    kube.apply(example("modelserve-qwen-bank.yaml"), namespace)
+
+    def placed_and_rendered():
+        obj = ms(kube, "bank-llm", namespace)
+        rs = kube.get("ray.io/v1", "RayService", "bank-llm", namespace)
+        return (obj, rs) if (obj.get("status") or {}).get("placement") and rs else None
+
+    obj, rs = wait_for(placed_and_rendered, 60, "placement and the RayService")
+    placement = obj["status"]["placement"]
+    assert placement["vendor"] == "nvidia" and placement["product"] == "h100-80gb", placement
+    assert obj["status"]["endpoint"].startswith(f"http://bank-llm-openai.{namespace}.svc")
+    worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "nvidia.com/gpu" in worker["containers"][0]["resources"]["limits"]
+
+    # fin-v1's FineTuneJob does not exist: that adapter waits, the other one is desired.
+    adapters_cm = wait_for(lambda: kube.get("v1", "ConfigMap", "bank-llm-adapters", namespace), 30, "adapters ConfigMap")
+    desired = json.loads(next(iter(adapters_cm["data"].values())))
+    assert [a["name"] for a in desired] == ["support-v3"]
+    states = {a["name"]: a for a in wait_for(lambda: (ms(kube, "bank-llm", namespace).get("status") or {}).get("adapters"),
+                                             30, "adapter states")}
+    assert states["fin-v1"]["state"] in ("Pending", "Failed") and "fin-v1" in states["fin-v1"]["message"]
+
+    # KubeRay starts the Ray cluster on the simulated fleet; the worker lands on an H100 node.
+    def worker_pod():
+        pods = kube.list("v1", "Pod", namespace, label_selector="ray.io/node-type=worker")
+        return pods if pods and all(p["spec"].get("nodeName") for p in pods) else None
+
+    pods = wait_for(worker_pod, 90, "the serve worker pod to be scheduled")
+    node = kube.get("v1", "Node", pods[0]["spec"]["nodeName"])
+    assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    rs_before = kube.get("ray.io/v1", "RayService", "bank-llm", namespace)
+    pod_uids = {p["metadata"]["uid"] for p in kube.list("v1", "Pod", namespace, label_selector="ray.io/is-ray-node=yes")}
+
+    # Add an adapter: only the adapters ConfigMap changes; RayService spec and pods stay.
+    doc = example("modelserve-qwen-bank.yaml")
+    doc["spec"]["adapters"].append({"name": "legal-v2", "uri": "s3://bank/adapters/legal-v2"})
+    kube.apply(doc, namespace)
+    wait_for(lambda: "legal-v2" in json.dumps(kube.get("v1", "ConfigMap", "bank-llm-adapters", namespace)["data"]),
+             30, "legal-v2 in the adapters ConfigMap")
+    rs_after = kube.get("ray.io/v1", "RayService", "bank-llm", namespace)
+    assert rs_after["spec"] == rs_before["spec"], "an adapter change must not touch the RayService"
+    assert rs_after["metadata"]["generation"] == rs_before["metadata"]["generation"]
+    assert {p["metadata"]["uid"] for p in kube.list("v1", "Pod", namespace, label_selector="ray.io/is-ray-node=yes")} == pod_uids
+
+    # Remove it again: gone from the desired set, still no change to the RayService.
+    kube.apply(example("modelserve-qwen-bank.yaml"), namespace)
+    wait_for(lambda: "legal-v2" not in json.dumps(kube.get("v1", "ConfigMap", "bank-llm-adapters", namespace)["data"]),
+             30, "legal-v2 gone from the adapters ConfigMap")
+    assert kube.get("ray.io/v1", "RayService", "bank-llm", namespace)["metadata"]["generation"] == rs_before["metadata"]["generation"]
+
+    # A serve replica reports (as workers/tuneserve_workers/serve does): Ready, support-v3 Loaded.
+    from datetime import datetime, timezone
+    from tuneserve_workers.contract import ReplicaAdapterReport, ServeReplicaReport, replica_report_key
+    report = ServeReplicaReport(replica_id="replica-a", state="Ready", updated_at=datetime.now(timezone.utc),
+                                adapters={"support-v3": ReplicaAdapterReport(state="Loaded", uri="s3://bank/adapters/support-v3")})
+    kube.core.patch_namespaced_config_map("bank-llm-serve-status", namespace,
+                                          {"data": {replica_report_key("replica-a"): report.model_dump_json()}})
+    obj = wait_for(lambda: (lambda o: o if (condition(o, "Ready") or {}).get("status") == "True" else None)(
+        ms(kube, "bank-llm", namespace)), 60, "Ready once a replica reports")
+    states = {a["name"]: a["state"] for a in obj["status"]["adapters"]}
+    assert states["support-v3"] == "Loaded" and states["fin-v1"] == "Pending", states
+    assert obj["status"]["replicas"]["ready"] == 1
+
+    table = cluster.kubectl("get", "ms", "-n", namespace).stdout
+    assert "READY" in table.splitlines()[0] and "ENDPOINT" in table.splitlines()[0], table
+    assert "bank-llm-openai" in table
+
+
+def test_preferred_accelerator_full_falls_back_for_serving(kube, namespace, operator):
+    for i in range(2):
+        kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"filler-{i}"},
+                    "spec": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                             "containers": [{"name": "c", "image": "busybox",
+                                             "resources": {"limits": {"nvidia.com/gpu": "8"}}}]}}, namespace)
+    wait_for(lambda: sum(p["status"].get("phase") == "Running" for p in kube.list("v1", "Pod", namespace)) == 2,
+             60, "filler pods")
+    secrets(kube, namespace)
+    kube.apply(example("modelserve-qwen-bank.yaml"), namespace)
+    obj = wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("placement") else None)(ms(kube, "bank-llm", namespace)),
+                   60, "a placement")
+    assert obj["status"]["placement"]["vendor"] == "amd", obj["status"]["placement"]
+    assert any(r["choice"].startswith("nvidia/") and r["code"] == "Busy" for r in obj["status"]["rejectedChoices"])
+    rs = wait_for(lambda: kube.get("ray.io/v1", "RayService", "bank-llm", namespace), 30, "the RayService")
+    worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "amd.com/gpu" in worker["containers"][0]["resources"]["limits"]
