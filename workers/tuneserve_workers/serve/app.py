@@ -63,11 +63,12 @@ class TuneServe:
     async def __init__(self, config: dict):
         self.cfg = ServeAppConfig.model_validate(config)
         try:
-            ctx = serve.get_replica_context()
-            replica_id = ctx.replica_id.unique_id
+            replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:
             replica_id = None
-        self.server = ReplicaServer(self.cfg, replica_id=replica_id)
+        import ray
+        self.server = ReplicaServer(self.cfg, replica_id=replica_id,
+                                    actor_id=ray.get_runtime_context().get_actor_id())
 
     async def __serve_build_asgi_app__(self):
         return await self.server.start()
@@ -76,7 +77,23 @@ class TuneServe:
         await self.server.check_health()
 
 
+def actor_options(cfg: ServeAppConfig) -> dict:
+    """The replica actor's Ray resources: one CPU plus the accelerator units from the catalog
+    (``ray_resource`` x ``ray_resources_per_replica``). Ray's own API spells GPUs ``num_gpus``;
+    every other accelerator is a custom resource. serveConfigV2 ``deployments`` overrides win."""
+    opts: dict = {"num_cpus": 1}
+    resource = getattr(cfg, "ray_resource", None)
+    units = getattr(cfg, "ray_resources_per_replica", 0) or 0
+    if resource and units:
+        if resource == "GPU":
+            opts["num_gpus"] = units
+        else:
+            opts["resources"] = {resource: units}
+    return opts
+
+
 def build_app(args: dict) -> serve.Application:
     """Ray Serve application builder; ``args`` is a ServeAppConfig as a dict."""
     cfg = ServeAppConfig.model_validate(args)
-    return TuneServe.bind(cfg.model_dump(mode="json"))
+    return TuneServe.options(ray_actor_options=actor_options(cfg)).bind(
+        cfg.model_dump(mode="json"))

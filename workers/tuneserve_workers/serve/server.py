@@ -22,6 +22,7 @@ from typing import Optional
 from ..contract import ServeAppConfig
 from .adapters import LOADED, AdapterReconciler
 from .metrics import ServeMetrics
+from .report import StatusPublisher, build_report
 
 log = logging.getLogger("tuneserve.serve")
 
@@ -99,9 +100,10 @@ class _Engine:
 
 class ReplicaServer:
     def __init__(self, cfg: ServeAppConfig, *, replica_id: Optional[str] = None,
-                 metrics: Optional[ServeMetrics] = None):
+                 actor_id: Optional[str] = None, metrics: Optional[ServeMetrics] = None):
         self.cfg = cfg
         self.replica_id = replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.actor_id = actor_id
         self.started_at = time.time()
         self.metrics = metrics or ServeMetrics()
         self.engine = None
@@ -109,6 +111,8 @@ class ReplicaServer:
         self.reconciler: Optional[AdapterReconciler] = None
         self.ready = False
         self.last_probe: dict = {}
+        self.publisher = StatusPublisher(
+            self.replica_id, self._report, configmap=getattr(cfg, "status_configmap", None))
 
     # ------------------------------------------------------------------- start-up
     async def start(self):
@@ -120,6 +124,7 @@ class ReplicaServer:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self.publisher.publish_now()           # "Starting", so the operator sees it exists
         model_path = await asyncio.to_thread(resolve_model, self.cfg)
         args = parse_engine_args(engine_argv(self.cfg, model_path))
         engine_args = AsyncEngineArgs.from_cli_args(args)
@@ -148,6 +153,7 @@ class ReplicaServer:
         self.reconciler.start()
         self.ready = True
         self._publish()
+        self.publisher.start()
         log.info("replica %s ready: %s", self.replica_id, self.reconciler.counts())
         return self.app
 
@@ -219,8 +225,8 @@ class ReplicaServer:
         adapters = self.reconciler.public() if self.reconciler else []
         rec = self.reconciler
         return {
-            "replica": {"id": self.replica_id, "pid": os.getpid(), "host": socket.gethostname(),
-                        "started_at": self.started_at},
+            "replica": {"id": self.replica_id, "actor_id": self.actor_id, "pid": os.getpid(),
+                        "host": socket.gethostname(), "started_at": self.started_at},
             "ready": self.ready and bool(self.last_probe.get("ok")),
             "last_probe": self.last_probe,
             "served_model_name": self.cfg.served_model_name,
@@ -237,6 +243,12 @@ class ReplicaServer:
         if self.reconciler is None:
             return
         self.metrics.adapters(self.reconciler.adapters.values())
+        self.publisher.poke()
+
+    def _report(self) -> str:
+        ok = self.ready and bool(self.last_probe.get("ok"))
+        msg = None if ok or not self.last_probe else self.last_probe.get("error")
+        return build_report(self.replica_id, "Ready" if ok else "Starting", self.reconciler, msg)
 
 
 class _ReplicaHeader:
