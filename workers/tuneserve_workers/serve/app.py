@@ -82,8 +82,7 @@ def actor_options(cfg: ServeAppConfig) -> dict:
     (``ray_resource`` x ``ray_resources_per_replica``). Ray's own API spells GPUs ``num_gpus``;
     every other accelerator is a custom resource. serveConfigV2 ``deployments`` overrides win."""
     opts: dict = {"num_cpus": 1}
-    resource = getattr(cfg, "ray_resource", None)
-    units = getattr(cfg, "ray_resources_per_replica", 0) or 0
+    resource, units = cfg.ray_resource, cfg.ray_resources_per_replica
     if resource and units:
         if resource == "GPU":
             opts["num_gpus"] = units

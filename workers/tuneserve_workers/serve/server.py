@@ -29,6 +29,8 @@ log = logging.getLogger("tuneserve.serve")
 ADAPTER_POLL_ENV = "TUNESERVE_ADAPTER_POLL_S"        # default 2
 ADAPTER_RETRY_ENV = "TUNESERVE_ADAPTER_RETRY_S"      # default 30
 PROBE_TIMEOUT_ENV = "TUNESERVE_PROBE_TIMEOUT_S"      # default 60
+ADAPTERS_FILE_ENV = "TUNESERVE_ADAPTERS_FILE"        # fallback when the config has none
+STATUS_CONFIGMAP_ENV = "TUNESERVE_SERVE_STATUS_CONFIGMAP"
 REPLICA_HEADER = "x-tuneserve-replica"
 
 
@@ -112,7 +114,8 @@ class ReplicaServer:
         self.ready = False
         self.last_probe: dict = {}
         self.publisher = StatusPublisher(
-            self.replica_id, self._report, configmap=getattr(cfg, "status_configmap", None))
+            self.replica_id, self._report,
+            configmap=cfg.status_configmap or os.environ.get(STATUS_CONFIGMAP_ENV))
 
     # ------------------------------------------------------------------- start-up
     async def start(self):
@@ -144,7 +147,8 @@ class ReplicaServer:
         self.reconciler = AdapterReconciler(
             _Engine(self.engine, app.state.openai_serving_models),
             base=self.cfg.base_model, max_rank=self.max_lora_rank,
-            adapters_file=getattr(self.cfg, "adapters_file", None), initial=self.cfg.adapters,
+            adapters_file=self.cfg.adapters_file or os.environ.get(ADAPTERS_FILE_ENV),
+            initial=self.cfg.adapters,
             interval=float(os.environ.get(ADAPTER_POLL_ENV, "2")),
             retry_after=float(os.environ.get(ADAPTER_RETRY_ENV, "30")),
             on_change=self._publish)
