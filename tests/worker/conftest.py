@@ -6,7 +6,12 @@ Nothing here downloads anything: HF_HUB_OFFLINE=1 everywhere, the model is built
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,12 @@ from worker_helpers import PYTHONPATH, REPO, free_port, wait_for
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Read by Ray at import time, so set before anything imports it; inherited by every subprocess.
+# Keeps Ray's addresses on 127.0.0.1 (otherwise "127.0.0.1" is rewritten to the external IP).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Our test cluster listens on loopback only; token auth across separately started processes
+# sharing ~/.ray/auth_token with other Ray users of this box was flaky.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 # ----------------------------------------------------------------------------------- MinIO
@@ -104,17 +115,45 @@ def s3_env(minio, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_address(tmp_path_factory):
-    """One small Ray instance per test module; entrypoints join it via RAY_ADDRESS."""
+    """One small Ray instance per test module, on loopback; entrypoints join it via RAY_ADDRESS.
+
+    Started with ``ray start --head --block`` as our own child process (the Ray processes die
+    with it; no dependence on Ray state other tests left in this process) in a private temp dir
+    (so ``ray.init()`` elsewhere on this machine never discovers it); this process also
+    connects, to watch resources."""
     import ray
-    os.environ["PYTHONPATH"] = PYTHONPATH
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ctx = ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False,
-                   _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
+    port = free_port()
+    tmp = tmp_path_factory.mktemp("ray")
+    temp_dir = tempfile.mkdtemp(prefix="tsray-")     # short: Ray puts unix sockets under it
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1")
+    log = open(tmp / "ray-start.log", "wb")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--object-store-memory={256 * 2**20}",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
     try:
-        yield ctx.address_info["gcs_address"]
+        def up():
+            if head.poll() is not None:
+                raise AssertionError(f"ray start exited with {head.returncode}; see {log.name}")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(up, 90, "the Ray head's GCS port")
+        ray.init(address=address, _node_ip_address="127.0.0.1", configure_logging=False,
+                 log_to_driver=False)
+        yield address
     finally:
         ray.shutdown()
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ tiny model

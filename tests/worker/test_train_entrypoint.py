@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,14 +26,37 @@ def progress_at(ckpt_dir: Path) -> Progress:
     return Progress.model_validate_json((ckpt_dir / "progress.json").read_text())
 
 
+@dataclass
+class Finished:
+    """A completed run of the toy job whose model, data, checkpoints and output live in MinIO."""
+    root: str                 # bucket/prefix
+    progress: Progress
+    manifest: AdapterManifest
+    adapter_dir: Path         # the output, downloaded
+    listing: list[str]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(ray_address, tiny_model, toy_data, tmp_path_factory):
-    """One complete run of the toy job; several tests read its results."""
+def uninterrupted(ray_address, minio, tiny_model, toy_data, tmp_path_factory) -> Finished:
+    """One complete run of the toy job, entirely on object storage; several tests read it."""
+    import s3fs
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    cfg = job_config(tmp, model=tiny_model, dataset=toy_data, max_steps=STEPS)
-    rc, log = run_entrypoint(cfg, tmp, entrypoint_env(ray_address, tmp))
+    fs = s3fs.S3FileSystem(key=minio.access_key, secret=minio.secret_key,
+                           endpoint_url=minio.endpoint, skip_instance_cache=True)
+    root = f"{minio.bucket}/e2e"
+    fs.put(tiny_model, f"{root}/models/tiny", recursive=True)
+    fs.put_file(toy_data, f"{root}/data/toy.jsonl")
+    cfg = job_config(tmp, model=f"s3://{root}/models/tiny", dataset=f"s3://{root}/data/",
+                     checkpoint=f"s3://{root}/ckpt", output=f"s3://{root}/out", max_steps=STEPS)
+    cfg["merge_weights"] = True
+    # Credentials reach the job only as environment variables, as from a Secret in a pod.
+    rc, log = run_entrypoint(cfg, tmp, entrypoint_env(ray_address, tmp, minio.env()))
     assert rc == 0, log[-4000:]
-    return tmp
+    fs.invalidate_cache()
+    fs.get(f"{root}/out/", str(tmp / "out"), recursive=True)
+    return Finished(root, Progress.model_validate_json(fs.cat_file(f"{root}/ckpt/progress.json")),
+                    AdapterManifest.model_validate_json(fs.cat_file(f"{root}/out/{MANIFEST_FILE}")),
+                    tmp / "out", [p[len(root) + 1:] for p in fs.find(root)])
 
 
 def base_loss(tiny_model: str, dataset: str) -> float:
@@ -56,11 +80,10 @@ def test_adapter_learns_the_toy_task(uninterrupted, tiny_model, toy_data):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress = progress_at(uninterrupted / "ckpt")
+    progress, manifest = uninterrupted.progress, uninterrupted.manifest
     assert progress.state == "Succeeded" and progress.step == progress.total_steps == STEPS
     assert "fp32 on CPU" in progress.message
     assert progress.tokens_per_second and progress.last_checkpoint.step == STEPS
-    manifest = AdapterManifest.model_validate_json((uninterrupted / "out" / MANIFEST_FILE).read_text())
     assert manifest.final_step == STEPS and manifest.tokens_trained > 0
     assert manifest.final_loss < base_loss(tiny_model, toy_data) / 5
     assert manifest.final_eval_loss is not None and manifest.final_eval_loss < 1.0
@@ -72,7 +95,7 @@ def test_adapter_learns_the_toy_task(uninterrupted, tiny_model, toy_data):
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     base_answers = [greedy_answer(base, tok, q) for q, _ in TOY_QA]
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                      str(uninterrupted / "out")).eval()
+                                      str(uninterrupted.adapter_dir)).eval()
     assert [greedy_answer(tuned, tok, q) for q, _ in TOY_QA] == [a for _, a in TOY_QA]
     assert not any(got == want for got, (_, want) in zip(base_answers, TOY_QA)), base_answers
 
@@ -106,7 +129,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(uninterrupted, ray_address,
     assert progress.state == "Succeeded" and progress.resumed_from_step == newest
     assert progress.step == STEPS
     resumed = AdapterManifest.model_validate_json((tmp_path / "out" / MANIFEST_FILE).read_text())
-    straight = AdapterManifest.model_validate_json((uninterrupted / "out" / MANIFEST_FILE).read_text())
+    straight = uninterrupted.manifest
     assert resumed.final_step == straight.final_step == STEPS
     # Optimizer, scheduler, data position and RNG were restored: same trajectory, same result.
     assert resumed.final_loss == pytest.approx(straight.final_loss, rel=1e-3, abs=1e-4)
@@ -137,29 +160,16 @@ def test_error_inside_a_ray_worker_becomes_a_failed_state(ray_address, tiny_mode
     assert "qlora" in progress.message and "does not support" in progress.message
 
 
-def test_same_run_on_object_storage(ray_address, s3_env, tiny_model, toy_data, tmp_path):
-    """Model, dataset, checkpoints, progress and output all on a real S3 server (MinIO)."""
-    import s3fs
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)       # configured from the environment
-    root = f"{s3_env.bucket}/e2e"
-    fs.put(tiny_model, f"{root}/models/tiny", recursive=True)
-    fs.put_file(toy_data, f"{root}/data/toy.jsonl")
-    cfg = job_config(tmp_path, model=f"s3://{root}/models/tiny", dataset=f"s3://{root}/data/",
-                     checkpoint=f"s3://{root}/ckpt", output=f"s3://{root}/out", max_steps=10,
-                     ckpt={"interval_steps": 5, "keep": 2})
-    rc, log = run_entrypoint(cfg, tmp_path, entrypoint_env(ray_address, tmp_path, s3_env.env()))
-    assert rc == 0, log[-4000:]
-
-    fs.invalidate_cache()
-    progress = Progress.model_validate_json(fs.cat_file(f"{root}/ckpt/progress.json"))
-    assert progress.state == "Succeeded" and progress.step == 10
-    assert progress.last_checkpoint.uri == f"s3://{root}/ckpt/step-000000010"
-    assert fs.exists(f"{root}/ckpt/step-000000005/COMMITTED")
-    manifest = AdapterManifest.model_validate_json(fs.cat_file(f"{root}/out/{MANIFEST_FILE}"))
-    assert manifest.dataset_uri == f"s3://{root}/data/" and manifest.final_step == 10
-    local = tmp_path / "adapter"
-    fs.get(f"{root}/out/", str(local), recursive=True)
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(local))
+def test_run_on_object_storage_leaves_checkpoints_progress_and_artifact_there(uninterrupted):
+    """The same job with model, dataset, checkpoints and output on a real S3 server (MinIO)."""
+    root, files = uninterrupted.root, set(uninterrupted.listing)
+    assert uninterrupted.progress.last_checkpoint.uri == f"s3://{root}/ckpt/step-{STEPS:09d}"
+    # interval 10, keep 2: the last two checkpoints, each committed by its marker
+    assert {f"ckpt/step-{s:09d}/COMMITTED" for s in (30, 40)} <= files
+    assert not any(f.startswith("ckpt/step-000000010") for f in files)
+    assert {"out/adapter_model.safetensors", "out/adapter_config.json", f"out/{MANIFEST_FILE}",
+            "out/merged/model.safetensors", "out/merged/tokenizer.json"} <= files
+    manifest = uninterrupted.manifest
+    assert manifest.dataset_uri == f"s3://{root}/data/"
+    assert manifest.merged_weights_uri == f"s3://{root}/out/merged"
+    assert manifest.base_model.uri == f"s3://{root}/models/tiny"

@@ -121,13 +121,21 @@ class TrainStep:
 # --------------------------------------------------------------------------------- worker loop
 
 def worker_device(acc, local_rank: int) -> torch.device:
-    """Map the catalog's accelerator fields to a torch device; no per-vendor branches."""
+    """Map the catalog's accelerator fields to a torch device; no per-vendor branches.
+
+    GPUs go through Ray Train's own assignment. For other resources, when the runtime narrowed
+    the worker's view to its own devices (``visible_devices_env`` lists exactly
+    ``devices_per_worker`` ids) the first visible one is ours; otherwise index by local rank."""
     if acc.torch_device == "cpu" or acc.devices_per_worker == 0:
         return torch.device("cpu")
     if acc.ray_resource == "GPU":
         import ray.train.torch
         return ray.train.torch.get_device()
-    return torch.device(acc.torch_device, local_rank)
+    visible = os.environ.get(acc.visible_devices_env or "", "")
+    ids = [v for v in visible.split(",") if v.strip()]
+    if ids and len(ids) <= acc.devices_per_worker:
+        return torch.device(acc.torch_device, 0)
+    return torch.device(acc.torch_device, local_rank * acc.devices_per_worker)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -152,6 +160,15 @@ def _broadcast(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when any rank says so (one tiny all-reduce): keeps time-based decisions in step."""
+    if _dist()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _gather(obj) -> list:
@@ -185,6 +202,7 @@ def train_worker(payload: dict) -> None:
     """Ray Train ``train_loop_per_worker``; ``payload = {"config": TrainJobConfig as JSON}``."""
     import ray.train
 
+    t0 = time.monotonic()
     cfg = TrainJobConfig.model_validate(payload["config"])
     t_cfg, acc = cfg.training, cfg.accelerator
     ctx = ray.train.get_context()
@@ -203,11 +221,9 @@ def train_worker(payload: dict) -> None:
     data = prepare(read_dataset(cfg.dataset), cfg.dataset, tokenizer, max_len=t_cfg.max_seq_length,
                    pack=t_cfg.packing, seed=t_cfg.seed)
     pad_id = data.info["pad_id"]
-    try:
-        model = load_model(model_dir, cfg.adapter, acc, device, torch.float32 if amp_dtype is None
-                           else dtype)
-    except TrainError:
-        raise
+    model = load_model(model_dir, cfg.adapter, acc, device,
+                       torch.float32 if amp_dtype is None else dtype,
+                       gradient_checkpointing=t_cfg.gradient_checkpointing)
     model = fastpath.optimize_for_training(model, device=device.type, compile=False)
 
     micro = t_cfg.micro_batch_size
@@ -262,8 +278,9 @@ def train_worker(payload: dict) -> None:
                         resumed_from_step=chosen_step if chosen_step is not None
                         else (prev.resumed_from_step if prev else None),
                         message="; ".join(messages) or None)
-    log.info("rank %d/%d on %s: %d train sequences, %d steps of %d (micro %d x accum %d x world %d)",
-             rank, world, device, len(data.train.input_ids), n_steps, per_step, micro, accum, world)
+    log.info("attempt %d, rank %d/%d on %s: %d train sequences, %d steps of %d (micro %d x accum %d"
+             " x world %d); set up in %.1fs", cfg.attempt, rank, world, device,
+             len(data.train.input_ids), n_steps, per_step, micro, accum, world, time.monotonic() - t0)
 
     stream = SampleStream(len(data.train.input_ids), t_cfg.seed)
     t_start = time.monotonic()
@@ -317,7 +334,7 @@ def train_worker(payload: dict) -> None:
                                 eta_seconds=rate * (n_steps - step))
             due = bool(cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0)
             if interval_s is not None:
-                due = _broadcast(due or now - t_ckpt >= interval_s)
+                due = _any_rank(due or now - t_ckpt >= interval_s, device)
             if due and step < n_steps:
                 save(step)
                 saved_at = step
@@ -332,6 +349,7 @@ def train_worker(payload: dict) -> None:
             + (f" (peak {peak / 2**30:.1f} GiB allocated)" if peak else "")
             + "; lower micro_batch_size or max_seq_length, or use method qlora") from e
 
+    log.info("rank %d: steps %d..%d took %.1fs", rank, chosen_step or 0, step, time.monotonic() - t_start)
     if rank == 0:
         reporter.update(force=True, state="Running", message="writing the adapter to "
                         f"{cfg.output_uri}")

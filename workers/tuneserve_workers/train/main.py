@@ -59,8 +59,9 @@ def run_ray(cfg: TrainJobConfig) -> None:
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
     resources = {"CPU": 1}
-    if acc.ray_resource and acc.devices_per_worker:
-        resources[acc.ray_resource] = acc.devices_per_worker
+    units = acc.ray_resources_per_worker or acc.devices_per_worker
+    if acc.ray_resource and units:
+        resources[acc.ray_resource] = units
     backend = {"rccl": "nccl"}.get(acc.distributed_backend, acc.distributed_backend)
     storage = os.environ.get("TUNESERVE_RAY_STORAGE", "/tmp/tuneserve-ray")
     trainer = TorchTrainer(

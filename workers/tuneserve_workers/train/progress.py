@@ -20,7 +20,9 @@ from ..contract import PROGRESS_CONFIGMAP_ENV, PROGRESS_FILE, PROGRESS_KEY, Prog
 from .storage import Location
 
 log = logging.getLogger(__name__)
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Where the pod's service-account token and CA are; TUNESERVE_SERVICEACCOUNT_DIR overrides it for
+# a worker run outside a pod (the demo runs the real worker against the local control plane).
+SA_DIR = os.environ.get("TUNESERVE_SERVICEACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount")
 
 
 class ConfigMapSink:
