@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +151,31 @@ def test_malformed_data_fails_with_file_and_line(tiny_model, tmp_path):
     assert "'messages'" in progress.message
 
 
-def test_error_inside_a_ray_worker_becomes_a_failed_state(ray_address, tiny_model, toy_data, tmp_path):
+def test_qlora_on_an_accelerator_without_4bit_fails_fast(tiny_model, toy_data, tmp_path):
     cfg = job_config(tmp_path, model=tiny_model, dataset=toy_data)
     cfg["adapter"]["method"] = "qlora"            # the CPU accelerator has supports_4bit=False
-    rc, log = run_entrypoint(cfg, tmp_path, entrypoint_env(ray_address, tmp_path), timeout=180)
+    rc, log = run_entrypoint(cfg, tmp_path, entrypoint_env(None, tmp_path), timeout=120)
+    assert rc == 1, log[-3000:]
+    progress = progress_at(tmp_path / "ckpt")
+    assert progress.state == "Failed" and "qlora" in progress.message
+    assert "does not support" in progress.message
+
+
+def test_error_inside_a_ray_worker_becomes_a_failed_state(ray_address, tiny_model, toy_data, tmp_path):
+    """A typed error raised on the workers (here: chat data, but the tokenizer has no chat
+    template) reaches progress.json with its own message, not Ray's wrapping."""
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    cfg = job_config(tmp_path, model=str(model), dataset=toy_data)
+    rc, log = run_entrypoint(cfg, tmp_path, entrypoint_env(ray_address, tmp_path), timeout=240)
     assert rc == 1, log[-3000:]
     progress = progress_at(tmp_path / "ckpt")
     assert progress.state == "Failed"
-    assert "qlora" in progress.message and "does not support" in progress.message
+    assert progress.message.startswith("format 'chat' needs a chat template"), progress.message
 
 
 def test_run_on_object_storage_leaves_checkpoints_progress_and_artifact_there(uninterrupted):

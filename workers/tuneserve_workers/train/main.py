@@ -18,7 +18,7 @@ import os
 import sys
 import uuid
 
-from ..contract import CONFIG_ENV, TrainJobConfig
+from ..contract import CONFIG_ENV, Method, TrainJobConfig
 from .config import checkpoint_uri_of, load_config
 from .data import read_dataset
 from .errors import ConfigError, TrainError
@@ -38,7 +38,12 @@ def _train(payload: dict) -> None:
 
 
 def preflight(cfg: TrainJobConfig) -> None:
-    """Fail fast on what the driver can check alone: data rows and reachable locations."""
+    """Fail fast on what the driver can check alone: the method, data rows, reachable locations.
+    (Memory and the tokenizer are checked on the workers, where the model is loaded.)"""
+    if cfg.adapter.method is Method.qlora and not cfg.accelerator.supports_4bit:
+        raise ConfigError(f"method qlora needs 4-bit weights, which accelerator "
+                          f"{cfg.accelerator.vendor}/{cfg.accelerator.product} does not support; "
+                          f"use method lora")
     read_dataset(cfg.dataset)
     for what, uri in (("output_uri", cfg.output_uri), ("checkpoint.uri", cfg.checkpoint.uri)):
         parent = Location(uri)
