@@ -147,3 +147,24 @@ def test_checkpoint_without_marker_is_ignored_and_old_ones_pruned(ckpt_uri, tmp_
     assert [c.step for c in store.committed()] == [15, 10]          # keep=2
     Location(ckpt_uri).child("step-000000015", MARKER).rm()         # an upload cut short
     assert store.latest_good(str(tmp_path / "f")).step == 10
+
+
+def test_hf_model_comes_from_the_local_cache_when_offline(tiny_model, tmp_path, monkeypatch):
+    """hf:// goes through huggingface_hub; with HF_HUB_OFFLINE=1 only the local cache is used."""
+    import shutil
+    from tuneserve_workers.train.storage import materialize_model
+    cache = tmp_path / "hub"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tuneserve--tiny"
+    shutil.copytree(tiny_model, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    path = materialize_model("hf://tuneserve/tiny", None)
+    assert os.path.samefile(path, repo / "snapshots" / rev)
+    with pytest.raises(StorageError, match=r"hf://tuneserve/absent.*HF_HUB_OFFLINE"):
+        materialize_model("hf://tuneserve/absent", None)
