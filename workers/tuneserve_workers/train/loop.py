@@ -11,9 +11,10 @@ Each micro-batch is a dict of tensors (``input_ids``, ``labels`` and ``position_
 normalised by the label tokens of the whole global step (all micro-batches, all ranks), so it is a
 true per-token mean however tokens are spread. Works with or without torch.distributed: with it,
 the adapter gradients are summed over ranks in one flat all-reduce after the last micro-batch (no
-DDP wrapper, so ``causal_lm_loss`` may run the model however it likes). Returned metrics (Python numbers):
-``loss`` (global per-token mean), ``tokens`` (input tokens this rank processed, packing padding
-included), ``global_tokens``, ``label_tokens`` (global), ``grad_norm``, ``lr``.
+DDP wrapper, so ``causal_lm_loss`` may run the model however it likes). Returned metrics (Python
+numbers): ``loss`` (global per-token mean), ``tokens`` (input tokens this rank processed, packing padding
+included), ``global_tokens``, ``label_tokens`` (global), ``grad_norm``, ``lr``; all read back
+with one host sync per step.
 
 ``train_worker(payload)`` is the Ray Train loop: build model and data, resume from the newest good
 checkpoint, step, checkpoint, report progress (rank 0), evaluate, and write the output.
@@ -74,9 +75,10 @@ class TrainStep:
             raise ValueError(f"expected {self.grad_accum} micro-batches, got {len(micro)}")
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in mb.items()} for mb in micro]
         local = torch.stack([(mb["labels"][:, 1:] != -100).sum() for mb in micro]).sum()
-        tokens = sum(mb["attention_mask"].sum() if "attention_mask" in mb else mb["input_ids"].numel()
-                     for mb in micro)
-        counts = _all_sum(torch.stack([local, torch.as_tensor(tokens, device=self.device)]).float())
+        tokens = torch.stack([mb["attention_mask"].sum() if "attention_mask" in mb
+                              else torch.tensor(mb["input_ids"].numel(), device=self.device)
+                              for mb in micro]).sum()
+        counts = _all_sum(torch.stack([local, tokens]).float())
         scale = 1.0 / counts[0].clamp(min=1)
         loss_total = torch.zeros((), device=self.device)
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype)
@@ -96,9 +98,12 @@ class TrainStep:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = _all_sum(loss_total)
-        return {"loss": (loss_total / counts[0].clamp(min=1)).item(), "tokens": int(tokens),
-                "global_tokens": int(counts[1].item()), "label_tokens": int(counts[0].item()),
-                "grad_norm": float(grad_norm), "lr": lr}
+        # One host sync for all metrics.
+        loss, n_label, n_global, n_local, gnorm = torch.stack([
+            loss_total / counts[0].clamp(min=1), counts[0], counts[1], tokens.float(),
+            grad_norm.float()]).tolist()
+        return {"loss": loss, "tokens": int(n_local), "global_tokens": int(n_global),
+                "label_tokens": int(n_label), "grad_norm": gnorm, "lr": lr}
 
     def _sync_grads(self) -> None:
         """Sum the (small) adapter gradients over ranks in one flat all-reduce.
