@@ -441,7 +441,7 @@ def stop_detached(state_dir: Path) -> None:
              "kube-controller-manager", "apiserver", "etcd"]
     for name in sorted(pids, key=lambda n: order.index(n) if n in order else -1):
         _terminate_group(pids[name], 15.0)
-    state_file.unlink()
+    state_file.unlink(missing_ok=True)
     print("local control plane stopped", file=sys.stderr)
 
 
