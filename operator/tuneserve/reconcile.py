@@ -195,12 +195,14 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
     return _finish(plan, job, observed, previous, now)
 
 
-def _finish(plan: Plan, job: FineTuneJob, observed: Observed, previous: Optional[FineTuneJobStatus],
-            now: datetime) -> Plan:
-    status = derive_status(job, observed, now, previous)
-    plan.status = status_patch(previous.to_wire() if previous else None, status)
+def finish(plan: Plan, status: Any, previous: Any, patch: Callable[[Any, Any], Optional[dict]]) -> Plan:
+    """Write the status only when it changed, with an Event per condition transition."""
+    plan.status = patch(previous.to_wire() if previous else None, status)
     if plan.status is not None:
         plan.events.extend(condition_events(previous, status))
     return plan
 
 
+def _finish(plan: Plan, job: FineTuneJob, observed: Observed, previous: Optional[FineTuneJobStatus],
+            now: datetime) -> Plan:
+    return finish(plan, derive_status(job, observed, now, previous), previous, status_patch)

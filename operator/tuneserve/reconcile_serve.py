@@ -25,7 +25,7 @@ from tuneserve.catalog import Catalog
 from tuneserve.inventory import build_inventory
 from tuneserve.kubeapi import needs_apply, with_applied_hash
 from tuneserve.placement import fallback_verdict, unschedulable_since
-from tuneserve.reconcile import Event, Plan, condition_events, missing_secrets, readable
+from tuneserve.reconcile import Event, Plan, finish, missing_secrets, readable
 from tuneserve.serve_placement import decide_serve_placement, serve_candidate
 from tuneserve.serve_status import ServeObserved, derive_modelserve_status, status_patch, timed_out_history
 from tuneserve.sizing import ModelSizeUnknown
@@ -127,8 +127,4 @@ def plan_modelserve(body: Mapping[str, Any], world: ServeWorld, catalog: Catalog
 
 def _finish(plan: Plan, serve: ModelServe, observed: ServeObserved, previous: Optional[ModelServeStatus],
             now: datetime) -> Plan:
-    status = derive_modelserve_status(serve, observed, now, previous)
-    plan.status = status_patch(previous.to_wire() if previous else None, status)
-    if plan.status is not None:
-        plan.events.extend(condition_events(previous, status))
-    return plan
+    return finish(plan, derive_modelserve_status(serve, observed, now, previous), previous, status_patch)

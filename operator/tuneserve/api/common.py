@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -137,3 +137,25 @@ class SecretEnvVar(ApiModel):
     """An environment variable whose value comes from a Secret key."""
     name: str = Field(min_length=1, max_length=SHORT_MAX * 2, pattern=ENV_NAME_PATTERN, description="Variable name.")
     secret_key_ref: SecretKeyRef = Field(description="Where the value comes from.")
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads; the rest is ignored."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, alias_generator=None)
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class CustomResource(BaseModel):
+    """A tuneserve custom resource parsed once from an API body (kopf's or the client's)."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]):
+        """Parse (raises pydantic.ValidationError on an invalid spec); an empty status is no status."""
+        data = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if body.get(k)}
+        return cls.model_validate(data)

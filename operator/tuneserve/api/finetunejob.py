@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tuneserve import API_GROUP, API_VERSION
 from tuneserve.api.common import (
+    CustomResource, ObjectMeta,
     LABEL_NAME_PATTERN, NAME_MAX, SHORT_MAX, URI_MAX, ApiModel, EnvVar, Rule, Toleration, uri_rule,
 )
 # Shared with ModelServe; re-exported here because FineTuneJob code and tests import them from here.
@@ -234,33 +235,14 @@ def immutable_fields_changed(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list
     return [f"spec.{k}" for k in keys if old_wire.get(k) != new_wire.get(k)]
 
 
-class ObjectMeta(BaseModel):
-    """The parts of metadata the operator reads; the rest is ignored."""
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, alias_generator=None)
-    name: str
-    namespace: str = "default"
-    uid: str = ""
-    generation: int = 0
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-
-
-class FineTuneJob(BaseModel):
+class FineTuneJob(CustomResource):
     """A FineTuneJob custom resource, parsed once from the API body."""
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
     api_version: Literal["tuneserve.dev/v1alpha1"] = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
     kind: Literal["FineTuneJob"] = KIND
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: Optional[FineTuneJobStatus] = None
 
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> "FineTuneJob":
-        """Parse a kopf body / API dict (raises pydantic.ValidationError on an invalid spec)."""
-        data = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body and body[k] is not None}
-        if not data.get("status"):
-            data.pop("status", None)
-        return cls.model_validate(data)
 
 
 NAME_RULE = Rule(

@@ -16,9 +16,8 @@ from typing import Any, ClassVar, Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneserve import API_GROUP, API_VERSION
-from tuneserve.api.common import LABEL_NAME_PATTERN, SHORT_MAX, URI_MAX, ApiModel, Rule, uri_rule
+from tuneserve.api.common import LABEL_NAME_PATTERN, CustomResource, ObjectMeta, SHORT_MAX, URI_MAX, ApiModel, Rule, uri_rule
 from tuneserve.api.finetunejob import MAX_NAME_LENGTH as FINETUNEJOB_MAX_NAME_LENGTH
-from tuneserve.api.finetunejob import ObjectMeta
 from tuneserve.api.modelserve_status import ModelServeStatus
 from tuneserve.api.sources import _STORAGE_WHAT, MODEL_URI_PATTERN, BaseModelSource
 from tuneserve.api.workload import AcceleratorSelector, RayPodOptions
@@ -143,22 +142,14 @@ class ModelServeSpec(RayPodOptions):
         return self.served_model_name or self.base_model.display_name()
 
 
-class ModelServe(BaseModel):
+class ModelServe(CustomResource):
     """A ModelServe custom resource, parsed once from the API body."""
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
     api_version: Literal["tuneserve.dev/v1alpha1"] = Field(f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
     kind: Literal["ModelServe"] = KIND
     metadata: ObjectMeta
     spec: ModelServeSpec
     status: Optional[ModelServeStatus] = None
 
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> "ModelServe":
-        """Parse a kopf body / API dict (raises pydantic.ValidationError on an invalid spec)."""
-        data = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body and body[k] is not None}
-        if not data.get("status"):
-            data.pop("status", None)
-        return cls.model_validate(data)
 
 
 NAME_RULE = Rule(

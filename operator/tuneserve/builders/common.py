@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
-from tuneserve.api.finetunejob import ObjectMeta
+from tuneserve.api.common import ObjectMeta
 
 MANAGED_BY = "tuneserve"
 JOB_LABEL = "tuneserve.dev/finetunejob"
