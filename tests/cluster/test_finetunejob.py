@@ -290,3 +290,20 @@ def test_progress_restart_success_and_cleanup(kube, namespace, operator, dashboa
     wait_for(lambda: not [c for c in kube.list("v1", "ConfigMap", namespace)
                           if c["metadata"].get("labels", {}).get("tuneserve.dev/finetunejob") == "tiny"],
              90, "the ConfigMaps to be collected")
+
+
+def test_suspend_releases_the_accelerators_and_resume_starts_again(kube, namespace, operator):
+    kube.apply(example("finetunejob-minimal.yaml"), namespace)
+    wait_phase(kube, "tiny", namespace, "Starting")
+    wait_for(lambda: pods_of(kube, namespace, "tiny"), 60, "the Ray pods")
+    kube.resource(*FTJ).patch(name="tiny", namespace=namespace, body={"spec": {"suspend": True}},
+                              content_type="application/merge-patch+json")
+    job = wait_phase(kube, "tiny", namespace, "Suspended")
+    assert condition(job, "Suspended")["status"] == "True"
+    assert kube.get("ray.io/v1", "RayJob", "tiny-1", namespace)["spec"]["suspend"] is True
+    wait_for(lambda: not [p for p in pods_of(kube, namespace, "tiny") if not p["metadata"].get("deletionTimestamp")],
+             90, "the Ray pods to go while suspended")
+    kube.resource(*FTJ).patch(name="tiny", namespace=namespace, body={"spec": {"suspend": False}},
+                              content_type="application/merge-patch+json")
+    wait_phase(kube, "tiny", namespace, "Starting")
+    wait_for(lambda: pods_of(kube, namespace, "tiny"), 90, "the Ray pods to come back")

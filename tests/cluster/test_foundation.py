@@ -177,3 +177,12 @@ def test_rayjob_reaches_terminal_state_driven_by_the_dashboard_stand_in(kube, na
     assert status["jobStatus"] == outcome
     # shutdownAfterJobFinishes: KubeRay deletes the RayCluster it created.
     wait_for(lambda: not kube.list("ray.io/v1", "RayCluster", namespace), 90, "the RayCluster to be deleted")
+
+
+def test_job_pods_complete_and_the_job_controller_marks_the_job_complete(kube, namespace):
+    kube.apply({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+                "spec": {"completions": 2, "parallelism": 2, "template": {"spec": {
+                    "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}}, namespace)
+    job = wait_for(lambda: (lambda j: j if condition(j, "Complete") and condition(j, "Complete")["status"] == "True" else None)(
+        kube.get("batch/v1", "Job", "once", namespace)), 60, "the Job to complete")
+    assert job["status"]["succeeded"] == 2
