@@ -53,7 +53,8 @@ def job_config(tmp: Path, *, model: str, dataset: str, checkpoint: str | None = 
 def entrypoint_env(ray_address: str | None, tmp: Path, extra: dict | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=PYTHONPATH, HF_HUB_OFFLINE="1",
                TUNESERVE_PROGRESS_INTERVAL_S="0", TUNESERVE_CACHE=str(tmp / "cache"),
-               TUNESERVE_RAY_STORAGE=str(tmp / "ray-storage"), PYTHONUNBUFFERED="1")
+               TUNESERVE_RAY_STORAGE=str(tmp / "ray-storage"), PYTHONUNBUFFERED="1",
+               TUNESERVE_FORWARD_ENV="1")    # our test Ray cluster was started without them
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     else:

@@ -4,11 +4,14 @@ Exit status: 0 when the adapter is written, 1 for a failed job (progress state `
 reason), 2 when the config itself cannot be read. The dataset is read and validated here, before
 any Ray worker starts, so a malformed row fails in seconds with its file and line.
 
-Ray: connects to the cluster in ``RAY_ADDRESS`` (the RayJob's) or starts a local one. The pod
-environment's storage, Hugging Face and tuneserve variables (``AWS_*``, ``FSSPEC_*``, ``HF_*``,
-``GOOGLE_*``, ``TUNESERVE_*``...) are forwarded to the training workers through the job's
-runtime_env, so credentials from a Secret reach every worker. ``TUNESERVE_MAX_FAILURES`` (default 0)
-lets Ray restart failed workers in place; each restart resumes from the newest good checkpoint.
+Ray: connects to the cluster in ``RAY_ADDRESS`` (the RayJob's) or starts a local one. In a
+tuneserve cluster every Ray pod already carries the job's environment (Secret references), so
+nothing is forwarded by default. With ``TUNESERVE_FORWARD_ENV=1`` the driver forwards its
+storage, Hugging Face and tuneserve variables (``AWS_*``, ``FSSPEC_*``, ``HF_*``, ``GOOGLE_*``,
+``TUNESERVE_*``...) to the workers through the job's runtime_env -- for clusters started without
+them (the tests); the values then appear in the Ray job's runtime_env, readable from the Ray
+dashboard. ``TUNESERVE_MAX_FAILURES`` (default 0) lets Ray restart failed workers in place; each
+restart resumes from the newest good checkpoint.
 """
 from __future__ import annotations
 
@@ -60,9 +63,10 @@ def run_ray(cfg: TrainJobConfig) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     acc = cfg.accelerator
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    forward = os.environ.get("TUNESERVE_FORWARD_ENV") == "1"
+    env = {k: v for k, v in os.environ.items() if forward and k.startswith(FORWARD_PREFIXES)}
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
     resources = {"CPU": 1}
     units = acc.ray_resources_per_worker or acc.devices_per_worker
     if acc.ray_resource and units:
