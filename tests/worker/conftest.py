@@ -153,7 +153,14 @@ def ray_address(tmp_path_factory):
             head.kill()
             head.wait()
         log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+
+        def removed():   # Ray's last processes may still be writing logs for a moment
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            return not os.path.exists(temp_dir)
+        try:
+            wait_for(removed, 15, f"{temp_dir} to be removed")
+        except AssertionError as e:
+            print(e, file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------ tiny model
