@@ -53,8 +53,8 @@ def job(model: str, name: str, data: str, tmp: Path) -> dict:
             "accelerator": {"workers": 1, "torch_device": "cpu", "distributed_backend": "gloo"}}
 
 
-def train_adapter(model: str, name: str, answer: str, tmp: Path, ray_address: str) -> str:
-    """Train one adapter with the training worker's entrypoint; returns its output directory."""
+def start_training(model: str, name: str, answer: str, tmp: Path, ray_address: str):
+    """Start the training worker's entrypoint for one adapter; returns (process, log path)."""
     data = tmp / f"{name}.jsonl"
     with open(data, "w") as f:
         for _ in range(16):
@@ -67,9 +67,19 @@ def train_adapter(model: str, name: str, answer: str, tmp: Path, ray_address: st
                TUNESERVE_RAY_STORAGE=str(tmp / "ray-storage"), PYTHONUNBUFFERED="1")
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:
-        rc = subprocess.call([sys.executable, "-m", "tuneserve_workers.train", "--config",
-                              str(cfg_path)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                             cwd=str(tmp), timeout=600)
+        proc = subprocess.Popen([sys.executable, "-m", "tuneserve_workers.train", "--config",
+                                 str(cfg_path)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=str(tmp))
+    return proc, log
+
+
+def finish_training(name: str, proc, log: Path, tmp: Path) -> str:
+    try:
+        rc = proc.wait(600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = "timeout"
     if rc != 0:
         raise AssertionError(f"training {name} failed ({rc}):\n{log.read_text()[-4000:]}")
     shutil.rmtree(tmp / f"ckpt-{name}", ignore_errors=True)
@@ -93,8 +103,11 @@ def build_artifacts(root: Path) -> dict:
     else:
         address = ray.get_runtime_context().gcs_address
     try:
-        for name, answer in ANSWERS.items():
-            out[name] = train_adapter(out["model"], name, answer, root, address)
+        # Both jobs at once (1 worker each on a 2-CPU Ray): their Ray Train start-ups overlap.
+        running = {name: start_training(out["model"], name, answer, root, address)
+                   for name, answer in ANSWERS.items()}
+        for name, (proc, log) in running.items():
+            out[name] = finish_training(name, proc, log, root)
     finally:
         if started:
             ray.shutdown()
