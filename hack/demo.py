@@ -115,7 +115,8 @@ def run_worker_locally(cluster: LocalCluster, ftj: dict) -> None:
            "TUNESERVE_SERVICEACCOUNT_DIR": str(sa_dir), "KUBERNETES_SERVICE_HOST": "127.0.0.1",
            "KUBERNETES_SERVICE_PORT": str(cluster.ports["apiserver"]), "TUNESERVE_RAY_STORAGE": str(WORK / "ray"),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.02",
-           "NO_PROXY": "127.0.0.1,localhost", "RAY_TMPDIR": "/tmp/tuneserve-demo-ray"}   # a Ray of its own
+           "NO_PROXY": "127.0.0.1,localhost", "RAY_TMPDIR": "/tmp/tuneserve-demo-ray",   # a Ray of its own
+           "TUNESERVE_FORWARD_ENV": "1"}   # in a pod the env is on every Ray pod; here the driver passes it on
     log = WORK / "worker.log"
     print(f"training worker log: {log}")
     with open(log, "w") as out:

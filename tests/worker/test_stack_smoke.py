@@ -20,7 +20,7 @@ def test_stack_imports_and_ray_runs_a_task():
     import ray
 
     assert torch.ones(2, 2).sum().item() == 4.0
-    ray.init(num_cpus=1, object_store_memory=128 * 1024**2, include_dashboard=False,
+    ray.init(address="local", num_cpus=1, object_store_memory=128 * 1024**2, include_dashboard=False,
              configure_logging=False, _node_ip_address="127.0.0.1")
     try:
         @ray.remote
