@@ -62,9 +62,12 @@ def build_serve_env(serve: ModelServe, profile: AcceleratorProfile) -> list[dict
         {"name": "TUNESERVE_ADAPTERS_FILE", "value": contract.ADAPTERS_FILE},
         {"name": "TUNESERVE_SERVE_STATUS_CONFIGMAP", "value": f"{ns}/{serve_status_configmap_name(name)}"},
         {"name": "TUNESERVE_VLLM_PLATFORM", "value": profile.vllm_platform},
+        # The engine's front end and core talk over loopback inside the pod (serve/__init__.py).
+        {"name": "VLLM_HOST_IP", "value": "127.0.0.1"},
     ]
     if profile.vllm_plugin:
         env.append({"name": "TUNESERVE_VLLM_PLUGIN", "value": profile.vllm_plugin})
+        env.append({"name": "VLLM_PLUGINS", "value": profile.vllm_plugin})   # load exactly the vendor's platform plugin
     if profile.visible_devices_env:
         env.append({"name": "TUNESERVE_VISIBLE_DEVICES_ENV", "value": profile.visible_devices_env})
     env += [{"name": k, "value": v} for k, v in sorted(profile.serve_env.items())]
