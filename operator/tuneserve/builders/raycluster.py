@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from tuneserve.api.workload import RayPodOptions
 from tuneserve.catalog import AcceleratorProfile
+from tuneserve.inventory import DEFAULT_POOL, POOL_LABEL
 from tuneserve.placement import pod_tolerations, user_tolerations
 
 RAY_VERSION = "2.60.0"
@@ -96,3 +97,22 @@ def plain_tree(obj: dict[str, Any]) -> dict[str, Any]:
 
 def image_for(spec: RayPodOptions, profile: AcceleratorProfile, default: str) -> str:
     return (spec.image_overrides or {}).get(profile.vendor) or default
+
+
+def ray_container(name: str, image: str, env: list[dict[str, Any]], resources: dict[str, str],
+                  mounts: list[dict[str, Any]], ports: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    """A Ray head or worker container: requests equal limits (extended resources need it)."""
+    container: dict[str, Any] = {"name": name, "image": image, "env": env}
+    if ports:
+        container["ports"] = ports
+    container["resources"] = {"requests": resources, "limits": resources}
+    container["volumeMounts"] = mounts
+    return container
+
+
+def worker_node_selector(profile: AcceleratorProfile, user_selector: dict[str, str], pool: Optional[str]) -> dict[str, str]:
+    """The accelerator's labels, the user's, and the chosen pool (when the fleet names pools)."""
+    selector = {**profile.node_labels, **user_selector}
+    if pool and pool != DEFAULT_POOL:
+        selector[POOL_LABEL] = pool
+    return selector

@@ -14,11 +14,10 @@ from tuneserve.builders.common import (
 )
 from tuneserve.builders.raycluster import (  # noqa: F401  (RAY_VERSION, RESERVED_ENV_PREFIX: public here before)
     RAY_VERSION, RESERVED_ENV_PREFIX, credential_env, image_for, node_affinity, plain_tree, pod_spec,
-    ray_start_resources, with_user_env,
+    ray_container, ray_start_resources, with_user_env, worker_node_selector,
 )
 from tuneserve.builders.rbac import pod_service_account
 from tuneserve.catalog import AcceleratorProfile, Catalog
-from tuneserve.inventory import DEFAULT_POOL, POOL_LABEL
 from tuneserve.placement import Candidate
 from tuneserve_workers import contract
 
@@ -61,25 +60,10 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
     pod_labels = labels(job, attempt)
     user_selector = dict(job.spec.node_selector or {})
 
-    head_resources = dict(catalog.defaults.head)
-    head_container = {
-        "name": "ray-head",
-        "image": image,
-        "env": env,
-        "resources": {"requests": head_resources, "limits": head_resources},
-        "volumeMounts": _MOUNTS,
-    }
-    worker_resources = profile.worker_resources(candidate.devices_per_worker)
-    worker_container = {
-        "name": "ray-worker",
-        "image": image,
-        "env": env,
-        "resources": {"requests": worker_resources, "limits": worker_resources},
-        "volumeMounts": _MOUNTS,
-    }
-    worker_selector = {**profile.node_labels, **user_selector}
-    if pool and pool != DEFAULT_POOL:
-        worker_selector[POOL_LABEL] = pool
+    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), _MOUNTS)
+    worker_container = ray_container("ray-worker", image, env,
+                                     profile.worker_resources(candidate.devices_per_worker), _MOUNTS)
+    worker_selector = worker_node_selector(profile, user_selector, pool)
 
     name = rayjob_name(job.metadata.name, attempt)
     return plain_tree({

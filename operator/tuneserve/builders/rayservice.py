@@ -32,13 +32,12 @@ from tuneserve.builders.common import (
     rayservice_name, serve_status_configmap_name,
 )
 from tuneserve.builders.raycluster import (
-    RAY_VERSION, credential_env, image_for, node_affinity, plain_tree, pod_spec, ray_start_resources,
-    with_user_env,
+    RAY_VERSION, credential_env, image_for, node_affinity, plain_tree, pod_spec, ray_container,
+    ray_start_resources, with_user_env, worker_node_selector,
 )
 from tuneserve.builders.rbac import serve_pod_service_account
 from tuneserve.builders.serve import build_serve_app_config
 from tuneserve.catalog import AcceleratorProfile, Catalog
-from tuneserve.inventory import DEFAULT_POOL, POOL_LABEL
 from tuneserve.placement import Candidate
 from tuneserve_workers import contract
 
@@ -135,26 +134,10 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
     account = serve_pod_service_account(serve)
     user_selector = dict(spec.node_selector or {})
 
-    head_resources = dict(catalog.defaults.head)
-    head_container = {
-        "name": "ray-head",
-        "image": image,
-        "env": env,
-        "ports": HEAD_PORTS,
-        "resources": {"requests": head_resources, "limits": head_resources},
-        "volumeMounts": _MOUNTS,
-    }
-    worker_resources = profile.worker_resources(candidate.devices_per_worker)
-    worker_container = {
-        "name": "ray-worker",
-        "image": image,
-        "env": env,
-        "resources": {"requests": worker_resources, "limits": worker_resources},
-        "volumeMounts": _MOUNTS,
-    }
-    worker_selector = {**profile.node_labels, **user_selector}
-    if pool and pool != DEFAULT_POOL:
-        worker_selector[POOL_LABEL] = pool
+    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), _MOUNTS, HEAD_PORTS)
+    worker_container = ray_container("ray-worker", image, env,
+                                     profile.worker_resources(candidate.devices_per_worker), _MOUNTS)
+    worker_selector = worker_node_selector(profile, user_selector, pool)
 
     return plain_tree({
         "apiVersion": "ray.io/v1",
