@@ -143,11 +143,15 @@ class AdapterReconciler:
 
     def __init__(self, loader: Loader, *, base: ModelSource, max_rank: int,
                  adapters_file: Optional[str] = None, initial: list[ServeAdapter] = (),
-                 interval: float = 2.0, retry_after: float = 30.0, on_change=None):
+                 interval: float = 2.0, retry_after: float = 30.0, on_change=None,
+                 source=None):
         self.loader = loader
         self.base = base
         self.max_rank = max_rank
         self.adapters_file = adapters_file
+        # Where the desired set is read: the ConfigMap through the API when given (fresh within a
+        # poll), else the mounted file; the file is also the fallback when the API cannot answer.
+        self.source = source
         self.interval = interval
         self.retry_after = retry_after
         self.on_change = on_change or (lambda: None)
@@ -163,11 +167,10 @@ class AdapterReconciler:
     # ------------------------------------------------------------------ desired set
     def read_desired(self) -> list[ServeAdapter]:
         """The desired set; the last good one when the file cannot be read right now."""
-        if not self.adapters_file:
+        if not self.adapters_file and self.source is None:
             return self.static
         try:
-            with open(self.adapters_file, "rb") as f:
-                raw = f.read()
+            raw = self._read_raw()
         except FileNotFoundError:
             # Not mounted yet / no adapters: fall back to the config's list until it appears.
             if self._desired is None:
@@ -189,6 +192,18 @@ class AdapterReconciler:
             return self._desired if self._desired is not None else self.static
         self.file_digest, self._desired, self.file_error = digest, desired, None
         return desired
+
+    def _read_raw(self) -> bytes:
+        if self.source is not None:
+            try:
+                return self.source.read()
+            except Exception as e:  # noqa: BLE001 -- the API is down or forbids: use the mount
+                log.warning("reading the desired adapters through the API failed (%s); using %s", e,
+                            self.adapters_file)
+                if not self.adapters_file:
+                    raise OSError(str(e)) from e
+        with open(self.adapters_file, "rb") as f:
+            return f.read()
 
     # ------------------------------------------------------------------- reconcile
     async def sync(self) -> bool:

@@ -25,27 +25,53 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 STATUS_DIR_ENV = "TUNESERVE_SERVE_STATUS_DIR"
 
 
-class ConfigMapKeySink:
+class _ConfigMapAPI:
+    """One ConfigMap through the in-cluster API with the pod's service-account token."""
+
     def __init__(self, ref: str, *, sa_dir: str = SA_DIR, timeout_s: float = 5.0):
         self.namespace, _, self.name = ref.partition("/")
         if not self.name:
-            raise ValueError(f"status_configmap must be '<namespace>/<name>', got {ref!r}")
+            raise ValueError(f"a ConfigMap reference must be '<namespace>/<name>', got {ref!r}")
         host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
         port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         self.api, self.sa_dir, self.timeout_s = f"https://{host}:{port}", sa_dir, timeout_s
 
-    def write(self, key: str, doc: str) -> None:
+    def _call(self, method: str, body: Optional[dict] = None) -> dict:
         with open(os.path.join(self.sa_dir, "token")) as f:
             token = f.read().strip()
         ctx = ssl.create_default_context(cafile=os.path.join(self.sa_dir, "ca.crt"))
         url = f"{self.api}/api/v1/namespaces/{self.namespace}/configmaps/{self.name}"
-        req = urllib.request.Request(url, data=json.dumps({"data": {key: doc}}).encode(),
-                                     method="PATCH", headers={
-                                         "Authorization": f"Bearer {token}",
-                                         "Content-Type": "application/merge-patch+json",
-                                         "Accept": "application/json"})
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/merge-patch+json"
+        req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     method=method, headers=headers)
         with urllib.request.urlopen(req, context=ctx, timeout=self.timeout_s) as resp:
-            resp.read()
+            return json.loads(resp.read() or b"{}")
+
+
+class ConfigMapKeySink(_ConfigMapAPI):
+    def write(self, key: str, doc: str) -> None:
+        self._call("PATCH", {"data": {key: doc}})
+
+
+class ConfigMapKeySource(_ConfigMapAPI):
+    """Reads one key of a ConfigMap: the desired adapter set as the operator just wrote it, seconds
+    earlier than the kubelet refreshes the mounted copy (up to a minute or more)."""
+
+    def __init__(self, ref: str, key: str, **kw):
+        super().__init__(ref, **kw)
+        self.key = key
+
+    def read(self) -> bytes:
+        data = self._call("GET").get("data") or {}
+        if self.key not in data:
+            raise FileNotFoundError(f"ConfigMap {self.namespace}/{self.name} has no key {self.key!r}")
+        return data[self.key].encode()
+
+
+def in_cluster(sa_dir: str = SA_DIR) -> bool:
+    return os.path.exists(os.path.join(sa_dir, "token"))
 
 
 class FileSink:

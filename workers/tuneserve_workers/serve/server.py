@@ -19,10 +19,10 @@ import time
 import uuid
 from typing import Optional
 
-from ..contract import ServeAppConfig
+from ..contract import ADAPTERS_KEY, ServeAppConfig
 from .adapters import LOADED, AdapterReconciler
 from .metrics import ServeMetrics
-from .report import StatusPublisher, build_report
+from .report import ConfigMapKeySource, StatusPublisher, build_report, in_cluster
 
 log = logging.getLogger("tuneserve.serve")
 
@@ -151,7 +151,9 @@ class ReplicaServer:
             initial=self.cfg.adapters,
             interval=float(os.environ.get(ADAPTER_POLL_ENV, "2")),
             retry_after=float(os.environ.get(ADAPTER_RETRY_ENV, "30")),
-            on_change=self._publish)
+            on_change=self._publish,
+            source=(ConfigMapKeySource(self.cfg.adapters_configmap, ADAPTERS_KEY)
+                    if self.cfg.adapters_configmap and in_cluster() else None))
         await self.reconciler.sync()           # a new replica serves the full set from the start
         await self.probe()                     # and has answered a completion
         self.reconciler.start()
