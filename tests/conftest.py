@@ -59,7 +59,11 @@ def namespace(kube, request) -> str:
     # Pods are admitted only once the namespace's default ServiceAccount exists (made by KCM).
     wait_for(lambda: kube.get("v1", "ServiceAccount", "default", name), 60, f"default SA in {name}")
     yield name
+    had_pods = bool(kube.list("v1", "Pod", name))
     kube.core.delete_namespace(name)
+    if had_pods:
+        # Accelerators held by this test's pods must be free before the next test places anything.
+        wait_for(lambda: not kube.list("v1", "Pod", name), 90, f"the pods of namespace {name} to go")
 
 
 @pytest.fixture(scope="session")

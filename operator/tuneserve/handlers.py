@@ -35,6 +35,14 @@ class Runtime:
     catalog: Optional[Catalog] = None
     locks: dict[str, threading.Lock] = {}
     locks_guard = threading.Lock()
+    # The status this process last wrote, per object. Only the operator writes status, so this is
+    # the newest one even when kopf hands over a body from before that write (no double Events).
+    written: dict[str, dict] = {}
+
+    @classmethod
+    def with_latest_status(cls, body: kopf.Body, uid: str) -> dict:
+        status = cls.written.get(uid)
+        return dict(body) if status is None else {**dict(body), "status": status}
 
     @classmethod
     def lock(cls, uid: str) -> threading.Lock:
@@ -150,7 +158,7 @@ def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> Worl
                  progress_configmap=progress, secret_keys=lambda secret: api.secret_keys(namespace, secret))
 
 
-def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str) -> None:
+def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str) -> None:
     api = Runtime.api
     try:
         for obj in plan.apply:
@@ -159,6 +167,7 @@ def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: s
             api.delete(api_version, kind, child, namespace)
         if plan.status is not None:
             api.write_status(plural, namespace, name, plan.status)
+            Runtime.written[uid] = plan.status
     except ApiException as exc:
         if exc.status == 404 or (exc.status == 403 and "being terminated" in (exc.body or "")):
             return   # the object or its namespace is going away
@@ -169,8 +178,9 @@ def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: s
 
 def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
-        plan = plan_finetunejob(body, _world(namespace, name, indexes), Runtime.catalog, datetime.now(timezone.utc))
-        _carry_out(plan, body, "finetunejobs", namespace, name)
+        plan = plan_finetunejob(Runtime.with_latest_status(body, uid), _world(namespace, name, indexes),
+                                Runtime.catalog, datetime.now(timezone.utc))
+        _carry_out(plan, body, "finetunejobs", namespace, name, uid)
 
 
 def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> ServeWorld:
@@ -185,9 +195,9 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
 
 def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
-        plan = plan_modelserve(body, _serve_world(body, namespace, name, indexes), Runtime.catalog,
-                               datetime.now(timezone.utc))
-        _carry_out(plan, body, "modelserves", namespace, name)
+        plan = plan_modelserve(Runtime.with_latest_status(body, uid), _serve_world(body, namespace, name, indexes),
+                               Runtime.catalog, datetime.now(timezone.utc))
+        _carry_out(plan, body, "modelserves", namespace, name, uid)
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
@@ -197,6 +207,7 @@ def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
 @kopf.on.event(*FTJ)
 def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        Runtime.written.pop(uid, None)
         return   # children go through owner references; artifacts and checkpoints are never touched
     reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
 
@@ -211,6 +222,7 @@ def finetunejob_resync(body: kopf.Body, namespace: str, name: str, uid: str, **k
 @kopf.on.event(*MS)
 def modelserve_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+        Runtime.written.pop(uid, None)
         return
     reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
 
