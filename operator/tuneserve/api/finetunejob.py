@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneserve import API_GROUP, API_VERSION
+# The values the worker understands, from the one shared contract (no second copy to drift).
+from tuneserve_workers.contract import DatasetFormat, Method, Precision  # noqa: F401  (re-exported)
 from tuneserve.api.common import (
     CustomResource, ObjectMeta,
     LABEL_NAME_PATTERN, NAME_MAX, SHORT_MAX, URI_MAX, ApiModel, EnvVar, Rule, Toleration, uri_rule,
@@ -31,23 +33,6 @@ SHORT_NAMES = ("ftj",)
 # KubeRay caps RayJob names at 47 characters (RayCluster name = RayJob name + 6); children are
 # named "<ftj>-<attempt>[-suffix]", so the FineTuneJob name keeps room for that.
 MAX_NAME_LENGTH = 40
-
-
-class Method(str, Enum):
-    lora = "lora"
-    qlora = "qlora"
-
-
-class DatasetFormat(str, Enum):
-    chat = "chat"
-    instruction = "instruction"
-    text = "text"
-
-
-class Precision(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
 
 
 class LrSchedule(str, Enum):
