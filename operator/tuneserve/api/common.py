@@ -159,3 +159,13 @@ class CustomResource(BaseModel):
         """Parse (raises pydantic.ValidationError on an invalid spec); an empty status is no status."""
         data = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if body.get(k)}
         return cls.model_validate(data)
+
+
+def name_rule(max_length: int, named_after_it: str) -> Rule:
+    """metadata.name as a DNS-1035 label short enough for the child objects named after it."""
+    return Rule(
+        cel=f"self.metadata.name.size() <= {max_length} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        message=f"metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter) "
+                f"of at most {max_length} characters: {named_after_it} named after it",
+        check=lambda name: len(name) <= max_length and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None,
+    )

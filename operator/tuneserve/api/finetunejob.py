@@ -6,7 +6,6 @@ Parse a CR body once with ``FineTuneJob.from_body`` and pass the typed object ar
 """
 from __future__ import annotations
 
-import re
 from enum import Enum
 from typing import Any, ClassVar, Literal, Mapping, Optional
 
@@ -16,6 +15,7 @@ from tuneserve import API_GROUP, API_VERSION
 # The values the worker understands, from the one shared contract (no second copy to drift).
 from tuneserve_workers.contract import DatasetFormat, Method, Precision  # noqa: F401  (re-exported)
 from tuneserve.api.common import (
+    name_rule,
     CustomResource, ObjectMeta,
     LABEL_NAME_PATTERN, NAME_MAX, SHORT_MAX, URI_MAX, ApiModel, EnvVar, Rule, Toleration, uri_rule,
 )
@@ -230,8 +230,4 @@ class FineTuneJob(CustomResource):
 
 
 
-NAME_RULE = Rule(
-    cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-    message=f"metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter) of at most {MAX_NAME_LENGTH} characters: the Ray objects are named after it",
-    check=lambda name: len(name) <= MAX_NAME_LENGTH and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None,
-)
+NAME_RULE = name_rule(MAX_NAME_LENGTH, "the Ray objects are")

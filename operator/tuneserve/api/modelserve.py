@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneserve import API_GROUP, API_VERSION
-from tuneserve.api.common import LABEL_NAME_PATTERN, CustomResource, ObjectMeta, SHORT_MAX, URI_MAX, ApiModel, Rule, uri_rule
+from tuneserve.api.common import LABEL_NAME_PATTERN, name_rule, CustomResource, ObjectMeta, SHORT_MAX, URI_MAX, ApiModel, Rule, uri_rule
 from tuneserve.api.finetunejob import MAX_NAME_LENGTH as FINETUNEJOB_MAX_NAME_LENGTH
 from tuneserve.api.modelserve_status import ModelServeStatus
 from tuneserve.api.sources import _STORAGE_WHAT, MODEL_URI_PATTERN, BaseModelSource
@@ -152,11 +152,7 @@ class ModelServe(CustomResource):
 
 
 
-NAME_RULE = Rule(
-    cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-    message=f"metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter) of at most {MAX_NAME_LENGTH} characters: the RayService is named after it",
-    check=lambda name: len(name) <= MAX_NAME_LENGTH and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None,
-)
+NAME_RULE = name_rule(MAX_NAME_LENGTH, "the RayService is")
 
 
 def rollout_fields_changed(old: ModelServeSpec, new: ModelServeSpec) -> list[str]:
