@@ -121,6 +121,23 @@ def _child_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_
     return _owner_keys(body, namespace, labels)
 
 
+def _slim_raycluster(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the replica-bounds patch needs of a RayCluster: its worker groups' names and counts."""
+    keep = ("groupName", "replicas", "minReplicas", "maxReplicas")
+    groups = (body.get("spec") or {}).get("workerGroupSpecs") or []
+    return {"metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace")},
+            "spec": {"workerGroupSpecs": [{k: g[k] for k in keep if k in g} for g in groups]}}
+
+
+@kopf.index("ray.io", "v1", "rayclusters", labels=MANAGED)
+def rayclusters_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
+    """RayClusters KubeRay made from a ModelServe's RayService (it copies the RayService's labels),
+    under the ModelServe's key. The FineTuneJobs' RayJob clusters are not needed."""
+    if SERVE_LABEL not in labels:
+        return {}
+    return {(SERVE_LABEL, namespace, labels[SERVE_LABEL]): _slim_raycluster(body)}
+
+
 for _resource in (("", "v1", "configmaps"), ("", "v1", "serviceaccounts"),
                   ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"),
                   ("ray.io", "v1", "rayservices")):
@@ -160,11 +177,15 @@ def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> Worl
 
 def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str) -> None:
     api = Runtime.api
+    patched = []
     try:
         for obj in plan.apply:
             api.apply(obj)
         for api_version, kind, child in plan.delete:
             api.delete(api_version, kind, child, namespace)
+        for patch in plan.patch:
+            if api.json_patch(patch.api_version, patch.kind, patch.name, namespace, patch.ops) and patch.event:
+                patched.append(patch.event)
         if plan.status is not None:
             api.write_status(plural, namespace, name, plan.status)
             Runtime.written[uid] = plan.status
@@ -172,7 +193,7 @@ def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: s
         if exc.status == 404 or (exc.status == 403 and "being terminated" in (exc.body or "")):
             return   # the object or its namespace is going away
         raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}: {(exc.body or '')[:300]}", delay=5)
-    for event in plan.events:
+    for event in plan.events + patched:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
@@ -187,10 +208,11 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
     key = (SERVE_LABEL, namespace, name)
     refs = {a.get("fineTuneJobRef", {}).get("name") for a in (body.spec.get("adapters") or [])} - {None}
     jobs = {ref: next(iter(indexes["finetunejobs_index"].get((namespace, ref), [])), None) for ref in refs}
+    ray_clusters = {obj["metadata"]["name"]: obj for obj in indexes["rayclusters_index"].get(key, [])}
     api = Runtime.api
     return ServeWorld(nodes=_all(indexes["nodes_index"]), pods=_all(indexes["pods_index"]),
                       serve_pods=_all(indexes["pods_index"], key), children=_children(key, indexes), jobs=jobs,
-                      secret_keys=lambda secret: api.secret_keys(namespace, secret))
+                      secret_keys=lambda secret: api.secret_keys(namespace, secret), ray_clusters=ray_clusters)
 
 
 def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:

@@ -1,6 +1,7 @@
 """The operator's only way of writing to the cluster: server-side apply with one field manager,
-deletes, and status writes. Reads come from kopf's indexes (handlers.py), not from here, except
-Secrets, which are looked up by name and never cached or copied."""
+deletes, status writes, and guarded JSON patches of objects KubeRay owns. Reads come from kopf's
+indexes (handlers.py), not from here, except Secrets, which are looked up by name and never
+cached or copied."""
 from __future__ import annotations
 
 import hashlib
@@ -45,6 +46,13 @@ def secret_refs(objs: Iterable[Any]) -> Iterator[tuple[str, str]]:
             yield from secret_refs(obj)
 
 
+def _causes(exc: ApiException) -> list:
+    try:
+        return (json.loads(exc.body or "{}").get("details") or {}).get("causes") or []
+    except (ValueError, AttributeError):
+        return []
+
+
 class KubeApi:
     def __init__(self, api_client: client.ApiClient):
         self.api_client = api_client
@@ -67,6 +75,23 @@ class KubeApi:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def json_patch(self, api_version: str, kind: str, name: str, namespace: str, ops: list[dict[str, Any]]) -> bool:
+        """Applies a JSON patch. False, and nothing written, when the object is gone or one of its
+        ``test`` ops failed: the object changed since it was read, and the next reconcile plans
+        again from the fresh copy."""
+        res = self.dyn.resources.get(api_version=api_version, kind=kind)
+        try:
+            res.patch(body=ops, name=name, namespace=namespace, content_type="application/json-patch+json")
+        except ApiException as exc:
+            if exc.status == 404 or (exc.status == 422 and not _causes(exc)):
+                # A failed test op is a bare 422 (the API server drops the JSON patch error); an
+                # object the schema rejects comes with causes, and is raised.
+                log.info("not patching %s %s/%s: gone or changed since it was read", kind, namespace, name)
+                return False
+            raise
+        log.info("patched %s %s/%s", kind, namespace, name)
+        return True
 
     def write_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Replaces the whole status (a merge patch would leave fields that were dropped)."""

@@ -1,4 +1,4 @@
-"""One FineTuneJob reconcile as a pure plan: what to apply, what to delete, which status to write,
+"""One FineTuneJob reconcile as a pure plan: what to apply, patch or delete, which status to write,
 which events to post. The kopf handlers (handlers.py) gather the inputs from their indexes and
 carry the plan out; nothing here talks to the API, so it is tested without a cluster.
 """
@@ -51,9 +51,22 @@ class Event:
 
 
 @dataclass
+class JsonPatch:
+    """A JSON patch of an object the operator does not render (e.g. a RayCluster KubeRay made).
+    Its ``test`` ops may fail when the object changed meanwhile; ``event`` is posted only when
+    the patch applied."""
+    api_version: str
+    kind: str
+    name: str
+    ops: list[dict[str, Any]]
+    event: Optional[Event] = None
+
+
+@dataclass
 class Plan:
     apply: list[dict[str, Any]] = field(default_factory=list)
     delete: list[tuple[str, str, str]] = field(default_factory=list)   # (apiVersion, kind, name)
+    patch: list[JsonPatch] = field(default_factory=list)
     status: Optional[dict[str, Any]] = None
     events: list[Event] = field(default_factory=list)
     requeue_after: Optional[float] = None

@@ -4,12 +4,16 @@ Placement is decided once and kept; it is decided again only when a field that r
 Ray cluster changed (base model, engine, accelerators: not adapters or replicas) or when the
 chosen pool left the pods unschedulable past the timeout. The RayService keeps its name, so the
 endpoint survives both (KubeRay's NewCluster upgrade switches traffic once the new one is ready).
+
+A replicas change re-renders the RayService, which KubeRay applies to its Serve application but
+not to the RayClusters it already runs; the plan also patches those clusters' worker-group bounds
+(``replica_bounds_patches``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping, Optional
 
@@ -19,19 +23,21 @@ from tuneserve.adapters import read_replica_reports, resolve_adapters
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.modelserve_status import ModelServeStatus, ServeConditionReason
 from tuneserve.api.status import ChoiceRejection, RejectionCode
-from tuneserve.builders import build_modelserve_children
+from tuneserve.builders import build_modelserve_children, raycluster_scaling_patch
 from tuneserve.builders.common import rayservice_name
 from tuneserve.catalog import Catalog
 from tuneserve.inventory import build_inventory
 from tuneserve.kubeapi import needs_apply, with_applied_hash
 from tuneserve.placement import fallback_verdict, unschedulable_since
-from tuneserve.reconcile import Event, Plan, finish, missing_secrets, readable
+from tuneserve.reconcile import Event, JsonPatch, Plan, finish, missing_secrets, readable
 from tuneserve.serve_placement import decide_serve_placement, serve_candidate
 from tuneserve.serve_status import ServeObserved, derive_modelserve_status, status_patch, timed_out_history
 from tuneserve.sizing import ModelSizeUnknown
 
 ROLLOUT_ANNOTATION = "tuneserve.dev/rollout-fingerprint"
 IN_PLACE_FIELDS = ("adapters", "replicas")
+# Event reason (not a condition reason): a live RayCluster was given the spec's replicas.min/max.
+BOUNDS_UPDATED = "ReplicaBoundsUpdated"
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class ServeWorld:
     children: dict[tuple[str, str], Mapping[str, Any]]
     jobs: Mapping[str, Optional[Mapping[str, Any]]]        # referenced FineTuneJobs (None: not found)
     secret_keys: Callable[[str], Optional[set[str]]]
+    # RayClusters KubeRay made from this ModelServe's RayService, by name (worker groups' bounds).
+    ray_clusters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def rollout_fingerprint(serve: ModelServe) -> str:
@@ -119,10 +127,40 @@ def plan_modelserve(body: Mapping[str, Any], world: ServeWorld, catalog: Catalog
                     plan.apply.append(desired)
         else:
             plan.requeue_after = 10.0
+    plan.patch.extend(replica_bounds_patches(serve, live_rs, world.ray_clusters))
 
     observed = ServeObserved(blocked=blocked, decision=decision, attempt=attempt, fallback_reason=fallback_reason,
                              timed_out=tuple(timed_out), resolution=resolution, reports=reports, ray_service=live_rs)
     return _finish(plan, serve, observed, previous, now)
+
+
+def live_cluster_names(ray_service: Optional[Mapping[str, Any]]) -> list[str]:
+    """The RayClusters KubeRay runs for a RayService, from its status: the active one, and the
+    pending one while an upgrade prepares it."""
+    status = (ray_service or {}).get("status") or {}
+    names = [(status.get(key) or {}).get("rayClusterName") for key in ("activeServiceStatus", "pendingServiceStatus")]
+    return [name for name in dict.fromkeys(names) if name]
+
+
+def replica_bounds_patches(serve: ModelServe, ray_service: Optional[Mapping[str, Any]],
+                           ray_clusters: Mapping[str, Mapping[str, Any]]) -> list[JsonPatch]:
+    """One patch per live RayCluster whose worker group lacks replicas.min/max (KubeRay keeps a
+    cluster's bounds when only they changed in the RayService), each with its Event."""
+    low, high = serve.spec.replicas.min, serve.spec.replicas.max
+    patches = []
+    for name in live_cluster_names(ray_service):
+        live = ray_clusters.get(name)
+        ops = raycluster_scaling_patch(serve, live) if live is not None else None
+        if ops is None:
+            continue
+        group = live["spec"]["workerGroupSpecs"][0]
+        message = (f"RayCluster {name}, worker group {group.get('groupName')}: replica bounds "
+                   f"{group.get('minReplicas')}..{group.get('maxReplicas')} -> {low}..{high}")
+        clamped = next((op["value"] for op in ops if op["op"] != "test" and op["path"].endswith("/replicas")), None)
+        if clamped is not None:
+            message += f", replicas {group.get('replicas')} -> {clamped}"
+        patches.append(JsonPatch("ray.io/v1", "RayCluster", name, ops, Event("Normal", BOUNDS_UPDATED, message)))
+    return patches
 
 
 def _finish(plan: Plan, serve: ModelServe, observed: ServeObserved, previous: Optional[ModelServeStatus],

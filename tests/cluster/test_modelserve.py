@@ -1,5 +1,6 @@
 """ModelServe on the real control plane: admission, the RayService per vendor, fallback, adapters
-resolved from FineTuneJobs, and adapter-list changes that leave the Ray cluster alone."""
+resolved from FineTuneJobs, adapter-list changes that leave the Ray cluster alone, and replica
+bounds that reach the RayCluster KubeRay runs, without a new one."""
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,9 @@ from helpers import invalid_cases  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 MS = ("tuneserve.dev/v1alpha1", "ModelServe")
+RS = ("ray.io/v1", "RayService")
+RC = ("ray.io/v1", "RayCluster")
+CLUSTER_HASH = "ray.io/hash-without-replicas-and-workers-to-delete"   # KubeRay's; a new hash means a new cluster
 EXAMPLES = REPO / "crds" / "examples"
 CASES = invalid_cases(REPO / "tests" / "unit" / "data" / "invalid_modelserves.yaml")
 
@@ -137,3 +141,70 @@ def test_preferred_accelerator_full_falls_back_for_serving(kube, namespace, oper
     rs = wait_for(lambda: kube.get("ray.io/v1", "RayService", "bank-llm", namespace), 30, "the RayService")
     worker = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     assert "amd.com/gpu" in worker["containers"][0]["resources"]["limits"]
+
+
+def test_replicas_change_reaches_the_running_raycluster_without_a_new_cluster(kube, namespace, operator):
+    secrets(kube, namespace)
+    kube.apply(example("modelserve-qwen-bank.yaml"), namespace)
+
+    def active_cluster():
+        rs = kube.get(*RS, "bank-llm", namespace) or {}
+        name = ((rs.get("status") or {}).get("activeServiceStatus") or {}).get("rayClusterName")
+        return name and kube.get(*RC, name, namespace)
+
+    rc = wait_for(active_cluster, 120, "KubeRay's RayCluster, recorded as the RayService's active one")
+    name, group = rc["metadata"]["name"], rc["spec"]["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"], group["replicas"]) == (1, 4, 1)
+    before = (rc["metadata"]["uid"], rc["metadata"]["annotations"][CLUSTER_HASH])
+
+    doc = example("modelserve-qwen-bank.yaml")
+    doc["spec"]["replicas"].update(min=2, max=6)
+    kube.apply(doc, namespace)
+
+    def bounds(want):
+        def check():
+            live = kube.get(*RC, name, namespace)
+            g = live["spec"]["workerGroupSpecs"][0]
+            return live if (g.get("minReplicas"), g.get("maxReplicas")) == want else None
+        return check
+
+    live = wait_for(bounds((2, 6)), 60, "the live RayCluster's worker group to get replicas 2..6")
+    assert live["spec"]["workerGroupSpecs"][0]["replicas"] == 2, "replicas 1 is below the new min: clamped"
+    events = wait_for(lambda: [e for e in kube.events_for(namespace, "bank-llm")
+                               if e["involvedObject"]["kind"] == "ModelServe" and e["reason"] == "ReplicaBoundsUpdated"],
+                      30, "the ReplicaBoundsUpdated Event on the ModelServe")
+    assert f"RayCluster {name}" in events[0]["message"] and "1..4 -> 2..6" in events[0]["message"], events[0]
+
+    # KubeRay has seen the new RayService spec and kept its cluster: same name, object and hash.
+    rs = wait_for(lambda: (lambda o: o if (o.get("status") or {}).get("observedGeneration") == o["metadata"]["generation"]
+                           else None)(kube.get(*RS, "bank-llm", namespace)), 60, "KubeRay to observe the RayService change")
+    rs_group = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert (rs_group["minReplicas"], rs_group["maxReplicas"]) == (2, 6)
+    assert "max_replicas: 6" in rs["spec"]["serveConfigV2"] and "min_replicas: 2" in rs["spec"]["serveConfigV2"]
+    assert rs["status"]["activeServiceStatus"]["rayClusterName"] == name
+    assert not (rs["status"].get("pendingServiceStatus") or {}).get("rayClusterName"), rs["status"]
+    assert [c["metadata"]["name"] for c in kube.list(*RC, namespace)] == [name]
+    live = kube.get(*RC, name, namespace)
+    assert (live["metadata"]["uid"], live["metadata"]["annotations"][CLUSTER_HASH]) == before
+
+    # The running cluster follows its new minimum: KubeRay starts a second worker pod.
+    wait_for(lambda: len(kube.list("v1", "Pod", namespace, label_selector=f"ray.io/cluster={name},ray.io/node-type=worker")) == 2,
+             60, "a second worker pod for minReplicas 2")
+
+    # And back down: max below the running replicas clamps them.
+    doc["spec"]["replicas"].update(min=1, max=1)
+    kube.apply(doc, namespace)
+    live = wait_for(bounds((1, 1)), 60, "the live RayCluster's worker group to get replicas 1..1")
+    assert live["spec"]["workerGroupSpecs"][0]["replicas"] == 1
+    assert [c["metadata"]["name"] for c in kube.list(*RC, namespace)] == [name]
+
+    # A patch planned from a stale copy of the cluster fails its test op and writes nothing.
+    from tuneserve.kubeapi import KubeApi
+    stale = [{"op": "test", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 6},
+             {"op": "replace", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 9}]
+    assert KubeApi(kube.api_client).json_patch(*RC, name, namespace, stale) is False
+    assert kube.get(*RC, name, namespace)["spec"]["workerGroupSpecs"][0]["maxReplicas"] == 1
+    # One the schema rejects is an error, not a stale read.
+    with pytest.raises(ApiException) as err:
+        KubeApi(kube.api_client).json_patch(*RC, name, namespace, [{**stale[1], "value": "many"}])
+    assert err.value.status == 422

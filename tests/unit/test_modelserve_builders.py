@@ -182,12 +182,39 @@ def test_endpoint_url():
     assert endpoint_url(bank_serve()) == "http://bank-llm-openai.bank.svc.cluster.local:8000/v1"
 
 
+def live_cluster(**group) -> dict:
+    return {"spec": {"workerGroupSpecs": [{"groupName": "nvidia-h100-80gb", "minReplicas": 1, "maxReplicas": 4, **group}]}}
+
+
+def ops(patch, op) -> dict:
+    return {p["path"].removeprefix("/spec/workerGroupSpecs/0/"): p["value"] for p in patch if p["op"] == op}
+
+
 def test_scaling_patch_for_the_live_cluster():
-    live = {"spec": {"workerGroupSpecs": [{"groupName": "nvidia-h100-80gb", "minReplicas": 1, "maxReplicas": 4}]}}
-    assert raycluster_scaling_patch(bank_serve(), live) is None
-    patch = raycluster_scaling_patch(bank_serve(replicas={"min": 2, "max": 8}), live)
-    assert patch[0]["op"] == "test" and {(p["path"], p["value"]) for p in patch[1:]} == {
-        ("/spec/workerGroupSpecs/0/minReplicas", 2), ("/spec/workerGroupSpecs/0/maxReplicas", 8)}
+    assert raycluster_scaling_patch(bank_serve(), live_cluster(replicas=3)) is None
+    assert raycluster_scaling_patch(bank_serve(), {"spec": {}}) is None
+    patch = raycluster_scaling_patch(bank_serve(replicas={"min": 2, "max": 8}), live_cluster(replicas=3))
+    assert patch[0] == {"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": "nvidia-h100-80gb"}
+    # Guarded by the values it was computed from; replicas 3 is within 2..8: the autoscaler's.
+    assert ops(patch, "test") == {"groupName": "nvidia-h100-80gb", "minReplicas": 1, "maxReplicas": 4}
+    assert ops(patch, "replace") == {"minReplicas": 2, "maxReplicas": 8}
+    assert [p["op"] for p in patch] == ["test"] * 3 + ["replace"] * 2, "every test before the first change"
+
+
+def test_scaling_patch_clamps_replicas_only_outside_the_new_bounds():
+    below = raycluster_scaling_patch(bank_serve(replicas={"min": 2, "max": 4}), live_cluster(replicas=1))
+    assert ops(below, "replace") == {"minReplicas": 2, "replicas": 2} and ops(below, "test")["replicas"] == 1
+    above = raycluster_scaling_patch(bank_serve(replicas={"min": 1, "max": 2}), live_cluster(replicas=4))
+    assert ops(above, "replace") == {"maxReplicas": 2, "replicas": 2}
+    unset = raycluster_scaling_patch(bank_serve(replicas={"min": 2, "max": 4}), live_cluster())
+    assert "replicas" not in ops(unset, "replace") | ops(unset, "add"), "no replicas: KubeRay uses minReplicas"
+    to_zero = raycluster_scaling_patch(bank_serve(replicas={"min": 0, "max": 4}), live_cluster(replicas=1))
+    assert ops(to_zero, "replace") == {"minReplicas": 0}
+
+
+def test_scaling_patch_adds_bounds_the_live_group_lacks():
+    patch = raycluster_scaling_patch(bank_serve(), {"spec": {"workerGroupSpecs": [{"groupName": "g", "replicas": 1}]}})
+    assert ops(patch, "add") == {"minReplicas": 1, "maxReplicas": 4} and ops(patch, "test") == {"groupName": "g"}
 
 
 def test_same_spec_renders_byte_identical():

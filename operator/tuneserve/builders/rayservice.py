@@ -8,9 +8,11 @@ What changes what (the design's point):
 * adapters -> only ConfigMap ``<ms>-adapters`` (mounted, kubelet refreshes it in place). The
   RayService, serveConfigV2 included, does not depend on adapters: no redeploy, no restart.
 * replicas -> serveConfigV2 ``autoscaling_config`` (a lightweight Serve update: no restart) and the
-  worker group's min/max. KubeRay leaves replica bounds out of its cluster hash (no new cluster,
-  and the live RayCluster is not updated either), so the operator patches the live RayCluster
-  with ``raycluster_scaling_patch``.
+  worker group's min/max. KubeRay leaves worker-group replicas, minReplicas and maxReplicas out of
+  its cluster hash: no new cluster, but the RayCluster it already made keeps the old bounds. So
+  the operator patches the RayClusters the RayService's status names (active, and pending during
+  an upgrade) with ``raycluster_scaling_patch`` (planned in reconcile_serve.py); their
+  ``replicas`` stays the autoscaler's unless it falls outside the new bounds.
 * base model / engine / accelerator -> rayClusterConfig and the app args: KubeRay prepares a new
   cluster (``upgradeStrategy: NewCluster``) and switches the Service over once it serves.
 
@@ -22,7 +24,7 @@ send traffic to a half-started new cluster during an upgrade.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import yaml
 
@@ -177,16 +179,29 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
     })
 
 
-def raycluster_scaling_patch(serve: ModelServe, live_raycluster: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
-    """JSON patch for the live (active) RayCluster when replicas.min/max changed, or None.
-    KubeRay does not carry worker-group bounds from the RayService to an existing cluster."""
+def raycluster_scaling_patch(serve: ModelServe, live_raycluster: Mapping[str, Any]) -> Optional[list[dict[str, Any]]]:
+    """JSON patch that gives the live RayCluster's worker group replicas.min/max, or None when it
+    has them already (or has no worker group). KubeRay does not carry worker-group bounds from the
+    RayService to a cluster it already created.
+
+    ``replicas`` belongs to the autoscaler: it is left alone unless it lies outside the new bounds,
+    and then clamped into them. Every value the patch is computed from is guarded by a ``test`` op,
+    so a patch made from a stale copy of the cluster fails instead of overwriting a newer write
+    (the autoscaler's, say); the next reconcile computes it again from the fresh object."""
     groups = (live_raycluster.get("spec") or {}).get("workerGroupSpecs") or []
     if not groups:
         return None
-    group = groups[0]
-    want = {"minReplicas": serve.spec.replicas.min, "maxReplicas": serve.spec.replicas.max}
-    ops = [{"op": "replace" if key in group else "add", "path": f"/spec/workerGroupSpecs/0/{key}", "value": value}
-           for key, value in want.items() if group.get(key) != value]
-    if not ops:
+    group, base = groups[0], "/spec/workerGroupSpecs/0"
+    low, high = serve.spec.replicas.min, serve.spec.replicas.max
+    want = {"minReplicas": low, "maxReplicas": high}
+    current = group.get("replicas")
+    if current is not None and not low <= current <= high:
+        want["replicas"] = min(high, max(low, current))
+    changed = {key: value for key, value in want.items() if group.get(key) != value}
+    if not changed:
         return None
-    return [{"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": group.get("groupName")}] + ops
+    tests = [{"op": "test", "path": f"{base}/groupName", "value": group.get("groupName")}]
+    tests += [{"op": "test", "path": f"{base}/{key}", "value": group[key]} for key in changed if key in group]
+    ops = [{"op": "replace" if key in group else "add", "path": f"{base}/{key}", "value": value}
+           for key, value in changed.items()]
+    return tests + ops
