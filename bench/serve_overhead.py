@@ -14,6 +14,10 @@ serve overhead % against plain vLLM, and the adapter cost % against the base mod
 
 CPU (this repo's CI box), tiny model built locally, an untrained rank-8 adapter:
     PYTHONPATH=workers:operator HF_HUB_OFFLINE=1 python bench/serve_overhead.py --tiny
+GPU, a random Llama-3-8B-shaped model and rank-16 adapter built in place (no download):
+    TUNESERVE_BENCH_BUILD_ONLY=1 python bench/serve_overhead.py --llama8b /tmp/l8b   # own process
+    PYTHONPATH=workers:operator python bench/serve_overhead.py --llama8b /tmp/l8b \\
+        --concurrency 64 --requests 384 --max-tokens 256 --prompt-words 256
 GPU, a real model and adapter (engine settings as the operator would render them):
     PYTHONPATH=workers:operator python bench/serve_overhead.py --model /models/llama-3-8b \\
         --adapter /adapters/my-lora --concurrency 64 --requests 1024 --max-tokens 256 \\
@@ -173,7 +177,8 @@ def bench_serve(cfg, adapter: str, a, results: dict) -> None:
     init = {"address": "local", "object_store_memory": a.object_store_mb * 2**20, "include_dashboard": False,
             "log_to_driver": False,
             "runtime_env": {"env_vars": {**ENV, **serve_env,
-                                         "PYTHONPATH": os.pathsep.join(sys.path[:2])}}}
+                                         "PYTHONPATH": os.pathsep.join(
+                                             sys.path[:2] + [x for x in [os.environ.get("PYTHONPATH")] if x])}}}
     if a.local_ray:
         init["_node_ip_address"] = "127.0.0.1"
     ray.init(**init)
@@ -214,6 +219,41 @@ def tiny_artifacts(workdir: str) -> tuple[str, str]:
     return model, adapter
 
 
+def llama8b_artifacts(directory: str) -> tuple[str, str]:
+    """A random-initialised Llama-3-8B-shaped model (bf16 safetensors, 16 GB) with a word-level
+    tokenizer of the same vocabulary size, and a random rank-16 adapter on all linear layers:
+    the serving cost of the real thing, without a download. Built on the GPU; reused if present."""
+    model_dir, adapter_dir = os.path.join(directory, "model"), os.path.join(directory, "adapter")
+    if os.path.exists(os.path.join(adapter_dir, "adapter_config.json")):
+        return model_dir, adapter_dir
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    vocab_size = 128256
+    words = ["<unk>", "<s>", "</s>"] + list(dict.fromkeys(WORDS + ["request"]))
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    peft = get_peft_model(model, LoraConfig(
+        r=16, lora_alpha=32, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    peft.save_pretrained(adapter_dir)
+    return model_dir, adapter_dir
+
+
 def pct(a: float, b: float) -> float:
     return 100.0 * (a - b) / a if a else float("nan")
 
@@ -221,6 +261,8 @@ def pct(a: float, b: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="build a tiny model + adapter (CPU)")
+    p.add_argument("--llama8b", metavar="DIR",
+                   help="build (or reuse) a random Llama-3-8B-shaped model + rank-16 adapter in DIR (GPU)")
     p.add_argument("--model", help="base model directory (or hub id)")
     p.add_argument("--adapter", help="LoRA adapter directory")
     p.add_argument("--model-config", default="{}",
@@ -252,9 +294,17 @@ def main() -> None:
         model, adapter = tiny_artifacts(a.workdir)
         defaults = {"max_lora_rank": 8, "max_loras": 2,
                     "extra_engine_args": {"max_model_len": "512", "max_num_seqs": "32"}}
+    elif a.llama8b:
+        model, adapter = llama8b_artifacts(a.llama8b)
+        defaults = {"max_lora_rank": 16, "max_loras": 2, "device": "cuda", "ray_resource": "GPU",
+                    "ray_resources_per_replica": 1, "gpu_memory_utilization": 0.9,
+                    "extra_engine_args": {"max_model_len": "4096"}}
+        if os.environ.get("TUNESERVE_BENCH_BUILD_ONLY"):
+            print(f"built {model} and {adapter}")
+            return
     else:
         if not (a.model and a.adapter):
-            p.error("--model and --adapter (or --tiny)")
+            p.error("--model and --adapter (or --tiny, --llama8b)")
         model, adapter, defaults = a.model, a.adapter, {}
     overrides = json.loads(a.model_config)
     engine_extra = {"enable_prefix_caching": "false", **defaults.get("extra_engine_args", {}),

@@ -362,6 +362,7 @@ def main():
             continue
         opts = dict(compile=cuda, attention="auto", fuse_layers=True)
         bsz, packed, dropout, name, compare, cdt = args.batch, False, 0.0, None, True, False
+        inductor_cfg: dict = {}
         if v == "fast":
             name = f"worker b{bsz} fused+compile (default)"
         elif v == "fast-cudnn":
@@ -373,6 +374,13 @@ def main():
         elif v == "fast-fusedadd":
             opts["addmm"] = False
             name = f"worker b{bsz} fused+compile, LoRA add fused"
+        elif v == "fast-fusedadd-emu":
+            opts["addmm"] = False
+            inductor_cfg = {"emulate_precision_casts": True}
+            name = f"worker b{bsz} fused+compile, LoRA add fused, bf16 casts kept"
+        elif v == "fast-autotune":
+            inductor_cfg = {"max_autotune": True, "max_autotune_gemm": True}
+            name = f"worker b{bsz} fused+compile, max-autotune GEMMs"
         elif v == "fast-nosync":
             name = "what-if: fast, no per-step host sync"
         elif v == "fast-cdt":
@@ -413,6 +421,14 @@ def main():
                 if cdt:
                     import torch._inductor.config as ic
                     ic.coordinate_descent_tuning = True
+                if inductor_cfg:
+                    import torch._inductor.config as ic
+                    saved_inductor = {k: getattr(ic, k) for k in inductor_cfg if hasattr(ic, k)}
+                    missing = [k for k in inductor_cfg if not hasattr(ic, k)]
+                    if missing:
+                        raise RuntimeError(f"torch._inductor.config lacks {missing}")
+                    for key, val in inductor_cfg.items():
+                        setattr(ic, key, val)
                 fastpath.optimize_for_training(model, device=device.type, force=not cuda, **opts)
                 st = getattr(model, fastpath._STATE_ATTR)
                 if dropout:
@@ -441,6 +457,10 @@ def main():
             if cdt:
                 import torch._inductor.config as ic
                 ic.coordinate_descent_tuning = False
+            if inductor_cfg:
+                import torch._inductor.config as ic
+                for key, val in saved_inductor.items():
+                    setattr(ic, key, val)
             r["compare"] = compare and not packed
             r["variant"] = v
             results.append(r)

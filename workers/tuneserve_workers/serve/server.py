@@ -58,9 +58,24 @@ def engine_argv(cfg: ServeAppConfig, model_path: str) -> list[str]:
     return argv
 
 
+def _vllm_frontend():
+    """vLLM's OpenAI front-end pieces: (make_arg_parser, validate_parsed_serve_args, build_app,
+    init_app_state). vLLM moved them from ``entrypoints.openai`` (<= 0.25, the CUDA build the GPU
+    bench machine can run with its torch 2.11) to ``entrypoints.launchers`` (0.32, our CPU lock);
+    the functions' signatures are the same in both."""
+    try:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    except ImportError:
+        from vllm.entrypoints.openai.api_server import build_app, init_app_state
+        from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args
+    return make_arg_parser, validate_parsed_serve_args, build_app, init_app_state
+
+
 def parse_engine_args(argv: list[str]):
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+    make_arg_parser, validate_parsed_serve_args, _, _ = _vllm_frontend()
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
     validate_parsed_serve_args(args)
     return args
@@ -122,10 +137,9 @@ class ReplicaServer:
         """Start the engine, build the app, load the desired adapters, answer one completion.
         Returns the ASGI app. Ray Serve marks the replica ready only after this returns."""
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.app import build_app
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+        _, _, build_app, init_app_state = _vllm_frontend()
 
         self.publisher.publish_now()           # "Starting", so the operator sees it exists
         model_path = await asyncio.to_thread(resolve_model, self.cfg)
