@@ -164,13 +164,13 @@ def bench_serve(cfg, adapter: str, a, results: dict) -> None:
     serve_env = dict(kv.split("=", 1) for kv in a.serve_env)
     direct_port = None
     if a.direct_ingress:
-        # Ray Serve's "throughput optimized" mode: no proxy, the ingress replica itself listens
-        # (ports from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT); experimental in Ray 2.60, and on
-        # Kubernetes it needs HAProxy (RAY_SERVE_ENABLE_HA_PROXY) in front to get port 8000.
+        # What the operator renders for ModelServe spec.ingress: Direct (builders/rayservice.py
+        # ingress_env): Ray Serve's throughput-optimized mode, no proxy, the ingress replica
+        # itself listens on the one port of [MIN, MAX) (there 8000, here a free one).
         direct_port = free_port()
         serve_env.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
-                          "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 10)})
+                          "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + 1)})
     os.environ.update(serve_env)          # proxy/controller/replicas inherit it from the raylet
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -282,8 +282,11 @@ def main() -> None:
                         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0)")
     p.add_argument("--serve-access-log", action="store_true",
                    help="keep Ray Serve's per-request access log (plain vLLM's is off)")
-    p.add_argument("--direct-ingress", action="store_true",
-                   help="serve app in Ray Serve's throughput-optimized mode (no proxy hop)")
+    p.add_argument("--proxy", dest="direct_ingress", action="store_false",
+                   help="serve app behind Ray Serve's HTTP proxy (ModelServe spec.ingress: Proxy); "
+                        "default: direct ingress, Ray Serve's throughput-optimized mode (ingress: Direct)")
+    p.add_argument("--direct-ingress", dest="direct_ingress", action="store_true", default=True,
+                   help=argparse.SUPPRESS)   # the default since the operator renders it
     p.add_argument("--workdir")
     p.add_argument("--json-out", help="write the results as JSON here")
     a = p.parse_args()

@@ -256,3 +256,36 @@ def test_fp8_halves_the_weights():
     plain = estimate_serving_memory(shape, bank_serve().spec.engine, profile, CATALOG, 1)
     fp8 = estimate_serving_memory(shape, bank_serve(engine={"quantization": "fp8"}).spec.engine, profile, CATALOG, 1)
     assert fp8.weights_gib == pytest.approx(plain.weights_gib / 2) and fp8.kv_room_tokens > plain.kv_room_tokens
+
+
+def _env_names(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_direct_ingress_is_the_default_and_pins_the_replica_to_the_serve_port():
+    rs = _rayservice(render(bank_serve()))
+    cluster = rs["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    for container in (head, worker):     # the controller (head) and the replicas read them
+        env = _env_names(container)
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+        assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8000", "8001")
+    # KubeRay's worker readiness probe and serve Service find the port by this name
+    assert {"name": "serve", "containerPort": 8000} in worker["ports"]
+    assert rs["spec"]["excludeHeadPodFromServeSvc"] is True
+    assert rs["spec"]["serveService"]["spec"]["ports"] == [{"name": "serve", "port": 8000}]
+
+
+def test_proxy_ingress_keeps_ray_serve_defaults():
+    rs = _rayservice(render(bank_serve(ingress="Proxy")))
+    cluster = rs["spec"]["rayClusterConfig"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        env = _env_names(group["template"]["spec"]["containers"][0])
+        assert not {k for k in env if k.startswith("RAY_SERVE_")}
+    assert rs["spec"]["excludeHeadPodFromServeSvc"] is False
+
+
+def test_unknown_ingress_is_refused():
+    with pytest.raises(Exception, match="ingress"):
+        bank_serve(ingress="Sidecar")

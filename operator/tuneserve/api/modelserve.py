@@ -106,6 +106,12 @@ class EngineConfig(ApiModel):
     )
 
 
+class Ingress(str, Enum):
+    """How requests get from the endpoint Service to a replica."""
+    Direct = "Direct"
+    Proxy = "Proxy"
+
+
 class ReplicaConfig(ApiModel):
     """How many serving replicas (each holds tensorParallelSize devices), scaled by Ray Serve on
     ongoing requests. Changing these applies without restarting replicas."""
@@ -129,6 +135,14 @@ class ModelServeSpec(RayPodOptions):
     accelerators: ServeAcceleratorRequest = Field(description="Acceptable accelerators, in order of preference.")
     engine: EngineConfig = Field(default_factory=EngineConfig, json_schema_extra={"default": {}}, description="vLLM engine settings.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, json_schema_extra={"default": {}}, description="Replica count and autoscaling.")
+    ingress: Ingress = Field(
+        Ingress.Direct,
+        description="How requests reach the replicas. Direct (default): each replica's own HTTP server "
+                    "takes the endpoint Service's traffic on port 8000 (Ray Serve direct ingress, "
+                    "RAY_SERVE_THROUGHPUT_OPTIMIZED): no proxy hop, and a pod is in the Service only while "
+                    "its replica answers. Proxy: Ray Serve's HTTP proxy on every pod forwards to any replica "
+                    "(Ray's default; measured 8-11% less throughput than bare vLLM on an H100, Direct 1-2%). "
+                    "Changing it rolls out a new Ray cluster.")
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(cel="!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",

