@@ -59,7 +59,8 @@ def ingress_env(ingress: Ingress) -> list[dict[str, Any]]:
     """Ray Serve settings for ``spec.ingress`` (read by the controller on the head and by the
     replicas, so every container gets them).
 
-    Direct: Ray Serve's throughput-optimized mode starts no proxies; the ingress replica itself
+    Direct: Ray Serve's throughput-optimized mode (a proxy on the head only, which the RayService
+    keeps out of the endpoint Service); the ingress replica itself
     listens on a port from [MIN, MAX) (Ray 2.60), pinned here to the serve port, which is what
     KubeRay's Service targets and its worker readiness probe (``/-/healthz`` on 8000) checks: the
     replica answers that route, so a pod joins the endpoints once its replica serves. One replica
@@ -169,8 +170,8 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
         "metadata": object_meta(serve, rayservice_name(name), annotations={CHOICE_ANNOTATION: candidate.key}),
         "spec": {
             "upgradeStrategy": {"type": "NewCluster"},
-            # Direct ingress starts no proxy on the head (it holds no replica): keep it out of the
-            # Service rather than have KubeRay probe a port nothing listens on.
+            # Direct ingress still runs a Serve proxy on the head (Ray 2.60: "proxy on head node
+            # only"); keep the head out of the Service so every request goes straight to a replica.
             "excludeHeadPodFromServeSvc": spec.ingress is Ingress.Direct,
             "serveService": {
                 "metadata": {"name": openai_service_name(name), "labels": pod_labels},
