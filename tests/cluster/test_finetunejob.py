@@ -175,6 +175,11 @@ def test_unschedulable_pods_past_the_timeout_fall_back_and_record_why(kube, name
     node["status"]["capacity"]["pods"] = node["status"]["allocatable"]["pods"] = "0"
     cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(node))
     try:
+        # the operator counts only Ready nodes: wait for kwok to mark it, or the job could be
+        # placed before the ghost pool exists in the operator's eyes
+        wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True" for c in
+                             ((kube.get("v1", "Node", node["metadata"]["name"]) or {}).get("status") or {}).get("conditions") or []),
+                 60, "the ghost H100 node to be Ready")
         make_secrets(kube, namespace)
         spec = example("finetunejob-qwen-bank.yaml", priorityClassName=None)
         spec["spec"]["accelerators"]["fallbackAfterMinutes"] = 1
