@@ -363,6 +363,7 @@ def main():
         opts = dict(compile=cuda, attention="auto", fuse_layers=True)
         bsz, packed, dropout, name, compare, cdt = args.batch, False, 0.0, None, True, False
         inductor_cfg: dict = {}
+        saved_inductor: dict = {}
         if v == "fast":
             name = f"worker b{bsz} fused+compile (default)"
         elif v == "fast-cudnn":
@@ -457,10 +458,6 @@ def main():
             if cdt:
                 import torch._inductor.config as ic
                 ic.coordinate_descent_tuning = False
-            if inductor_cfg:
-                import torch._inductor.config as ic
-                for key, val in saved_inductor.items():
-                    setattr(ic, key, val)
             r["compare"] = compare and not packed
             r["variant"] = v
             results.append(r)
@@ -470,6 +467,10 @@ def main():
             results.append({"name": name or v, "variant": v, "error": f"{type(e).__name__}: {e}"})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if saved_inductor:               # the next variants compile with the defaults again
+            import torch._inductor.config as ic
+            for key, val in saved_inductor.items():
+                setattr(ic, key, val)
         print(report(), flush=True)
         print(f"[elapsed {time.perf_counter() - t_start:.0f}s]", flush=True)
     # the exit code judges the worker's default configuration; other rows are for comparison
