@@ -58,13 +58,18 @@ def accelerator_totals(cluster: LocalCluster) -> str:
     return "\n".join(f"  {res:<24} {count:>4} allocatable" for res, count in sorted(totals.items()))
 
 
+def tiny_base_model(model: Path) -> dict:
+    """The tiny model's source; size hints because a local path has no hub metadata to size it."""
+    return {"uri": str(model),
+            "sizeHints": {"parametersBillions": 0.001, "layers": 2, "hiddenSize": 128, "vocabSize": 4000}}
+
+
 def finetunejob(model: Path, dataset: Path) -> dict:
     return {
         "apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": "tiny-assistant", "namespace": NS},
         "spec": {
-            "baseModel": {"uri": str(model),
-                          "sizeHints": {"parametersBillions": 0.001, "layers": 2, "hiddenSize": 128, "vocabSize": 4000}},
+            "baseModel": tiny_base_model(model),
             "dataset": {"uri": str(dataset), "format": "chat", "validationSplit": 0.125},
             "method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
             "training": {"maxSteps": 40, "learningRate": 0.005, "globalBatchSize": 4, "microBatchSize": 1,
@@ -85,8 +90,7 @@ def modelserve(model: Path) -> dict:
         "apiVersion": "tuneserve.dev/v1alpha1", "kind": "ModelServe",
         "metadata": {"name": "tiny-llm", "namespace": NS},
         "spec": {
-            "baseModel": {"uri": str(model),
-                          "sizeHints": {"parametersBillions": 0.001, "layers": 2, "hiddenSize": 128, "vocabSize": 4000}},
+            "baseModel": tiny_base_model(model),
             "adapters": [{"name": "assistant-v1", "fineTuneJobRef": {"name": "tiny-assistant"}}],
             "accelerators": {"choices": [{"vendor": "nvidia", "product": "L4"}, {"vendor": "nvidia", "product": "A10G"}]},
             "engine": {"maxLoraRank": 8, "maxLoras": 2},

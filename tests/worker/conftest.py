@@ -55,6 +55,16 @@ class Minio:
                 "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def minio(tmp_path_factory):
     binary = minio_binary()
@@ -87,12 +97,7 @@ def minio(tmp_path_factory):
         fs.mkdir(server.bucket)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 10)
         log.close()
 
 
@@ -146,12 +151,7 @@ def ray_address(tmp_path_factory):
         yield address
     finally:
         ray.shutdown()
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
+        _stop(head, 30)
         log.close()
 
         def removed():   # Ray's last processes may still be writing logs for a moment

@@ -6,11 +6,10 @@ for a free one), real vLLM on CPU. What KubeRay relies on: the replica itself an
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
-from serve_helpers import PYTHONPATH, http
+from serve_helpers import PYTHONPATH, http, wait_for
 from worker_helpers import free_port
 
 pytestmark = pytest.mark.worker
@@ -57,14 +56,9 @@ def test_replica_takes_traffic_on_the_pinned_port_without_a_proxy(tmp_path):
             "runtime_env": {"env_vars": env}, "args": cfg,
             "deployments": [{"name": DEPLOYMENT_NAME, "num_replicas": 1}]}]}))
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            app = serve.status().applications.get(APP)
-            assert not (app and app.status == "DEPLOY_FAILED"), app.message
-            if app and app.status == "RUNNING":
-                break
-            assert time.monotonic() < deadline, f"{APP} not RUNNING: {app}"
-            time.sleep(1)
+        app = wait_for(lambda: (lambda a: a if a and a.status in ("RUNNING", "DEPLOY_FAILED") else None)(
+            serve.status().applications.get(APP)), 300, f"{APP} to be RUNNING", interval=1)
+        assert app.status == "RUNNING", app.message
 
         code, body, _ = http(f"{url}/-/healthz")
         assert code == 200, body
