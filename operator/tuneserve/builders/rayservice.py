@@ -5,8 +5,9 @@ hold one replica's tensorParallelSize devices; Ray Serve autoscales replicas bet
 replicas.min and replicas.max and the in-tree autoscaler adds worker pods to match.
 
 What changes what (the design's point):
-* adapters -> only ConfigMap ``<ms>-adapters`` (mounted, kubelet refreshes it in place). The
-  RayService, serveConfigV2 included, does not depend on adapters: no redeploy, no restart.
+* adapters -> only ConfigMap ``<ms>-adapters``, which the replicas read through the API every
+  few seconds (the mounted copy, refreshed by kubelet, is the fallback). The RayService,
+  serveConfigV2 included, does not depend on adapters: no redeploy, no restart.
 * replicas -> serveConfigV2 ``autoscaling_config`` (a lightweight Serve update: no restart) and the
   worker group's min/max. KubeRay leaves worker-group replicas, minReplicas and maxReplicas out of
   its cluster hash: no new cluster, but the RayCluster it already made keeps the old bounds. So
