@@ -98,11 +98,12 @@ def test_optimize_is_noop_on_cpu_unless_forced():
     assert getattr(model, fastpath._STATE_ATTR, None) is None
 
 
-@pytest.mark.parametrize("kind,addmm", [("llama", True), ("qwen2", True), ("llama", False)])
-def test_fused_layers_match_peft(kind, addmm):
+@pytest.mark.parametrize("kind,lora_add", [("llama", "inplace"), ("qwen2", "inplace"), ("llama", "inplace-fwd"),
+                                           ("llama", "addmm"), ("llama", "add")])
+def test_fused_layers_match_peft(kind, lora_add):
     plain = tiny_model(kind)
     fused = copy.deepcopy(plain)
-    fastpath.optimize_for_training(fused, device="cpu", compile=False, force=True, addmm=addmm)
+    fastpath.optimize_for_training(fused, device="cpu", compile=False, force=True, lora_add=lora_add)
     st = getattr(fused, fastpath._STATE_ATTR)
     assert st.fused, st.reason
     b = batch()
@@ -186,3 +187,56 @@ def test_lora_dropout_is_applied_in_train_mode_only():
         s2, _ = fastpath.causal_lm_loss(fused, b)
     assert s1.item() != s2.item()                      # fresh dropout masks each call
     assert abs(s1.item() / int(n) - ref.item()) < 0.5  # ...around the same loss
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_value_blind_mask_choice_gives_the_same_loss(fused):
+    """``masked=`` (what a CUDA graph uses: no look at the batch's values) gives the same loss as
+    the data-driven choice, for packed rows and for a row that is one whole document."""
+    model = tiny_model()
+    if fused:
+        fastpath.optimize_for_training(model, device="cpu", compile=False, force=True)
+    packed = packed_batch()
+    single = dict(batch(), position_ids=torch.arange(40).expand(2, 40).contiguous())
+    with torch.no_grad():
+        for b in (packed, single):
+            ref, n_ref = fastpath.causal_lm_loss(model, b)
+            forced, n = fastpath.causal_lm_loss(model, b, masked=True)
+            assert int(n) == int(n_ref)
+            torch.testing.assert_close(forced, ref, rtol=1e-5, atol=1e-5)
+        plain, _ = fastpath.causal_lm_loss(model, single, masked=False)
+        torch.testing.assert_close(plain, fastpath.causal_lm_loss(model, single)[0], rtol=1e-5, atol=1e-5)
+
+
+def saved_activation_bytes(model, b):
+    """Bytes autograd keeps for backward during one forward (what activation memory is made of)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, n = fastpath.causal_lm_loss(model, b)
+    return total, loss_sum / n
+
+
+def test_fused_layers_honour_the_models_gradient_checkpointing():
+    """With gradient checkpointing on (the FineTuneJob default) the fused layers recompute their
+    activations in backward: far fewer bytes kept after forward, the same gradients."""
+    plain = tiny_model()
+    ckpt = copy.deepcopy(plain)
+    ckpt.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fused_plain, fused_ckpt = copy.deepcopy(plain), copy.deepcopy(ckpt)
+    for m in (fused_plain, fused_ckpt):
+        fastpath.optimize_for_training(m, device="cpu", compile=False, force=True)
+    assert getattr(fused_ckpt, fastpath._STATE_ATTR).recompute
+    assert not getattr(fused_plain, fastpath._STATE_ATTR).recompute
+    b = batch(s=64)
+    kept_plain, _ = saved_activation_bytes(fused_plain, b)
+    kept_ckpt, _ = saved_activation_bytes(fused_ckpt, b)
+    assert kept_ckpt < 0.5 * kept_plain, (kept_ckpt, kept_plain)
+    ref_loss, ref_grads = reference(ckpt, b)
+    loss, grads, _ = ours(fused_ckpt, b)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads)

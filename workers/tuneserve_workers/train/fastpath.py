@@ -125,7 +125,9 @@ def linear_cross_entropy_sum(h: torch.Tensor, w: torch.Tensor, target: torch.Ten
     h = h.reshape(-1, h.shape[-1])
     target = target.reshape(-1)
     if chunk is None:
-        chunk = max(16, _CE_CHUNK_BYTES // (2 * w.shape[0]))
+        chunk = _CE_CHUNK_BYTES // (2 * w.shape[0])
+        # whole GEMM tiles: 2048 rather than 2093 tokens at a 128k vocabulary
+        chunk = chunk // 256 * 256 if chunk >= 256 else max(16, chunk)
     return _LinearCrossEntropy.apply(h, w, target, int(chunk), chunk_fn or _ce_chunk)
 
 
@@ -137,6 +139,76 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # fused LoRA decoder layer
 # ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("tuneserve::base_plus_lora", mutates_args=())
+def base_plus_lora(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T + xa @ bt`` for a frozen ``w``: the LoRA term first, then the base GEMM
+    accumulates onto it in place (beta=1). ``torch.addmm(lora, x, w.T)`` computes the same sum
+    bit for bit but first copies the addend into a new output (a full-size copy per projection);
+    Inductor does not re-inplace addmm, hence an op of our own."""
+    out = torch.mm(xa, bt)
+    return out.addmm_(x, w.t())
+
+
+@base_plus_lora.register_fake
+def _(x, w, xa, bt):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _base_plus_lora_setup(ctx, inputs, output):
+    x, w, xa, bt = inputs
+    ctx.save_for_backward(w, xa, bt)
+
+
+def _base_plus_lora_backward(ctx, grad):
+    w, xa, bt = ctx.saved_tensors
+    # w is frozen (checked by the caller): no weight gradient, and x itself need not be saved.
+    return grad @ w, None, grad @ bt.t(), xa.t() @ grad
+
+
+torch.library.register_autograd("tuneserve::base_plus_lora", _base_plus_lora_backward,
+                                setup_context=_base_plus_lora_setup)
+
+
+@torch.library.custom_op("tuneserve::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x @ w.T + s * (x @ a.T) @ bt, s * x @ a.T)`` for a frozen ``w``, no dropout.
+
+    Like base_plus_lora, and its backward does the same for the input gradient: the LoRA part
+    ``dxa @ a`` is computed first and the frozen weight's ``g @ w`` accumulates onto it in the
+    GEMM (whose epilogue read hides under the compute), instead of autograd adding the two in a
+    memory-bound kernel. The second output (the scaled LoRA-A activation, rank-wide) is what
+    backward needs for the B gradient."""
+    xa = torch.mm(x, a.t()) * scale
+    out = torch.mm(xa, bt)
+    return out.addmm_(x, w.t()), xa
+
+
+@lora_linear.register_fake
+def _(x, w, a, bt, scale):
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], a.shape[0]))
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, w, a, bt, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(x, w, a, bt, output[1])
+
+
+def _lora_linear_backward(ctx, grad, grad_xa):
+    x, w, a, bt, xa = ctx.saved_tensors
+    dxa = grad @ bt.t()
+    if grad_xa is not None:
+        dxa = dxa + grad_xa
+    dxa = dxa * ctx.scale
+    dx = torch.ops.tuneserve.base_plus_lora(grad, w.t(), dxa, a)     # grad @ w + dxa @ a
+    return dx, None, dxa.t() @ x, xa.t() @ grad, None
+
+
+torch.library.register_autograd("tuneserve::lora_linear", _lora_linear_backward,
+                                setup_context=_lora_linear_setup)
+
+
 @dataclass
 class _Lora:
     A: nn.Parameter           # (r, in)
@@ -175,7 +247,8 @@ class _FastState:
     layer_fns: list = field(default_factory=list)
     ce_chunk_fn: Any = None
     attention: str = "auto"    # auto (SDPA's own choice) | flash | cudnn | efficient
-    addmm: bool = True         # LoRA add in the base matmul's epilogue, or a plain add
+    lora_add: str = "inplace"  # inplace | inplace-fwd | addmm | add: see _lora_group
+    recompute: bool = False    # activation checkpointing per fused layer (the model asked for it)
 
 
 def _lora_of(mod: nn.Module) -> Optional[_Lora]:
@@ -265,17 +338,27 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As, Bs, scales,
-                dropouts, training: bool, addmm: bool = True):
+                dropouts, training: bool, lora_add: str = "inplace"):
     """x @ w.T (+ b) + [s_i * drop_i(x) @ A_i.T @ B_i.T]_i for projections sharing the input x.
 
     Without dropout the A matrices are one matmul (x is read once) and the B matrices one
-    block-diagonal matmul. ``addmm``: the base matmul adds the LoRA term in its epilogue (cuBLAS
-    copies the addend into the output first); else a plain add, which torch.compile fuses into
-    the consumer (RoPE, SwiGLU, residual add) - no faster on an H100, see bench/README.md.
+    block-diagonal matmul. ``lora_add`` says where the LoRA term meets the base matmul:
+    "inplace" - the base GEMM accumulates onto it (``lora_linear``: in forward and, for the
+    input gradient, in backward; ``base_plus_lora`` where dropout or a bias rule that out),
+    "inplace-fwd" - only in forward (``base_plus_lora``), "addmm" - in
+    ``torch.addmm``'s epilogue (cuBLAS copies the addend into the output first), "add" - a plain
+    add, which torch.compile fuses into the consumer (RoPE, SwiGLU, residual add). All three are
+    the same sum; bench/README.md has their speeds on an H100.
     LoRA weights (often fp32 masters) are cast to the activation dtype, as autocast would.
     """
     dt = x.dtype
-    if not training or all(p == 0.0 for p in dropouts):
+    no_dropout = not training or all(p == 0.0 for p in dropouts)
+    if (lora_add == "inplace" and no_dropout and b is None and len(set(scales)) == 1
+            and w.dtype == dt and not w.requires_grad):
+        a = As[0].to(dt) if len(As) == 1 else torch.cat([a.to(dt) for a in As], dim=0)
+        bb = Bs[0].to(dt) if len(Bs) == 1 else torch.block_diag(*[bm.to(dt) for bm in Bs])
+        return torch.ops.tuneserve.lora_linear(x, w, a, bb.t(), scales[0])[0]
+    if no_dropout:
         a = As[0].to(dt) if len(As) == 1 else torch.cat([a.to(dt) for a in As], dim=0)
         xa = x @ a.t()
         if len(set(scales)) == 1:
@@ -286,12 +369,14 @@ def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As,
         xa = torch.cat([(F.dropout(x, p, True) if p else x) @ a.to(dt).t() * s
                         for a, s, p in zip(As, scales, dropouts)], dim=-1)
     bb = Bs[0].to(dt) if len(Bs) == 1 else torch.block_diag(*[bm.to(dt) for bm in Bs])
+    if lora_add in ("inplace", "inplace-fwd") and b is None and w.dtype == dt and not w.requires_grad:
+        return torch.ops.tuneserve.base_plus_lora(x, w, xa, bb.t())
     lora = xa @ bb.t()
     if b is not None:
         lora = lora + b
-    if addmm:
-        return torch.addmm(lora, x, w.t())
-    return x @ w.t() + lora
+    if lora_add == "add":
+        return x @ w.t() + lora
+    return torch.addmm(lora, x, w.t())
 
 
 def _layer_tensors(p: _LayerParams) -> tuple:
@@ -310,7 +395,7 @@ def _layer_meta(p: _LayerParams) -> tuple:
 def _make_layer_fn(st: _FastState, meta: tuple):
     n_heads, n_kv, hd, eps, scale = st.n_heads, st.n_kv, st.head_dim, st.eps, st.attn_scale
     native_gqa = st.attention in ("auto", "flash")
-    am = st.addmm
+    am = st.lora_add
     (s_q, s_k, s_v, s_o, s_g, s_u, s_d), (d_q, d_k, d_v, d_o, d_g, d_u, d_d) = meta
 
     def layer_fn(h, cos, sin, mask, training: bool, ln1, ln2, w_qkv, b_qkv, a_q, a_k, a_v,
@@ -390,25 +475,28 @@ def _install_fused(model: nn.Module, st: _FastState) -> None:
 # ----------------------------------------------------------------------------------------------
 def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force: bool = False,
                           attention: str = "auto", fuse_layers: bool = True,
-                          addmm: Optional[bool] = None) -> nn.Module:
+                          lora_add: str = "inplace") -> nn.Module:
     """Prepare ``model`` for fast LoRA training steps (in place; returns it).
 
     Call it after the adapters are added and before the optimizer is built. On CPU it does
     nothing unless ``force``. Use ``compile=True`` on CUDA: the fused layers rely on
     torch.compile for their elementwise fusions. ``attention``: "auto" (SDPA picks; cuDNN on H100
     with torch 2.11), or force "flash" / "cudnn" / "efficient". ``fuse_layers=False`` keeps PEFT's
-    layers (only compiles them) and ``addmm`` overrides where the LoRA term is added - both for
-    comparisons in the benchmark.
+    layers (only compiles them) and ``lora_add`` ("inplace", "inplace-fwd", "addmm", "add"; see
+    _lora_group)
+    says where the LoRA term is added - both for comparisons in the benchmark.
     """
+    if lora_add not in ("inplace", "inplace-fwd", "addmm", "add"):
+        raise ValueError(f"lora_add must be inplace, inplace-fwd, addmm or add, not {lora_add!r}")
     dev = torch.device(device).type if device else "cpu"
     if dev == "cpu" and not force:
         return model
     if getattr(model, _STATE_ATTR, None) is not None:
         return model
-    # addmm by default: measured on an H100 as fast as letting Inductor fuse the add into the
-    # consumer, and closer to PEFT's numerics (bench/README.md).
-    st = _FastState(device=dev, compiled=bool(compile), attention=attention,
-                    addmm=True if addmm is None else bool(addmm))
+    # The fused layers bypass the decoder layers' own forward, so they honour the model's
+    # gradient checkpointing themselves: the memory sizing of the job assumes it when it is on.
+    st = _FastState(device=dev, compiled=bool(compile), attention=attention, lora_add=lora_add,
+                    recompute=bool(getattr(_causal_lm(model), "is_gradient_checkpointing", False)))
     if fuse_layers:
         _install_fused(model, st)
     else:
@@ -456,19 +544,25 @@ def fastpath_summary(model: nn.Module) -> str:
         return "fastpath: not optimized (plain model, chunked CE where possible)"
     parts = [f"device={st.device}", f"compile={st.compiled}",
              f"fused_layers={'yes' if st.fused else 'no (' + st.reason + ')'}", f"attention={st.attention}",
-             f"lora_add={'addmm epilogue' if st.addmm else 'fused add'}"]
+             f"lora_add={st.lora_add}", f"recompute={st.recompute}"]
     return "fastpath: " + ", ".join(parts)
 
 
 def _attention_mask_for(batch_attn: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                        bsz: int, seq: int, device) -> Optional[torch.Tensor]:
+                        bsz: int, seq: int, device, masked: Optional[bool] = None) -> Optional[torch.Tensor]:
     """None for plain causal batches; else a bool [B,1,S,S] document-causal mask.
 
     Documents start where position_ids is 0 (packing, as transformers reads it); padding
     (attention_mask 0) is masked as a key. Every query may see itself, so no row is empty.
+    ``masked`` given: build the mask (or not) without looking at the values - no host sync, as a
+    CUDA graph needs; the mask of a batch that needs none is plain causal, so either is exact.
     """
-    packed = position_ids is not None and bool(((position_ids[:, 1:] - position_ids[:, :-1]) != 1).any())
-    padded = batch_attn is not None and not bool(batch_attn.bool().all())
+    if masked is None:
+        packed = position_ids is not None and bool(((position_ids[:, 1:] - position_ids[:, :-1]) != 1).any())
+        padded = batch_attn is not None and not bool(batch_attn.bool().all())
+    else:
+        packed = masked and position_ids is not None
+        padded = masked and batch_attn is not None
     if not packed and not padded:
         return None
     idx = torch.arange(seq, device=device)
@@ -482,19 +576,25 @@ def _attention_mask_for(batch_attn: Optional[torch.Tensor], position_ids: Option
     return allowed.expand(bsz, seq, seq).unsqueeze(1)
 
 
-def _fused_hidden(model: nn.Module, st: _FastState, input_ids, attention_mask, position_ids):
+def _fused_hidden(model: nn.Module, st: _FastState, input_ids, attention_mask, position_ids,
+                  masked: Optional[bool] = None):
     causal = _causal_lm(model)
     dec = _decoder(causal)
     bsz, seq = input_ids.shape
     h = dec.embed_tokens(input_ids)
-    mask = _attention_mask_for(attention_mask, position_ids, bsz, seq, h.device)
+    mask = _attention_mask_for(attention_mask, position_ids, bsz, seq, h.device, masked)
     if position_ids is None:
         position_ids = torch.arange(seq, device=h.device).unsqueeze(0).expand(bsz, seq)
     cos, sin = dec.rotary_emb(h, position_ids)
     training = model.training
+    recompute = st.recompute and training and torch.is_grad_enabled()
     with _sdpa_context(st):
         for fn, p in zip(st.layer_fns, st.layers):
-            h = fn(h, cos, sin, mask, training, *_layer_tensors(p))
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(fn, h, cos, sin, mask, training, *_layer_tensors(p),
+                                                      use_reentrant=False)
+            else:
+                h = fn(h, cos, sin, mask, training, *_layer_tensors(p))
     return dec.norm(h)
 
 
@@ -508,12 +608,15 @@ def _sdpa_context(st: _FastState):
     return contextlib.nullcontext()
 
 
-def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(model: nn.Module, batch: dict, *, masked: Optional[bool] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies over labels != -100, number of such tokens).
 
     ``batch``: input_ids, labels [B, S]; optional attention_mask, position_ids (packed sequences:
     positions restart at 0 at each document). Labels are shifted as transformers does (position t
     predicts labels[t+1]). Divide the sum by the (global) token count for the mean loss.
+    ``masked``: decide the fused layers' attention mask without reading the batch (for CUDA
+    graphs; see _attention_mask_for); None looks at the values.
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     attention_mask = batch.get("attention_mask")
@@ -523,7 +626,7 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.T
     st = getattr(model, _STATE_ATTR, None)
     causal = _causal_lm(model)
     if st is not None and st.fused:
-        hidden = _fused_hidden(model, st, input_ids, attention_mask, position_ids)
+        hidden = _fused_hidden(model, st, input_ids, attention_mask, position_ids, masked)
     else:
         out = _decoder(causal)(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False)
