@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..contract import CheckpointRef, TrainJobConfig
 from . import fastpath
 from .checkpoint import CheckpointStore, scratch_dir
+from .cudagraph import GraphedMicroStep
 from .data import SampleStream, collate, prepare, read_dataset, total_steps
 from .errors import ResourceError, TrainError
 from .model import choose_dtype, load_model, load_tokenizer, resolved_targets
@@ -62,12 +63,19 @@ class TrainStep:
     """One optimizer step over ``grad_accum`` micro-batches (see the module docstring)."""
 
     def __init__(self, model, optimizer, scheduler, *, grad_accum: int, clip: float | None,
-                 amp_dtype: torch.dtype | None = None, loss_fn=None):
+                 amp_dtype: torch.dtype | None = None, loss_fn=None, cuda_graphs: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_accum, self.clip, self.amp_dtype = grad_accum, clip, amp_dtype
         self.loss_fn = loss_fn or fastpath.causal_lm_loss
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
+        # cudagraph.py: replayed forward+backward for static shapes (CUDA, default loss only).
+        self.graphs = (GraphedMicroStep(model, self.params, self.device, self._amp)
+                       if cuda_graphs and self.device.type == "cuda" and loss_fn is None else None)
+
+    def _amp(self):
+        return (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                if self.amp_dtype is not None else contextlib.nullcontext())
 
     def __call__(self, batch) -> dict:
         micro = [batch] if isinstance(batch, Mapping) else list(batch)
@@ -81,10 +89,12 @@ class TrainStep:
         counts = _all_sum(torch.stack([local, tokens]).float())
         scale = 1.0 / counts[0].clamp(min=1)
         loss_total = torch.zeros((), device=self.device)
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-               if self.amp_dtype is not None else contextlib.nullcontext())
+        graphed = self.graphs is not None and self.graphs.prepare(micro[0])
         for mb in micro:
-            with amp:
+            if graphed and self.graphs.matches(mb):
+                loss_total += self.graphs.run(mb, scale)
+                continue
+            with self._amp():
                 loss_sum, _ = self.loss_fn(self.model, mb)
             (loss_sum * scale).backward()
             loss_total += loss_sum.detach().float()
@@ -96,7 +106,8 @@ class TrainStep:
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # A captured graph adds into the existing .grad tensors: keep them, zeroed.
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
         loss_total = _all_sum(loss_total)
         # One host sync for all metrics.
         loss, n_label, n_global, n_local, gnorm = torch.stack([
@@ -272,8 +283,11 @@ def train_worker(payload: dict) -> None:
         last_ref = CheckpointRef(uri=chosen.uri, step=chosen.step, time=chosen.time)
     shutil.rmtree(local_ckpt, ignore_errors=True)
 
+    # CUDA graphs need static shapes (packing gives them); replayed dropout RNG is not verified
+    # here, so runs with LoRA dropout stay eager.
     train_step = TrainStep(model, optimizer, scheduler, grad_accum=accum, clip=1.0,
-                           amp_dtype=amp_dtype)
+                           amp_dtype=amp_dtype,
+                           cuda_graphs=device.type == "cuda" and t_cfg.packing and cfg.adapter.dropout == 0)
 
     messages = [m for m in (note, f"resumed from checkpoint step {chosen_step}"
                             if chosen_step is not None else None) if m]
