@@ -185,10 +185,11 @@ def plain_runner(model, params, args, device, amp):
     return step, opt
 
 
-def worker_runner(TrainStep, model, params, args, device, amp):
+def worker_runner(TrainStep, model, params, args, device, amp, cuda_graphs=False):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ts = TrainStep(model, opt, sched, grad_accum=1, clip=1.0, amp_dtype=amp)
+    kw = {"cuda_graphs": True} if cuda_graphs else {}
+    ts = TrainStep(model, opt, sched, grad_accum=1, clip=1.0, amp_dtype=amp, **kw)
     return (lambda b: ts(b)["loss"]), opt
 
 
@@ -268,7 +269,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct-batches", type=int, default=2, help="batches cycled (so the loss can fall)")
     ap.add_argument("--tolerance", type=float, default=0.02, help="max |loss diff| allowed vs plain")
-    ap.add_argument("--variants", default="fast,plain-again,fast-nosync,fast-fusedadd,fast-flash,fused-eager,peft-compiled,packed,dropout,batch4",
+    ap.add_argument("--variants", default="fast,plain-again,fast-addmm,fast-nosync,fast-graph,fast-fusedadd,fast-flash,fused-eager,peft-compiled,packed,dropout,batch4",
                     help="worker-step variants to run after the plain loop, in order")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps of plain and fast")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "out"))
@@ -362,6 +363,7 @@ def main():
             continue
         opts = dict(compile=cuda, attention="auto", fuse_layers=True)
         bsz, packed, dropout, name, compare, cdt = args.batch, False, 0.0, None, True, False
+        graph = ckpt = False
         inductor_cfg: dict = {}
         saved_inductor: dict = {}
         if v == "fast":
@@ -373,12 +375,24 @@ def main():
             opts["attention"] = "flash"
             name = f"worker b{bsz} fused+compile, flash attn"
         elif v == "fast-fusedadd":
-            opts["addmm"] = False
+            opts["lora_add"] = "add"
             name = f"worker b{bsz} fused+compile, LoRA add fused"
         elif v == "fast-fusedadd-emu":
-            opts["addmm"] = False
+            opts["lora_add"] = "add"
             inductor_cfg = {"emulate_precision_casts": True}
             name = f"worker b{bsz} fused+compile, LoRA add fused, bf16 casts kept"
+        elif v == "fast-inplace-fwd":
+            opts["lora_add"] = "inplace-fwd"
+            name = f"worker b{bsz} fused+compile, in-place LoRA add fwd only"
+        elif v == "fast-addmm":
+            opts["lora_add"] = "addmm"
+            name = f"worker b{bsz} fused+compile, LoRA add in addmm"
+        elif v == "fast-graph":
+            graph = True
+            name = f"worker b{bsz} fused+compile+CUDA graph"
+        elif v == "fast-ckpt":
+            ckpt = True
+            name = f"worker b{bsz} fused+compile, grad checkpointing"
         elif v == "fast-autotune":
             inductor_cfg = {"max_autotune": True, "max_autotune_gemm": True}
             name = f"worker b{bsz} fused+compile, max-autotune GEMMs"
@@ -396,6 +410,9 @@ def main():
         elif v == "packed":
             packed = True
             name = f"worker b{bsz} fused+compile, packed 3 docs"
+        elif v == "packed-graph":
+            packed = graph = True
+            name = f"worker b{bsz} fused+compile+CUDA graph, packed 3 docs"
         elif v == "dropout":
             dropout, compare = 0.05, False
             name = f"worker b{bsz} fused+compile, dropout .05"
@@ -409,7 +426,7 @@ def main():
             continue
         if not cuda:
             opts["compile"] = False
-            if v == "fast-cudnn":
+            if v == "fast-cudnn" or graph:
                 continue
             name = name.replace("fused+compile", "fused (CPU: no compile)")
         try:
@@ -430,6 +447,9 @@ def main():
                         raise RuntimeError(f"torch._inductor.config lacks {missing}")
                     for key, val in inductor_cfg.items():
                         setattr(ic, key, val)
+                if ckpt:     # the FineTuneJob default; the fused layers honour it (recompute)
+                    model.get_base_model().gradient_checkpointing_enable(
+                        gradient_checkpointing_kwargs={"use_reentrant": False})
                 fastpath.optimize_for_training(model, device=device.type, force=not cuda, **opts)
                 st = getattr(model, fastpath._STATE_ATTR)
                 if dropout:
@@ -450,6 +470,8 @@ def main():
                 bb = batches if (bsz == args.batch and not packed) else make_batches(args, cfg, device, bsz, packed)
                 if v == "fast-nosync":
                     step, opt = nosync_runner(model, params, args, device, amp)
+                elif graph:
+                    step, opt = worker_runner(TrainStep, model, params, args, device, amp, cuda_graphs=True)
                 else:
                     step, opt = worker_runner(TrainStep, model, params, args, device, amp)
                 r = run(name, step, bb, args, device, bsz * args.seq, n_steps)
@@ -467,6 +489,8 @@ def main():
             results.append({"name": name or v, "variant": v, "error": f"{type(e).__name__}: {e}"})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if ckpt:
+            model.get_base_model().gradient_checkpointing_disable()
         if saved_inductor:               # the next variants compile with the defaults again
             import torch._inductor.config as ic
             for key, val in saved_inductor.items():
