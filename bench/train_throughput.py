@@ -109,7 +109,18 @@ def make_batches(args, cfg, device, batch, packed=False):
     for _ in range(args.distinct_batches):
         ids = torch.randint(0, cfg.vocab_size, (batch, args.seq), generator=g)
         b = {"input_ids": ids, "labels": ids.clone()}
-        if packed:   # documents of 1/4, 1/2, 1/4 of the row; no label across a document start
+        if packed == "many":   # 32..512-token documents, a different split in every row
+            rows = []
+            for _ in range(batch):
+                lens, left = [], args.seq
+                while left > 0:
+                    lens.append(min(left, int(torch.randint(32, 513, (1,), generator=g))))
+                    left -= lens[-1]
+                rows.append(torch.cat([torch.arange(n) for n in lens]))
+            pos = torch.stack(rows)
+            b["labels"][pos == 0] = -100    # no label across a document start
+            b["position_ids"] = pos
+        elif packed:   # documents of 1/4, 1/2, 1/4 of the row; no label across a document start
             q = args.seq // 4
             lens = [q, 2 * q, args.seq - 3 * q]
             pos = torch.cat([torch.arange(n) for n in lens]).expand(batch, -1).contiguous()
@@ -269,7 +280,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct-batches", type=int, default=2, help="batches cycled (so the loss can fall)")
     ap.add_argument("--tolerance", type=float, default=0.02, help="max |loss diff| allowed vs plain")
-    ap.add_argument("--variants", default="fast,plain-again,fast-addmm,fast-nosync,fast-graph,fast-fusedadd,fast-flash,fused-eager,peft-compiled,packed,dropout,batch4",
+    ap.add_argument("--variants", default="fast,packed,packed-mask,packed-many,packed-many-mask,fast-graph,fast-ckpt,plain-again",
                     help="worker-step variants to run after the plain loop, in order")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps of plain and fast")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "out"))
@@ -337,6 +348,17 @@ def main():
                     r["max_abs_loss_diff"] = diff
                     ok = "OK" if diff <= args.tolerance else "EXCEEDS"
                     text.append(f"max |loss - plain| over {n} steps, {r['name']}: {diff:.4f} "
+                                f"(tolerance {args.tolerance}: {ok})")
+            # packed rows have no plain-loop twin: hold each packed run to the first one of its data
+            firsts: dict = {}
+            for r in results:
+                if "error" in r or not r.get("packed"):
+                    continue
+                ref = firsts.setdefault(r["packed"], r)
+                if ref is not r:
+                    diff = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
+                    ok = "OK" if diff <= args.tolerance else "EXCEEDS"
+                    text.append(f"max |loss - {ref['name']}|, {r['name']}: {diff:.4f} "
                                 f"(tolerance {args.tolerance}: {ok})")
             drop = base["losses"][0] - min(base["losses"])
             text.append(f"plain loss fell by {drop:.3f} over the run (curves must move for the check to mean much)")
@@ -409,10 +431,20 @@ def main():
             name = f"worker b{bsz} PEFT layers compiled+CE"
         elif v == "packed":
             packed = True
-            name = f"worker b{bsz} fused+compile, packed 3 docs"
+            name = f"worker b{bsz} packed 3 docs (default)"
+        elif v == "packed-mask":
+            packed, opts["varlen"] = True, False
+            name = f"worker b{bsz} packed 3 docs, dense doc mask"
         elif v == "packed-graph":
             packed = graph = True
-            name = f"worker b{bsz} fused+compile+CUDA graph, packed 3 docs"
+            opts["varlen"] = False      # what a graph captures (static shapes)
+            name = f"worker b{bsz} packed 3 docs, mask+CUDA graph"
+        elif v == "packed-many":
+            packed = "many"
+            name = f"worker b{bsz} packed 32-512 tok docs (default)"
+        elif v == "packed-many-mask":
+            packed, opts["varlen"] = "many", False
+            name = f"worker b{bsz} packed 32-512 tok docs, mask"
         elif v == "dropout":
             dropout, compare = 0.05, False
             name = f"worker b{bsz} fused+compile, dropout .05"
@@ -481,6 +513,7 @@ def main():
                 import torch._inductor.config as ic
                 ic.coordinate_descent_tuning = False
             r["compare"] = compare and not packed
+            r["packed"] = packed
             r["variant"] = v
             results.append(r)
             del step, opt

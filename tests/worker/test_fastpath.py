@@ -142,17 +142,45 @@ def separate_docs_loss(model, b):
     return total, n
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_packed_sequences_do_not_attend_across_documents(fused):
+@pytest.mark.parametrize("mode", ["peft", "fused-mask", "fused-varlen"])
+def test_packed_sequences_do_not_attend_across_documents(mode):
     model = tiny_model()
-    if fused:
-        fastpath.optimize_for_training(model, device="cpu", compile=False, force=True)
+    if mode != "peft":
+        fastpath.optimize_for_training(model, device="cpu", compile=False, force=True,
+                                       varlen=mode == "fused-varlen")
+        assert f"packed={mode.split('-')[1]}" in fastpath.fastpath_summary(model)
     b = packed_batch()
     with torch.no_grad():
         ref_sum, ref_n = separate_docs_loss(model, b)
         loss_sum, n = fastpath.causal_lm_loss(model, b)
     assert int(n) == ref_n
     assert loss_sum.item() == pytest.approx(ref_sum, rel=1e-5)
+
+
+def test_varlen_and_mask_give_the_same_gradients():
+    """Packed rows through per-document (varlen) attention and through the dense document mask:
+    the same loss and LoRA gradients (on CUDA the varlen side is torch's flash kernel; the
+    benchmark compares the two there)."""
+    masked = tiny_model()
+    varlen = copy.deepcopy(masked)
+    fastpath.optimize_for_training(masked, device="cpu", compile=False, force=True, varlen=False)
+    fastpath.optimize_for_training(varlen, device="cpu", compile=False, force=True, varlen=True)
+    b = packed_batch()
+    ref_loss, ref_grads, _ = ours(masked, b)
+    loss, grads, _ = ours(varlen, b)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+
+
+def test_document_offsets_of_a_packed_batch():
+    # row 0: a tail of a document (positions 5..7) then two documents; row 1: one document
+    pos = torch.tensor([[5, 6, 7, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
+    cu = fastpath._attention_mask_for(None, pos, 2, 8, "cpu", varlen=True)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 8, 16]
+    unpacked = torch.arange(8).expand(2, 8)
+    assert fastpath._attention_mask_for(None, unpacked, 2, 8, "cpu", varlen=True) is None
+    dense = fastpath._attention_mask_for(None, pos, 2, 8, "cpu", masked=True, varlen=True)
+    assert dense.dtype == torch.bool and dense.shape == (2, 1, 8, 8)   # CUDA graphs: static shapes
 
 
 def test_padded_batch_matches_peft():

@@ -17,8 +17,10 @@ where they are known to be exact up to bf16 rounding:
   that share an input are applied as one matmul (x is read once for q,k,v and once for gate,up),
   the LoRA B matrices as one block-diagonal matmul, and the whole layer is one function of tensors
   that ``torch.compile`` fuses (RMSNorm, RoPE, the LoRA add, SwiGLU, residual adds) and compiles
-  once for all layers. Attention is SDPA (flash on H100) with ``is_causal`` for unpadded batches,
-  and an explicit document-causal mask for packed (``position_ids``) or padded batches.
+  once for all layers. Attention is SDPA (cuDNN on H100) with ``is_causal`` for unpadded batches.
+  Packed batches (``position_ids`` restart at each document) use variable-length flash attention
+  over the documents on CUDA (``attention="auto"``; no ``[S, S]`` mask, causal blocks skipped),
+  and an explicit document-causal mask elsewhere, for padded batches and inside CUDA graphs.
 
 Everything here imports on a CPU-only box without Triton; on CPU ``optimize_for_training`` is a
 no-op unless ``force=True`` (the unit tests force it to check the fused numerics in fp32).
@@ -249,6 +251,7 @@ class _FastState:
     attention: str = "auto"    # auto (SDPA's own choice) | flash | cudnn | efficient
     lora_add: str = "inplace"  # inplace | inplace-fwd | addmm | add: see _lora_group
     recompute: bool = False    # activation checkpointing per fused layer (the model asked for it)
+    varlen: bool = False       # packed batches: variable-length attention instead of a dense mask
 
 
 def _lora_of(mod: nn.Module) -> Optional[_Lora]:
@@ -392,6 +395,68 @@ def _layer_meta(p: _LayerParams) -> tuple:
     return tuple(l.scale for l in ls), tuple(l.dropout for l in ls)
 
 
+def _load_varlen():
+    """torch's variable-length flash attention as f(q, k, v, cu, max_len, scale), or None.
+
+    Its keywords moved between releases (2.10: ``is_causal``; later: ``window_size=(-1, 0)``,
+    ``enable_gqa``), so the call is built from the signature once.
+    """
+    try:
+        import inspect
+        from torch.nn.attention.varlen import varlen_attn
+        params = inspect.signature(varlen_attn).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    kw: dict = {}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        kw["is_causal"] = True
+    else:
+        return None
+    if "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    has_scale = "scale" in params
+
+    def call(q, k, v, cu, max_len: int, scale: float):
+        extra = {"scale": scale} if has_scale else {}
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw, **extra)
+
+    call.has_scale = has_scale
+    return call
+
+
+_VARLEN = _load_varlen()
+
+
+def _varlen_available(scale: float, head_dim: int) -> bool:
+    if _VARLEN is None or not torch.cuda.is_available():
+        return False
+    return _VARLEN.has_scale or abs(scale - head_dim ** -0.5) < 1e-12
+
+
+def _varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+                   max_len: int, scale: float) -> torch.Tensor:
+    """Causal attention inside each document of a flattened packed batch.
+
+    q [T, Hq, D], k/v [T, Hkv, D]; ``cu`` int32 [n_docs + 1] document offsets into T. CUDA runs
+    torch's flash varlen kernel; elsewhere (CPU unit tests) one SDPA call per document - the
+    ground truth the kernel is held to.
+    """
+    if q.is_cuda and _VARLEN is not None:
+        return _VARLEN(q, k, v, cu, max_len, scale)
+    rep = q.shape[1] // k.shape[1]
+    bounds = cu.tolist()
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            ki, vi = ki.repeat_interleave(rep, 0), vi.repeat_interleave(rep, 0)
+            parts.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+                         .transpose(0, 1))
+    return torch.cat(parts, 0)
+
+
 def _make_layer_fn(st: _FastState, meta: tuple):
     n_heads, n_kv, hd, eps, scale = st.n_heads, st.n_kv, st.head_dim, st.eps, st.attn_scale
     native_gqa = st.attention in ("auto", "flash")
@@ -412,20 +477,26 @@ def _make_layer_fn(st: _FastState, meta: tuple):
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * c + torch.cat((-q[..., hd // 2:], q[..., :hd // 2]), dim=-1) * s
         k = k * c + torch.cat((-k[..., hd // 2:], k[..., :hd // 2]), dim=-1) * s
-        gqa = n_kv != n_heads
-        if gqa and (mask is not None or not native_gqa):
-            rep = n_heads // n_kv
-            k = k[:, :, None].expand(bsz, n_kv, rep, seq, hd).reshape(bsz, n_heads, seq, hd)
-            v = v[:, :, None].expand(bsz, n_kv, rep, seq, hd).reshape(bsz, n_heads, seq, hd)
-            gqa = False
-        if mask is None:
-            if gqa:
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-            else:
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if mask is not None and mask.dtype == torch.int32:   # packed documents: cu_seqlens
+            attn = _varlen_causal(q.transpose(1, 2).reshape(bsz * seq, n_heads, hd),
+                                  k.transpose(1, 2).reshape(bsz * seq, n_kv, hd),
+                                  v.transpose(1, 2).reshape(bsz * seq, n_kv, hd), mask, seq, scale)
+            attn = attn.reshape(-1, n_heads * hd)
         else:
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        attn = attn.transpose(1, 2).reshape(-1, n_heads * hd)
+            gqa = n_kv != n_heads
+            if gqa and (mask is not None or not native_gqa):
+                rep = n_heads // n_kv
+                k = k[:, :, None].expand(bsz, n_kv, rep, seq, hd).reshape(bsz, n_heads, seq, hd)
+                v = v[:, :, None].expand(bsz, n_kv, rep, seq, hd).reshape(bsz, n_heads, seq, hd)
+                gqa = False
+            if mask is None:
+                if gqa:
+                    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+                else:
+                    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            else:
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            attn = attn.transpose(1, 2).reshape(-1, n_heads * hd)
         x = x + _lora_group(attn, w_o, None, (a_o,), (b_o,), (s_o,), (d_o,), training, am)
         xn = _rms_norm(x, ln2, eps)
         gu = _lora_group(xn, w_gu, None, (a_g, a_u), (b_g, b_u), (s_g, s_u), (d_g, d_u), training, am)
@@ -475,7 +546,7 @@ def _install_fused(model: nn.Module, st: _FastState) -> None:
 # ----------------------------------------------------------------------------------------------
 def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force: bool = False,
                           attention: str = "auto", fuse_layers: bool = True,
-                          lora_add: str = "inplace") -> nn.Module:
+                          lora_add: str = "inplace", varlen: Optional[bool] = None) -> nn.Module:
     """Prepare ``model`` for fast LoRA training steps (in place; returns it).
 
     Call it after the adapters are added and before the optimizer is built. On CPU it does
@@ -484,7 +555,9 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
     with torch 2.11), or force "flash" / "cudnn" / "efficient". ``fuse_layers=False`` keeps PEFT's
     layers (only compiles them) and ``lora_add`` ("inplace", "inplace-fwd", "addmm", "add"; see
     _lora_group)
-    says where the LoRA term is added - both for comparisons in the benchmark.
+    says where the LoRA term is added - both for comparisons in the benchmark. ``varlen``: packed
+    batches attend per document through variable-length flash attention (None: on CUDA where
+    torch has it and ``attention`` is auto or flash; True on CPU runs the per-document reference).
     """
     if lora_add not in ("inplace", "inplace-fwd", "addmm", "add"):
         raise ValueError(f"lora_add must be inplace, inplace-fwd, addmm or add, not {lora_add!r}")
@@ -499,6 +572,9 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
                     recompute=bool(getattr(_causal_lm(model), "is_gradient_checkpointing", False)))
     if fuse_layers:
         _install_fused(model, st)
+        st.varlen = (bool(varlen) if varlen is not None else
+                     dev == "cuda" and attention in ("auto", "flash")
+                     and _varlen_available(st.attn_scale, st.head_dim))
     else:
         st.reason = "fuse_layers=False"
     if compile:
@@ -538,19 +614,31 @@ def reset_fastpath(model: nn.Module) -> None:
     torch._dynamo.reset()
 
 
+def packed_attention(model: nn.Module) -> Optional[str]:
+    """How the fused layers attend within packed rows: "varlen", "mask", or None (not fused)."""
+    st = getattr(model, _STATE_ATTR, None)
+    if st is None or not st.fused:
+        return None
+    return "varlen" if st.varlen else "mask"
+
+
 def fastpath_summary(model: nn.Module) -> str:
     st = getattr(model, _STATE_ATTR, None)
     if st is None:
         return "fastpath: not optimized (plain model, chunked CE where possible)"
     parts = [f"device={st.device}", f"compile={st.compiled}",
              f"fused_layers={'yes' if st.fused else 'no (' + st.reason + ')'}", f"attention={st.attention}",
-             f"lora_add={st.lora_add}", f"recompute={st.recompute}"]
+             f"packed={'varlen' if st.varlen else 'mask'}", f"lora_add={st.lora_add}",
+             f"recompute={st.recompute}"]
     return "fastpath: " + ", ".join(parts)
 
 
 def _attention_mask_for(batch_attn: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                        bsz: int, seq: int, device, masked: Optional[bool] = None) -> Optional[torch.Tensor]:
-    """None for plain causal batches; else a bool [B,1,S,S] document-causal mask.
+                        bsz: int, seq: int, device, masked: Optional[bool] = None,
+                        varlen: bool = False) -> Optional[torch.Tensor]:
+    """None for plain causal batches; else a bool [B,1,S,S] document-causal mask - or, with
+    ``varlen`` for a packed batch without padding, the int32 document offsets (cu_seqlens) into
+    the flattened batch that _varlen_causal takes.
 
     Documents start where position_ids is 0 (packing, as transformers reads it); padding
     (attention_mask 0) is masked as a key. Every query may see itself, so no row is empty.
@@ -565,6 +653,14 @@ def _attention_mask_for(batch_attn: Optional[torch.Tensor], position_ids: Option
         padded = masked and batch_attn is not None
     if not packed and not padded:
         return None
+    if varlen and packed and not padded and masked is None:
+        starts = position_ids == 0
+        starts[:, 0] = True                 # a row always starts a document
+        cu = torch.nonzero(starts.reshape(-1)).reshape(-1).to(torch.int32)
+        cu = torch.cat([cu, cu.new_full((1,), bsz * seq)])
+        from torch._dynamo import mark_dynamic
+        mark_dynamic(cu, 0)                 # one compiled layer for any number of documents
+        return cu
     idx = torch.arange(seq, device=device)
     allowed = (idx[None, :] <= idx[:, None]).unsqueeze(0)                      # [1,S,S]
     if packed:
@@ -582,7 +678,7 @@ def _fused_hidden(model: nn.Module, st: _FastState, input_ids, attention_mask, p
     dec = _decoder(causal)
     bsz, seq = input_ids.shape
     h = dec.embed_tokens(input_ids)
-    mask = _attention_mask_for(attention_mask, position_ids, bsz, seq, h.device, masked)
+    mask = _attention_mask_for(attention_mask, position_ids, bsz, seq, h.device, masked, st.varlen)
     if position_ids is None:
         position_ids = torch.arange(seq, device=h.device).unsqueeze(0).expand(bsz, seq)
     cos, sin = dec.rotary_emb(h, position_ids)

@@ -240,7 +240,7 @@ def train_worker(payload: dict) -> None:
     model = load_model(model_dir, cfg.adapter, acc, device,
                        torch.float32 if amp_dtype is None else dtype,
                        gradient_checkpointing=t_cfg.gradient_checkpointing)
-    # Compiled fused layers are what makes the step fast on GPUs (bench/README.md: 1.61x the plain
+    # Compiled fused layers are what makes the step fast on GPUs (bench/README.md: 1.7x the plain
     # loop on an H100); compiling on CPU only costs start-up time in tests.
     model = fastpath.optimize_for_training(model, device=device.type, compile=device.type == "cuda")
 
@@ -283,11 +283,14 @@ def train_worker(payload: dict) -> None:
         last_ref = CheckpointRef(uri=chosen.uri, step=chosen.step, time=chosen.time)
     shutil.rmtree(local_ckpt, ignore_errors=True)
 
-    # CUDA graphs need static shapes (packing gives them); replayed dropout RNG is not verified
-    # here, so runs with LoRA dropout stay eager.
+    # CUDA graphs need static shapes (packing gives them) and a dense document mask; where the
+    # packed rows go through variable-length attention instead (CUDA with torch's varlen kernel),
+    # that is faster than a graph could gain (bench/README.md), so graphs stay off. Replayed
+    # dropout RNG is not verified here, so runs with LoRA dropout stay eager too.
     train_step = TrainStep(model, optimizer, scheduler, grad_accum=accum, clip=1.0,
                            amp_dtype=amp_dtype,
-                           cuda_graphs=device.type == "cuda" and t_cfg.packing and cfg.adapter.dropout == 0)
+                           cuda_graphs=(device.type == "cuda" and t_cfg.packing and cfg.adapter.dropout == 0
+                                        and fastpath.packed_attention(model) != "varlen"))
 
     messages = [m for m in (note, f"resumed from checkpoint step {chosen_step}"
                             if chosen_step is not None else None) if m]
