@@ -144,6 +144,31 @@ class Lora:
                 p.grad = None
 
 
+def effective_attention_len(batches) -> float:
+    """Mean keys a token attends over in the FLOP count: sum(L_i^2) / sum(L_i) over documents
+    (the full row, S, when a row is one document - the convention of the FLOPs/token line)."""
+    num = den = 0.0
+    for b in batches:
+        for row in b["position_ids"].cpu():
+            starts = (row == 0).nonzero().flatten().tolist() + [row.numel()]
+            for a, e in zip(starts[:-1], starts[1:]):
+                num, den = num + (e - a) ** 2, den + (e - a)
+    return num / den
+
+
+def check_swiglu_kernel(device):
+    """The Triton SwiGLU backward against its torch reference at the benchmark's shape."""
+    from tuneserve_workers.train import kernels
+    if kernels.triton is None:
+        return "SwiGLU kernel: Triton missing, the worker uses Inductor's"
+    g = torch.Generator(device=device).manual_seed(0)
+    gu = torch.randn(4096, 2 * 14336, device=device, dtype=torch.bfloat16, generator=g)
+    dy = torch.randn(4096, 14336, device=device, dtype=torch.bfloat16, generator=g)
+    got, ref = kernels.swiglu_backward_cuda(gu, dy), kernels.swiglu_backward_reference(gu, dy)
+    err = (got.float() - ref.float()).abs().max().item()
+    return f"SwiGLU kernel vs torch reference (bf16 4096x2x14336): max |diff| {err:.3g}"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -250,7 +275,8 @@ def fmt_table(results, flops_per_token, base, device):
         if "error" in r:
             lines.append(f"{r['name']:<42} FAILED: {r['error'][:80]}")
             continue
-        mfu = r["tokens_per_s"] * flops_per_token / PEAK_BF16 if device.type == "cuda" else float("nan")
+        fpt = r.get("flops_per_token", flops_per_token)
+        mfu = r["tokens_per_s"] * fpt / PEAK_BF16 if device.type == "cuda" else float("nan")
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         lines.append(f"{r['name']:<42} {r['tokens_per_s']:>9,.0f} {mfu:>6.3f} {r['step_s']:>7.3f} "
                      f"{r.get('max_alloc_gib', float('nan')):>9.1f} {r.get('max_reserved_gib', float('nan')):>8.1f} "
@@ -280,7 +306,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distinct-batches", type=int, default=2, help="batches cycled (so the loss can fall)")
     ap.add_argument("--tolerance", type=float, default=0.02, help="max |loss diff| allowed vs plain")
-    ap.add_argument("--variants", default="fast,packed,packed-mask,packed-many,packed-many-mask,fast-graph,fast-ckpt,plain-again",
+    ap.add_argument("--variants", default="fast,packed,packed-many,fast-swiglu-compiled,packed-mask,fast-graph,fast-ckpt,plain-again",
                     help="worker-step variants to run after the plain loop, in order")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over 2 steps of plain and fast")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "out"))
@@ -325,6 +351,8 @@ def main():
             del q, kv
         except Exception as e:
             print(f"SDPA backend check failed: {e}")
+    kernel_check = check_swiglu_kernel(device) if cuda else "SwiGLU kernel: CPU run, not checked"
+    print(kernel_check, flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     lora = Lora(model)
     batches = make_batches(args, cfg, device, args.batch)
@@ -333,7 +361,7 @@ def main():
 
     def report():
         base = next((r for r in results if r["name"].startswith("plain") and "error" not in r), None)
-        text = [env, f"worker step: {step_src}",
+        text = [env, f"worker step: {step_src}", kernel_check,
                 f"FLOPs/token {flops_per_token:.4g} (2x(2N+4LSd), N={n_params:.4g}); peak {PEAK_BF16 / 1e12:.0f} TFLOP/s",
                 f"batch {args.batch} x seq {args.seq}, {args.warmup} warm-up + {args.steps} timed steps, "
                 f"lr {args.lr}, {args.distinct_batches} distinct batches cycled, seed {args.seed}", "",
@@ -409,6 +437,9 @@ def main():
         elif v == "fast-addmm":
             opts["lora_add"] = "addmm"
             name = f"worker b{bsz} fused+compile, LoRA add in addmm"
+        elif v == "fast-swiglu-compiled":
+            opts["swiglu_kernel"] = False
+            name = f"worker b{bsz} fused+compile, SwiGLU bwd by Inductor"
         elif v == "fast-graph":
             graph = True
             name = f"worker b{bsz} fused+compile+CUDA graph"
@@ -507,6 +538,10 @@ def main():
                 else:
                     step, opt = worker_runner(TrainStep, model, params, args, device, amp)
                 r = run(name, step, bb, args, device, bsz * args.seq, n_steps)
+                if packed:   # attention within documents only: count its FLOPs at the mean doc span
+                    s_eff = effective_attention_len(bb)
+                    r["flops_per_token"] = 2 * (2 * n_params + 4 * L * s_eff * d)
+                    r["attention_len"] = s_eff
                 if v == "fast" and args.profile:
                     profile_step(step, bb[0], out_dir, device, "fast")
             if cdt:

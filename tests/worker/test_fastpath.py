@@ -157,6 +157,33 @@ def test_packed_sequences_do_not_attend_across_documents(mode):
     assert loss_sum.item() == pytest.approx(ref_sum, rel=1e-5)
 
 
+def test_swiglu_one_pass_backward_matches_autograd():
+    from tuneserve_workers.train import kernels
+    torch.manual_seed(0)
+    gu = torch.randn(5, 3, 2 * 24, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(5, 3, 24, dtype=torch.float64)
+    g, u = gu.chunk(2, dim=-1)
+    (torch.nn.functional.silu(g) * u).backward(dy)
+    expected = gu.grad.clone()
+    gu.grad = None
+    out = kernels.swiglu(gu, kernel=True)
+    torch.testing.assert_close(out, kernels.swiglu(gu.detach(), kernel=False))
+    out.backward(dy)
+    torch.testing.assert_close(gu.grad, expected)
+
+
+def test_fused_layers_with_the_swiglu_kernel_match_peft():
+    plain = tiny_model()
+    fused = copy.deepcopy(plain)
+    fastpath.optimize_for_training(fused, device="cpu", compile=False, force=True, swiglu_kernel=True)
+    assert "swiglu=kernel" in fastpath.fastpath_summary(fused)
+    b = batch()
+    ref_loss, ref_grads = reference(plain, b)
+    loss, grads, _ = ours(fused, b)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads)
+
+
 def test_varlen_and_mask_give_the_same_gradients():
     """Packed rows through per-document (varlen) attention and through the dense document mask:
     the same loss and LoRA gradients (on CUDA the varlen side is torch's flash kernel; the

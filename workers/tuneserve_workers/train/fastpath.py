@@ -17,7 +17,7 @@ where they are known to be exact up to bf16 rounding:
   that share an input are applied as one matmul (x is read once for q,k,v and once for gate,up),
   the LoRA B matrices as one block-diagonal matmul, and the whole layer is one function of tensors
   that ``torch.compile`` fuses (RMSNorm, RoPE, the LoRA add, SwiGLU, residual adds) and compiles
-  once for all layers. Attention is SDPA (cuDNN on H100) with ``is_causal`` for unpadded batches.
+  once for all layers; SwiGLU's backward is a one-pass Triton kernel on CUDA (kernels.py). Attention is SDPA (cuDNN on H100) with ``is_causal`` for unpadded batches.
   Packed batches (``position_ids`` restart at each document) use variable-length flash attention
   over the documents on CUDA (``attention="auto"``; no ``[S, S]`` mask, causal blocks skipped),
   and an explicit document-causal mask elsewhere, for padded batches and inside CUDA graphs.
@@ -34,6 +34,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
+from .kernels import swiglu
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +255,7 @@ class _FastState:
     lora_add: str = "inplace"  # inplace | inplace-fwd | addmm | add: see _lora_group
     recompute: bool = False    # activation checkpointing per fused layer (the model asked for it)
     varlen: bool = False       # packed batches: variable-length attention instead of a dense mask
+    swiglu_kernel: bool = False  # kernels.swiglu: one-pass SwiGLU backward (Triton on CUDA)
 
 
 def _lora_of(mod: nn.Module) -> Optional[_Lora]:
@@ -460,7 +464,7 @@ def _varlen_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.
 def _make_layer_fn(st: _FastState, meta: tuple):
     n_heads, n_kv, hd, eps, scale = st.n_heads, st.n_kv, st.head_dim, st.eps, st.attn_scale
     native_gqa = st.attention in ("auto", "flash")
-    am = st.lora_add
+    am, sk = st.lora_add, st.swiglu_kernel
     (s_q, s_k, s_v, s_o, s_g, s_u, s_d), (d_q, d_k, d_v, d_o, d_g, d_u, d_d) = meta
 
     def layer_fn(h, cos, sin, mask, training: bool, ln1, ln2, w_qkv, b_qkv, a_q, a_k, a_v,
@@ -500,8 +504,7 @@ def _make_layer_fn(st: _FastState, meta: tuple):
         x = x + _lora_group(attn, w_o, None, (a_o,), (b_o,), (s_o,), (d_o,), training, am)
         xn = _rms_norm(x, ln2, eps)
         gu = _lora_group(xn, w_gu, None, (a_g, a_u), (b_g, b_u), (s_g, s_u), (d_g, d_u), training, am)
-        g, u = gu.chunk(2, dim=-1)
-        x = x + _lora_group(F.silu(g) * u, w_down, None, (a_d,), (b_d,), (s_d,), (d_d,), training, am)
+        x = x + _lora_group(swiglu(gu, sk), w_down, None, (a_d,), (b_d,), (s_d,), (d_d,), training, am)
         return x.view(bsz, seq, hid)
 
     return layer_fn
@@ -546,7 +549,8 @@ def _install_fused(model: nn.Module, st: _FastState) -> None:
 # ----------------------------------------------------------------------------------------------
 def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force: bool = False,
                           attention: str = "auto", fuse_layers: bool = True,
-                          lora_add: str = "inplace", varlen: Optional[bool] = None) -> nn.Module:
+                          lora_add: str = "inplace", varlen: Optional[bool] = None,
+                          swiglu_kernel: Optional[bool] = None) -> nn.Module:
     """Prepare ``model`` for fast LoRA training steps (in place; returns it).
 
     Call it after the adapters are added and before the optimizer is built. On CPU it does
@@ -558,6 +562,8 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
     says where the LoRA term is added - both for comparisons in the benchmark. ``varlen``: packed
     batches attend per document through variable-length flash attention (None: on CUDA where
     torch has it and ``attention`` is auto or flash; True on CPU runs the per-document reference).
+    ``swiglu_kernel``: the one-pass SwiGLU backward of kernels.py (None: on CUDA with Triton;
+    True on CPU runs its torch reference).
     """
     if lora_add not in ("inplace", "inplace-fwd", "addmm", "add"):
         raise ValueError(f"lora_add must be inplace, inplace-fwd, addmm or add, not {lora_add!r}")
@@ -575,6 +581,8 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
         st.varlen = (bool(varlen) if varlen is not None else
                      dev == "cuda" and attention in ("auto", "flash")
                      and _varlen_available(st.attn_scale, st.head_dim))
+        st.swiglu_kernel = (bool(swiglu_kernel) if swiglu_kernel is not None else
+                            dev == "cuda" and kernels.triton is not None)
     else:
         st.reason = "fuse_layers=False"
     if compile:
@@ -629,7 +637,7 @@ def fastpath_summary(model: nn.Module) -> str:
     parts = [f"device={st.device}", f"compile={st.compiled}",
              f"fused_layers={'yes' if st.fused else 'no (' + st.reason + ')'}", f"attention={st.attention}",
              f"packed={'varlen' if st.varlen else 'mask'}", f"lora_add={st.lora_add}",
-             f"recompute={st.recompute}"]
+             f"swiglu={'kernel' if st.swiglu_kernel else 'compiled'}", f"recompute={st.recompute}"]
     return "fastpath: " + ", ".join(parts)
 
 
