@@ -243,6 +243,8 @@ def train_worker(payload: dict) -> None:
     # Compiled fused layers are what makes the step fast on GPUs (bench/README.md: 1.7x the plain
     # loop on an H100); compiling on CPU only costs start-up time in tests.
     model = fastpath.optimize_for_training(model, device=device.type, compile=device.type == "cuda")
+    if rank == 0:
+        log.info("%s", fastpath.fastpath_summary(model))
 
     micro = t_cfg.micro_batch_size
     accum = max(1, t_cfg.global_batch_size // (micro * world))
