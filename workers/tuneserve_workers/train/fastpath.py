@@ -16,8 +16,9 @@ where they are known to be exact up to bf16 rounding:
   copied twice and adapters still save and merge as before), the LoRA A matrices of projections
   that share an input are applied as one matmul (x is read once for q,k,v and once for gate,up),
   the LoRA B matrices as one block-diagonal matmul, and the whole layer is one function of tensors
-  that ``torch.compile`` fuses (RMSNorm, RoPE, the LoRA add, SwiGLU, residual adds) and compiles
-  once for all layers; SwiGLU's backward is a one-pass Triton kernel on CUDA (kernels.py). Attention is SDPA (cuDNN on H100) with ``is_causal`` for unpadded batches.
+  that ``torch.compile`` fuses (RMSNorm, RoPE, SwiGLU, residual adds; the LoRA term is
+  accumulated in the base GEMM, see _lora_group) and compiles once for all layers; SwiGLU's backward is a one-pass Triton kernel on CUDA (kernels.py).
+  Attention is SDPA (cuDNN on H100) with ``is_causal`` for unpadded batches.
   Packed batches (``position_ids`` restart at each document) use variable-length flash attention
   over the documents on CUDA (``attention="auto"``; no ``[S, S]`` mask, causal blocks skipped),
   and an explicit document-causal mask elsewhere, for padded batches and inside CUDA graphs.
@@ -558,8 +559,7 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
     torch.compile for their elementwise fusions. ``attention``: "auto" (SDPA picks; cuDNN on H100
     with torch 2.11), or force "flash" / "cudnn" / "efficient". ``fuse_layers=False`` keeps PEFT's
     layers (only compiles them) and ``lora_add`` ("inplace", "inplace-fwd", "addmm", "add"; see
-    _lora_group)
-    says where the LoRA term is added - both for comparisons in the benchmark. ``varlen``: packed
+    _lora_group) says where the LoRA term is added - both for comparisons in the benchmark. ``varlen``: packed
     batches attend per document through variable-length flash attention (None: on CUDA where
     torch has it and ``attention`` is auto or flash; True on CPU runs the per-document reference).
     ``swiglu_kernel``: the one-pass SwiGLU backward of kernels.py (None: on CUDA with Triton;
