@@ -295,6 +295,45 @@ def loss_table(plain, others, n):
     return "\n".join(lines)
 
 
+# The worker-step variants: "name" ({b}: batch), "opts" for optimize_for_training, and what else
+# differs from the default: packed data ("many": 32-512-token documents), CUDA graph, gradient
+# checkpointing, LoRA dropout, batch, Inductor config, whether the loss is held to the plain loop.
+VARIANTS: dict = {
+    "fast": {"name": "worker b{b} fused+compile (default)"},
+    "fast-cudnn": {"name": "worker b{b} fused+compile, cuDNN attn", "opts": {"attention": "cudnn"}},
+    "fast-flash": {"name": "worker b{b} fused+compile, flash attn", "opts": {"attention": "flash"}},
+    "fast-fusedadd": {"name": "worker b{b} fused+compile, LoRA add fused", "opts": {"lora_add": "add"}},
+    "fast-fusedadd-emu": {"name": "worker b{b} fused+compile, LoRA add fused, bf16 casts kept",
+                          "opts": {"lora_add": "add"}, "inductor": {"emulate_precision_casts": True}},
+    "fast-inplace-fwd": {"name": "worker b{b} fused+compile, in-place LoRA add fwd only",
+                         "opts": {"lora_add": "inplace-fwd"}},
+    "fast-addmm": {"name": "worker b{b} fused+compile, LoRA add in addmm", "opts": {"lora_add": "addmm"}},
+    "fast-swiglu-compiled": {"name": "worker b{b} fused+compile, SwiGLU bwd by Inductor",
+                             "opts": {"swiglu_kernel": False}},
+    "fast-graph": {"name": "worker b{b} fused+compile+CUDA graph", "graph": True},
+    "fast-ckpt": {"name": "worker b{b} fused+compile, grad checkpointing", "ckpt": True},
+    "fast-autotune": {"name": "worker b{b} fused+compile, max-autotune GEMMs",
+                      "inductor": {"max_autotune": True, "max_autotune_gemm": True}},
+    "fast-nosync": {"name": "what-if: fast, no per-step host sync"},
+    "fast-cdt": {"name": "worker b{b} fused+compile, coord-descent",
+                 "inductor": {"coordinate_descent_tuning": True}},
+    "fused-eager": {"name": "worker b{b} fused, no compile", "opts": {"compile": False}},
+    "peft-compiled": {"name": "worker b{b} PEFT layers compiled+CE", "opts": {"fuse_layers": False}},
+    "packed": {"name": "worker b{b} packed 3 docs (default)", "packed": True},
+    "packed-mask": {"name": "worker b{b} packed 3 docs, dense doc mask", "packed": True,
+                    "opts": {"varlen": False}},
+    # what a graph captures (static shapes): the dense mask
+    "packed-graph": {"name": "worker b{b} packed 3 docs, mask+CUDA graph", "packed": True, "graph": True,
+                     "opts": {"varlen": False}},
+    "packed-many": {"name": "worker b{b} packed 32-512 tok docs (default)", "packed": "many"},
+    "packed-many-mask": {"name": "worker b{b} packed 32-512 tok docs, mask", "packed": "many",
+                         "opts": {"varlen": False}},
+    "dropout": {"name": "worker b{b} fused+compile, dropout .05", "dropout": 0.05, "compare": False},
+    "batch4": {"name": "worker b{b} fused+compile (default)", "batch": 4, "compare": False},
+    "plain-again": {"name": "plain b{b} again (noise floor)"},
+}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny config (CPU or GPU smoke test)")
@@ -412,81 +451,18 @@ def main():
             results.append({"name": v, "error": "skipped: time budget"})
             continue
         opts = dict(compile=cuda, attention="auto", fuse_layers=True)
-        bsz, packed, dropout, name, compare, cdt = args.batch, False, 0.0, None, True, False
-        graph = ckpt = False
-        inductor_cfg: dict = {}
+        bsz, name = args.batch, None
         saved_inductor: dict = {}
-        if v == "fast":
-            name = f"worker b{bsz} fused+compile (default)"
-        elif v == "fast-cudnn":
-            opts["attention"] = "cudnn"
-            name = f"worker b{bsz} fused+compile, cuDNN attn"
-        elif v == "fast-flash":
-            opts["attention"] = "flash"
-            name = f"worker b{bsz} fused+compile, flash attn"
-        elif v == "fast-fusedadd":
-            opts["lora_add"] = "add"
-            name = f"worker b{bsz} fused+compile, LoRA add fused"
-        elif v == "fast-fusedadd-emu":
-            opts["lora_add"] = "add"
-            inductor_cfg = {"emulate_precision_casts": True}
-            name = f"worker b{bsz} fused+compile, LoRA add fused, bf16 casts kept"
-        elif v == "fast-inplace-fwd":
-            opts["lora_add"] = "inplace-fwd"
-            name = f"worker b{bsz} fused+compile, in-place LoRA add fwd only"
-        elif v == "fast-addmm":
-            opts["lora_add"] = "addmm"
-            name = f"worker b{bsz} fused+compile, LoRA add in addmm"
-        elif v == "fast-swiglu-compiled":
-            opts["swiglu_kernel"] = False
-            name = f"worker b{bsz} fused+compile, SwiGLU bwd by Inductor"
-        elif v == "fast-graph":
-            graph = True
-            name = f"worker b{bsz} fused+compile+CUDA graph"
-        elif v == "fast-ckpt":
-            ckpt = True
-            name = f"worker b{bsz} fused+compile, grad checkpointing"
-        elif v == "fast-autotune":
-            inductor_cfg = {"max_autotune": True, "max_autotune_gemm": True}
-            name = f"worker b{bsz} fused+compile, max-autotune GEMMs"
-        elif v == "fast-nosync":
-            name = "what-if: fast, no per-step host sync"
-        elif v == "fast-cdt":
-            cdt = True
-            name = f"worker b{bsz} fused+compile, coord-descent"
-        elif v == "fused-eager":
-            opts["compile"] = False
-            name = f"worker b{bsz} fused, no compile"
-        elif v == "peft-compiled":
-            opts["fuse_layers"] = False
-            name = f"worker b{bsz} PEFT layers compiled+CE"
-        elif v == "packed":
-            packed = True
-            name = f"worker b{bsz} packed 3 docs (default)"
-        elif v == "packed-mask":
-            packed, opts["varlen"] = True, False
-            name = f"worker b{bsz} packed 3 docs, dense doc mask"
-        elif v == "packed-graph":
-            packed = graph = True
-            opts["varlen"] = False      # what a graph captures (static shapes)
-            name = f"worker b{bsz} packed 3 docs, mask+CUDA graph"
-        elif v == "packed-many":
-            packed = "many"
-            name = f"worker b{bsz} packed 32-512 tok docs (default)"
-        elif v == "packed-many-mask":
-            packed, opts["varlen"] = "many", False
-            name = f"worker b{bsz} packed 32-512 tok docs, mask"
-        elif v == "dropout":
-            dropout, compare = 0.05, False
-            name = f"worker b{bsz} fused+compile, dropout .05"
-        elif v == "batch4":
-            bsz, compare = 4, False
-            name = "worker b4 fused+compile (default)"
-        elif v == "plain-again":
-            name = f"plain b{bsz} again (noise floor)"
-        else:
+        spec = VARIANTS.get(v)
+        if spec is None:
             print(f"unknown variant {v}")
             continue
+        opts.update(spec.get("opts", {}))
+        bsz = spec.get("batch", bsz)
+        packed, graph, ckpt = spec.get("packed", False), spec.get("graph", False), spec.get("ckpt", False)
+        dropout, compare = spec.get("dropout", 0.0), spec.get("compare", True)
+        inductor_cfg = spec.get("inductor", {})
+        name = spec["name"].format(b=bsz)
         if not cuda:
             opts["compile"] = False
             if v == "fast-cudnn" or graph:
@@ -499,9 +475,6 @@ def main():
                 step, opt = plain_runner(model, params, args, device, amp)
                 r = run(name, step, batches, args, device, tokens, n_steps)
             else:
-                if cdt:
-                    import torch._inductor.config as ic
-                    ic.coordinate_descent_tuning = True
                 if inductor_cfg:
                     import torch._inductor.config as ic
                     saved_inductor = {k: getattr(ic, k) for k in inductor_cfg if hasattr(ic, k)}
@@ -544,9 +517,6 @@ def main():
                     r["attention_len"] = s_eff
                 if v == "fast" and args.profile:
                     profile_step(step, bb[0], out_dir, device, "fast")
-            if cdt:
-                import torch._inductor.config as ic
-                ic.coordinate_descent_tuning = False
             r["compare"] = compare and not packed
             r["packed"] = packed
             r["variant"] = v
