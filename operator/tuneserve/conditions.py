@@ -103,7 +103,7 @@ def _progress_status(progress: Optional[Progress], estimate: Optional[Estimate])
                           eval_loss=None if progress.eval_loss is None else round(progress.eval_loss, 4),
                           tokens_per_second=None if progress.tokens_per_second is None else round(progress.tokens_per_second, 1),
                           eta_seconds=None if progress.eta_seconds is None else round(progress.eta_seconds),
-                          summary=summary, eta=eta)
+                          precision=progress.precision, summary=summary, eta=eta)
 
 
 def _usage(previous: Optional[FineTuneJobStatus], placement: Optional[PlacementStatus], new_attempt: bool,

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from worker_helpers import entrypoint_env, job_config, run_entrypoint, start_entrypoint, wait_for
+from worker_helpers import (entrypoint_env, expected_cpu_bf16, job_config, run_entrypoint,
+                            start_entrypoint, wait_for)
 from tuneserve_workers.contract import MANIFEST_FILE, AdapterManifest, Progress
 from tuneserve_workers.testing.tiny import TOY_QA, greedy_answer, write_toy_dataset
 
@@ -77,28 +78,59 @@ def base_loss(tiny_model: str, dataset: str) -> float:
     return (s / n).item()
 
 
-def test_adapter_learns_the_toy_task(uninterrupted, tiny_model, toy_data):
+def assert_learned(manifest: AdapterManifest, adapter_dir: Path, tiny_model: str, toy_data: str) -> None:
+    """The adapter answers every toy question; the base model answers none."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    progress, manifest = uninterrupted.progress, uninterrupted.manifest
-    assert progress.state == "Succeeded" and progress.step == progress.total_steps == STEPS
-    assert "fp32 on CPU" in progress.message
-    assert progress.tokens_per_second and progress.last_checkpoint.step == STEPS
     assert manifest.final_step == STEPS and manifest.tokens_trained > 0
     assert manifest.final_loss < base_loss(tiny_model, toy_data) / 5
     assert manifest.final_eval_loss is not None and manifest.final_eval_loss < 1.0
-    assert {"q_proj", "v_proj", "down_proj"} <= set(manifest.target_modules)
-    assert manifest.accelerator_hours > 0 and manifest.dataset_digest.startswith("sha256:")
-    assert progress.artifact_digest == manifest.adapter_digest
-
     tok = AutoTokenizer.from_pretrained(tiny_model)
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     base_answers = [greedy_answer(base, tok, q) for q, _ in TOY_QA]
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                      str(uninterrupted.adapter_dir)).eval()
+                                      str(adapter_dir)).eval()
     assert [greedy_answer(tuned, tok, q) for q, _ in TOY_QA] == [a for _, a in TOY_QA]
     assert not any(got == want for got, (_, want) in zip(base_answers, TOY_QA)), base_answers
+
+
+def assert_cpu_precision(progress: Progress, native_bf16: bool, via: str) -> None:
+    """The job asks for bf16 (the default): kept where the CPU has native bf16, else fp32."""
+    if native_bf16:
+        assert progress.precision == "bf16", progress
+        assert progress.message.startswith(f"training in bf16 on CPU (native bf16: {via};"), progress.message
+    else:
+        assert progress.precision == "fp32", progress
+        assert progress.message.startswith("bf16 requested; training in fp32 on CPU"), progress.message
+        assert progress.message.endswith(f"detected: {via})"), progress.message
+
+
+def test_adapter_learns_the_toy_task(uninterrupted, tiny_model, toy_data):
+    """Precision as detected on this CPU: bf16 where /proc/cpuinfo lists avx512_bf16 or
+    amx_bf16, else fp32 (the other path runs in the next test, whatever the CPU)."""
+    progress, manifest = uninterrupted.progress, uninterrupted.manifest
+    assert progress.state == "Succeeded" and progress.step == progress.total_steps == STEPS
+    assert_cpu_precision(progress, *expected_cpu_bf16())
+    assert progress.tokens_per_second and progress.last_checkpoint.step == STEPS
+    assert {"q_proj", "v_proj", "down_proj"} <= set(manifest.target_modules)
+    assert manifest.accelerator_hours > 0 and manifest.dataset_digest.startswith("sha256:")
+    assert progress.artifact_digest == manifest.adapter_digest
+    assert_learned(manifest, uninterrupted.adapter_dir, tiny_model, toy_data)
+
+
+def test_the_other_cpu_precision_learns_too(ray_address, tiny_model, toy_data, tmp_path):
+    """TUNESERVE_CPU_NATIVE_BF16 pins the detection to the opposite of this CPU's, so both the
+    bf16 path and the fp32 fallback train for real on every machine."""
+    other = not expected_cpu_bf16()[0]
+    cfg = job_config(tmp_path, model=tiny_model, dataset=toy_data, max_steps=STEPS)
+    env = entrypoint_env(ray_address, tmp_path, {"TUNESERVE_CPU_NATIVE_BF16": "1" if other else "0"})
+    rc, log = run_entrypoint(cfg, tmp_path, env)
+    assert rc == 0, log[-4000:]
+    progress = progress_at(tmp_path / "ckpt")
+    assert progress.state == "Succeeded"
+    assert_cpu_precision(progress, other, f"TUNESERVE_CPU_NATIVE_BF16={int(other)}")
+    manifest = AdapterManifest.model_validate_json((tmp_path / "out" / MANIFEST_FILE).read_text())
+    assert_learned(manifest, tmp_path / "out", tiny_model, toy_data)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(uninterrupted, ray_address, tiny_model,

@@ -25,6 +25,25 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (/proc/cpuinfo), read independently of
+    torch's probes so tests can check the worker's own detection against them."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def expected_cpu_bf16() -> tuple[bool, str]:
+    """(native, via) as the worker should detect them: AMX-BF16 or AVX512-BF16 is native bf16."""
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True, "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return True, "AVX512-BF16"
+    return False, "none"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Literal, Optional
+from typing import Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,11 @@ ADAPTERS_FILE = f"{ADAPTERS_DIR}/{ADAPTERS_KEY}"
 SERVE_STATUS_KEY_PREFIX = "replica."
 SERVE_HEARTBEAT_SECONDS = 15
 SERVE_REPORT_STALE_SECONDS = 60
+# A replica that failed writes one last report and stops; the operator keeps showing why this long.
+SERVE_FAILURE_REPORT_SECONDS = 900
+# vLLM --dtype values the serve app accepts; "auto" is resolved by the app itself from the model.
+EngineDtype = Literal["auto", "bfloat16", "float16", "float32"]
+ENGINE_DTYPES = get_args(EngineDtype)
 
 
 class _Model(BaseModel):
@@ -153,6 +158,7 @@ class Progress(_Model):
     resumed_from_step: Optional[int] = None
     artifact_uri: Optional[str] = None
     artifact_digest: Optional[str] = None
+    precision: Optional[Precision] = None   # what the worker trains in (fp32 when bf16 has no native CPU path)
     message: Optional[str] = None
     updated_at: Optional[datetime] = None
 
@@ -198,6 +204,9 @@ class ServeAppConfig(_Model):
     max_loras: int = 4
     max_lora_rank: int = 16
     quantization: Optional[str] = None
+    # ENGINE_DTYPES; the operator renders spec.engine.dtype or the accelerator's catalog default.
+    # "auto": the model's own dtype (bfloat16 for a float32 checkpoint), chosen by the serve app.
+    dtype: EngineDtype = "auto"
     extra_engine_args: dict[str, str] = Field(default_factory=dict)
     device: str = "cpu"
     adapters: list[ServeAdapter] = Field(default_factory=list)
@@ -222,7 +231,10 @@ class ServeReplicaReport(_Model):
     """Written by each serve replica into the status ConfigMap under ``replica_report_key``."""
     contract_version: str = CONTRACT_VERSION
     replica_id: str
-    state: Literal["Starting", "Ready", "Stopping"] = "Starting"   # Ready: engine up, probe answered
+    # Ready: engine up, probe answered. Failed: its engine could not start or died; ``message``
+    # names the cause and the report is the replica's last (kept SERVE_FAILURE_REPORT_SECONDS).
+    state: Literal["Starting", "Ready", "Stopping", "Failed"] = "Starting"
+    dtype: Optional[str] = None               # the engine's resolved dtype, once it started
     adapters: dict[str, ReplicaAdapterReport] = Field(default_factory=dict)
     adapters_digest: Optional[str] = None     # sha256 of the adapters file it applied
     adapters_error: Optional[str] = None      # the file could not be read/parsed (last good set kept)

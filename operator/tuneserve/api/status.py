@@ -13,6 +13,8 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from tuneserve_workers.contract import Precision
+
 
 class StatusModel(BaseModel):
     """Status types: camelCase; unknown fields ignored so an older status never breaks parsing."""
@@ -147,6 +149,7 @@ class ProgressStatus(StatusModel):
     eval_loss: Optional[float] = None
     tokens_per_second: Optional[float] = None
     eta_seconds: Optional[float] = None
+    precision: Optional[Precision] = Field(None, description="What the worker trains in: spec.training.precision, or fp32 on a CPU without native bf16 (the message says why).")
     summary: str = Field("", description="e.g. '45% (450/1000)'.")
     eta: Optional[str] = Field(None, description="e.g. '1h20m', or '~3h (est)' before training starts.")
 

@@ -34,12 +34,13 @@ import torch
 import torch.distributed as dist
 
 from ..contract import CheckpointRef, TrainJobConfig
+from ..cpu import detect_cpu_bf16
 from . import fastpath
 from .checkpoint import CheckpointStore, scratch_dir
 from .cudagraph import GraphedMicroStep
 from .data import SampleStream, collate, prepare, read_dataset, total_steps
 from .errors import ResourceError, TrainError
-from .model import choose_dtype, load_model, load_tokenizer, resolved_targets
+from .model import choose_precision, load_model, load_tokenizer, resolved_targets
 from .output import write_output
 from .progress import Reporter
 from .storage import materialize_model
@@ -230,7 +231,9 @@ def train_worker(payload: dict) -> None:
     random.seed(t_cfg.seed + rank), np.random.seed(t_cfg.seed + rank), torch.manual_seed(t_cfg.seed)
 
     reporter = Reporter.from_env(cfg.checkpoint.uri) if rank == 0 else None
-    dtype, note = choose_dtype(t_cfg.precision, device)
+    choice = choose_precision(t_cfg.precision, device.type,
+                              detect_cpu_bf16() if device.type == "cpu" else None)
+    dtype, note = choice.dtype, choice.note
     amp_dtype = dtype if dtype != torch.float32 else None
     model_dir = materialize_model(cfg.base_model.uri, cfg.base_model.revision)
     tokenizer = load_tokenizer(model_dir)
@@ -303,7 +306,8 @@ def train_worker(payload: dict) -> None:
                         loss=last_loss, eval_loss=eval_loss, last_checkpoint=last_ref,
                         resumed_from_step=chosen_step if chosen_step is not None
                         else (prev.resumed_from_step if prev else None),
-                        message="; ".join(messages) or None)
+                        precision=choice.precision, message="; ".join(messages) or None)
+        log.info("precision: %s%s", choice.precision.value, f" ({note})" if note else "")
     log.info("attempt %d, rank %d/%d on %s: %d train sequences, %d steps of %d (micro %d x accum %d"
              " x world %d); set up in %.1fs", cfg.attempt, rank, world, device,
              len(data.train.input_ids), n_steps, per_step, micro, accum, world, time.monotonic() - t0)

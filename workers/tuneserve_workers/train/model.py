@@ -1,8 +1,11 @@
 """Loading the base model and tokenizer, choosing precision, wrapping with LoRA/QLoRA.
 
-Precision: bf16/fp16 are honoured on accelerators (base weights in that dtype, LoRA weights in
-fp32, forward under autocast). On CPU without native bf16 (no AMX) both fall back to fp32, and
-the returned note says so; the entrypoint puts it in the progress message.
+Precision: bf16/fp16 are honoured on accelerators (base weights in that dtype, LoRA weights and
+optimizer state in fp32, forward under autocast). On CPU, bf16 is kept where the CPU has native
+bf16 (AVX512-BF16 or AMX-BF16, ``tuneserve_workers.cpu``): numerically it is the accelerators'
+recipe, since only the frozen base is bf16. Without native bf16, and for fp16 (no CPU training
+path), the worker trains in fp32. The choice and its reason go into the progress document
+(``precision`` and the message) on every CPU run.
 QLoRA loads the base in 4-bit NF4 through bitsandbytes and needs ``accelerator.supports_4bit``.
 """
 from __future__ import annotations
@@ -11,10 +14,13 @@ import glob
 import json
 import os
 import struct
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..contract import AcceleratorRuntime, AdapterSpec, Method, Precision
+from ..cpu import CpuBf16
 from .errors import ConfigError, ResourceError
 
 _DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
@@ -22,17 +28,29 @@ _ELEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8"
                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
-def cpu_has_fast_bf16() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What the worker trains in; ``note`` says why on CPU (None on accelerators)."""
+    precision: Precision
+    note: Optional[str] = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
 
 
-def choose_dtype(precision: Precision, device: torch.device) -> tuple[torch.dtype, str | None]:
-    dtype = _DTYPES[precision]
-    if device.type == "cpu" and dtype != torch.float32 and not cpu_has_fast_bf16():
-        return torch.float32, (f"{precision.value} requested; training in fp32 on CPU "
-                               f"({precision.value} is slow or unsupported without AMX here)")
-    return dtype, None
+def choose_precision(requested: Precision, device_type: str, cpu: Optional[CpuBf16] = None) -> PrecisionChoice:
+    """Accelerators train in what was asked. CPUs keep bf16 only where it is native (``cpu``)."""
+    if device_type != "cpu":
+        return PrecisionChoice(requested)
+    if requested is Precision.fp32:
+        return PrecisionChoice(Precision.fp32, "training in fp32 on CPU, as requested")
+    if requested is Precision.bf16 and cpu is not None and cpu.native:
+        return PrecisionChoice(Precision.bf16, f"training in bf16 on CPU (native bf16: {cpu.via}; "
+                                               "LoRA weights and optimizer state in fp32)")
+    why = ("CPUs have no fp16 training path" if requested is Precision.fp16 else
+           f"this CPU has no native bf16 (AVX512-BF16 or AMX-BF16), detected: {cpu.via if cpu else 'none'}")
+    return PrecisionChoice(Precision.fp32, f"{requested.value} requested; training in fp32 on CPU ({why})")
 
 
 def count_params(model_dir: str) -> int:
