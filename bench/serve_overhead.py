@@ -128,10 +128,12 @@ def measure(url: str, model: str, a, label: str, results: dict) -> None:
 
 
 def bench_plain(cfg, model_path: str, adapter: str, a, results: dict) -> None:
+    from tuneserve_workers.serve.engine_dtype import resolve_engine_dtype, stored_dtype
     from tuneserve_workers.serve.server import engine_argv
     port = free_port()
+    dtype, _ = resolve_engine_dtype(cfg.dtype, stored_dtype(model_path))   # as the serve app does
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            *engine_argv(cfg, model_path), "--lora-modules", f"bench-adapter={adapter}",
+            *engine_argv(cfg, model_path, dtype), "--lora-modules", f"bench-adapter={adapter}",
             "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]
     log = open(os.path.join(a.workdir, "plain-vllm.log"), "wb")
     t0 = time.monotonic()
@@ -295,7 +297,7 @@ def main() -> None:
     a.workdir = a.workdir or tempfile.mkdtemp(prefix="serve-bench-")
     if a.tiny:
         model, adapter = tiny_artifacts(a.workdir)
-        defaults = {"max_lora_rank": 8, "max_loras": 2,
+        defaults = {"max_lora_rank": 8, "max_loras": 2, "dtype": "float32",   # the CPU catalog default
                     "extra_engine_args": {"max_model_len": "512", "max_num_seqs": "32"}}
     elif a.llama8b:
         model, adapter = llama8b_artifacts(a.llama8b)

@@ -23,7 +23,8 @@ from tuneserve.api.modelserve_status import AdapterState
 from tuneserve.api.sources import BaseModelSource
 from tuneserve.api.status import Phase
 from tuneserve_workers.contract import (
-    SERVE_REPORT_STALE_SECONDS, SERVE_STATUS_KEY_PREFIX, ServeAdapter, ServeReplicaReport,
+    SERVE_FAILURE_REPORT_SECONDS, SERVE_REPORT_STALE_SECONDS, SERVE_STATUS_KEY_PREFIX, ServeAdapter,
+    ServeReplicaReport,
 )
 
 
@@ -116,10 +117,12 @@ def render_adapters_json(desired: list[ServeAdapter]) -> str:
 
 @dataclass(frozen=True)
 class ReplicaReports:
-    """The fresh replica reports of one ModelServe and the keys of stale ones (to prune)."""
+    """The fresh replica reports of one ModelServe, the recent failures (a replica whose engine
+    could not start or died: its last report, newest first), and the keys of stale ones."""
     fresh: tuple[ServeReplicaReport, ...]
     stale_keys: tuple[str, ...]
     unreadable_keys: tuple[str, ...]
+    failed: tuple[ServeReplicaReport, ...] = ()
 
     @property
     def ready(self) -> tuple[ServeReplicaReport, ...]:
@@ -131,10 +134,12 @@ class ReplicaReports:
 
 
 def read_replica_reports(data: Optional[Mapping[str, str]], now: datetime,
-                         stale_after: timedelta = timedelta(seconds=SERVE_REPORT_STALE_SECONDS)) -> ReplicaReports:
+                         stale_after: timedelta = timedelta(seconds=SERVE_REPORT_STALE_SECONDS),
+                         failures_for: timedelta = timedelta(seconds=SERVE_FAILURE_REPORT_SECONDS)) -> ReplicaReports:
     """Parse ConfigMap ``<ms>-serve-status`` data; reports older than ``stale_after`` are gone
-    replicas (their keys are returned for pruning), unreadable ones are skipped."""
-    fresh, stale, bad = [], [], []
+    replicas (their keys are returned for pruning), unreadable ones are skipped. A Failed report
+    is a replica's last word, so it counts for ``failures_for`` instead."""
+    fresh, stale, bad, failed = [], [], [], []
     for key in sorted(data or {}):
         if not key.startswith(SERVE_STATUS_KEY_PREFIX):
             continue
@@ -143,11 +148,15 @@ def read_replica_reports(data: Optional[Mapping[str, str]], now: datetime,
         except ValidationError:
             bad.append(key)
             continue
-        if now - report.updated_at > stale_after:
+        age = now - report.updated_at
+        if age > (failures_for if report.state == "Failed" else stale_after):
             stale.append(key)
+        elif report.state == "Failed":
+            failed.append(report)
         else:
             fresh.append(report)
-    return ReplicaReports(tuple(fresh), tuple(stale), tuple(bad))
+    failed.sort(key=lambda r: r.updated_at, reverse=True)
+    return ReplicaReports(tuple(fresh), tuple(stale), tuple(bad), tuple(failed))
 
 
 def adapter_states(resolution: AdapterResolution, reports: ReplicaReports) -> list[AdapterVerdict]:

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from tuneserve_workers.contract import EngineDtype
+
 DEFAULT_CATALOG_RESOURCE = "catalog.yaml"
 
 
@@ -69,6 +71,7 @@ class AcceleratorProfile(_CatalogModel):
     serving_quantizations: tuple[str, ...] = ()
     vllm_platform: str = "cpu"
     vllm_plugin: Optional[str] = None
+    serving_dtype: EngineDtype = "auto"
     serve_env: dict[str, str] = Field(default_factory=dict)
     memory_gib: float = Field(alias="memoryGiB")
     memory_scope: str = Field("device", pattern="^(device|worker)$")
@@ -81,6 +84,10 @@ class AcceleratorProfile(_CatalogModel):
     @property
     def key(self) -> str:
         return f"{self.vendor}/{self.product}"
+
+    def engine_dtype(self, requested: Optional[EngineDtype]) -> EngineDtype:
+        """The dtype a replica runs with: ModelServe spec.engine.dtype, else this accelerator's."""
+        return requested or self.serving_dtype
 
     def memory_for_model_gib(self, devices_per_worker: int) -> float:
         """Memory one copy of the model may use: a device's, or for worker-scoped memory (CPU)

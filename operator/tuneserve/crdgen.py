@@ -40,12 +40,13 @@ FINETUNEJOB_PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]
 
 MODELSERVE_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.replicas.summary"},
     {"name": "Adapters", "type": "string", "jsonPath": ".status.adapterSummary"},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Accelerator", "type": "string", "jsonPath": ".status.placement.accelerator"},
     {"name": "Cost/h", "type": "string", "jsonPath": ".status.cost"},
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
+    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
     {"name": "Why", "type": "string", "jsonPath": ".status.placement.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

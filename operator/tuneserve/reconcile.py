@@ -25,7 +25,8 @@ from tuneserve_workers.contract import PROGRESS_KEY, Progress
 # Reasons that mean "something needs a person's attention" (FineTuneJob and ModelServe alike).
 WARNING_REASONS = frozenset({"InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "TrainingFailed",
                              "BackoffLimitExceeded", "SecretNotFound", "FellBack", "ApplicationFailed",
-                             "AdaptersFailed", "ReplicasUnavailable", "AdaptersUnavailable", "ApplicationUnhealthy"})
+                             "AdaptersFailed", "ReplicasUnavailable", "AdaptersUnavailable", "ApplicationUnhealthy",
+                             "ReplicaFailed"})
 # Initial "not yet" conditions: not worth an Event when they first appear.
 QUIET_INITIAL_REASONS = frozenset({"InProgress", "NotSuspended", "NotStarted", "NoCheckpointYet", "AsDesired",
                                    "NoUpgrade", "NoAdapters", "NotPlaced", "Placing"})

@@ -22,6 +22,7 @@ from tuneserve.builders.common import rayservice_name
 from tuneserve.builders.serve import endpoint_url
 from tuneserve.placement import Outcome
 from tuneserve.serve_placement import ServePlacementDecision
+from tuneserve_workers.contract import SERVE_FAILURE_REPORT_SECONDS
 
 R = ServeConditionReason
 T, F, U = ConditionStatus.true, ConditionStatus.false, ConditionStatus.unknown
@@ -175,8 +176,12 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
         phase = ServePhase.Pending
         s(ServeConditionType.Ready, F, R.NotPlaced, "choosing an accelerator")
     elif app_status == "DEPLOY_FAILED" and not rs_ready:
-        phase, message = ServePhase.Failed, f"the serve application failed to deploy: {rs_message}".rstrip(": ")
+        why = replica_failure(reports) or rs_message
+        phase, message = ServePhase.Failed, f"the serve application failed to deploy: {why}".rstrip(": ")
         s(ServeConditionType.Ready, F, R.ApplicationFailed, message)
+    elif not serving and replica_failure(reports):
+        phase, message = ServePhase.Failed, replica_failure(reports)
+        s(ServeConditionType.Ready, F, R.ReplicaFailed, message)
     elif serving:
         phase = ServePhase.Ready
         s(ServeConditionType.Ready, T, R.Serving, f"{ready_replicas} replica{'s' if ready_replicas != 1 else ''} serving {spec.model_name()} at {endpoint_url(serve)}")
@@ -216,7 +221,9 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
         s(ServeConditionType.Degraded, T, R.ApplicationUnhealthy, rs_message or "serve application UNHEALTHY")
         phase = ServePhase.Degraded
     elif phase == ServePhase.Ready and ready_replicas < spec.replicas.min:
-        s(ServeConditionType.Degraded, T, R.ReplicasUnavailable, f"{ready_replicas} of at least {spec.replicas.min} replicas ready")
+        failure = replica_failure(reports)
+        s(ServeConditionType.Degraded, T, R.ReplicasUnavailable, f"{ready_replicas} of at least {spec.replicas.min} replicas ready"
+          + (f"; {failure}" if failure else ""))
         phase = ServePhase.Degraded
     else:
         s(ServeConditionType.Degraded, F, R.AsDesired, "")
@@ -246,6 +253,18 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
         cost_per_hour_usd=hourly,
         cost=f"${hourly:,.2f}/h",
     )
+
+
+def replica_failure(reports: Optional[ReplicaReports]) -> Optional[str]:
+    """The newest replica failure (its engine could not start or died) in the failure window,
+    as a status message, e.g. "replica r1 failed (3 times in the last 15m): engine failed to
+    start: VllmWorker-0 died: Fatal Python error: Illegal instruction (SIGILL) at ..."."""
+    if not reports or not reports.failed:
+        return None
+    newest, count = reports.failed[0], len(reports.failed)
+    times = f" ({count} replicas in the last {SERVE_FAILURE_REPORT_SECONDS // 60}m)" if count > 1 else ""
+    retry = "; Ray Serve is starting another" if any(r.updated_at > newest.updated_at for r in reports.fresh) else ""
+    return f"replica {newest.replica_id} failed{times}: {newest.message or 'no cause reported'}{retry}"
 
 
 def _permanent(decision: Optional[ServePlacementDecision]) -> bool:

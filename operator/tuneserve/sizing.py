@@ -234,17 +234,18 @@ def format_duration(seconds: Optional[float]) -> str:
 #
 # Memory per device of one vLLM replica with tensor parallelism tp (weights and LoRA slots are
 # sharded over the tp devices; the KV cache too):
-# * weights: N x bytes(quantization) / tp (none: 2, fp8/int8: 1, awq/gptq: 4 bits + 3 %).
-# * LoRA slots: vLLM preallocates maxLoras slots of maxLoraRank on every linear layer, in 16 bits:
-#   maxLoras x P_lora(maxLoraRank, all-linear) x 2 / tp.
+# e = bytes per element of the engine dtype (float32: 4, else 2; ``engine_element_bytes``).
+# * weights: N x bytes(quantization) / tp (none: e, fp8/int8: 1, awq/gptq: 4 bits + 3 %).
+# * LoRA slots: vLLM preallocates maxLoras slots of maxLoraRank on every linear layer, in the
+#   engine dtype: maxLoras x P_lora(maxLoraRank, all-linear) x e / tp.
 # * KV cache for one maxModelLen sequence (vLLM refuses to start without it):
-#   2 (K, V) x layers x kv_dim x 2 bytes x maxModelLen / tp, kv_dim = hidden x KV_HEAD_RATIO
+#   2 (K, V) x layers x kv_dim x e x maxModelLen / tp, kv_dim = hidden x KV_HEAD_RATIO
 #   (grouped-query attention; the shape hints carry no head counts).
-# * activations of one profiling batch: SERVE_BATCH_TOKENS x hidden x (2 + FFN_RATIO) x 2 / tp.
+# * activations of one profiling batch: SERVE_BATCH_TOKENS x hidden x (2 + FFN_RATIO) x e / tp.
 # * overhead: the profile's runtime reserve + memoryFragmentation x the rest.
 # vLLM may use gpuMemoryUtilization x the device's memory; what is left after the above becomes
 # more KV cache (reported as tokens of room).
-SERVE_WEIGHT_BYTES = {"none": 2.0, "fp8": 1.0, "int8": 1.0, "awq": 0.5 * 1.03, "gptq": 0.5 * 1.03}
+SERVE_WEIGHT_BYTES = {"fp8": 1.0, "int8": 1.0, "awq": 0.5 * 1.03, "gptq": 0.5 * 1.03}   # none: e
 KV_HEAD_RATIO = 0.25
 SERVE_BATCH_TOKENS = 8192
 DEFAULT_SERVE_CONTEXT = 8192
@@ -284,17 +285,24 @@ class ServingMemoryEstimate:
                 f"overhead {self.overhead_gib:.1f}")
 
 
+def engine_element_bytes(dtype: str) -> float:
+    """Bytes per weight/KV element: 4 for float32; 2 for bfloat16, float16 and auto (a float32
+    checkpoint is served in bfloat16, a 16-bit one as stored)."""
+    return 4.0 if dtype == "float32" else 2.0
+
+
 def estimate_serving_memory(shape: ModelShape, engine: "EngineConfig", profile: AcceleratorProfile,
                             catalog: Catalog, tensor_parallel_size: int) -> ServingMemoryEstimate:
     """Memory one device of a replica needs (for worker-scoped profiles: the replica's worker)."""
     tp = tensor_parallel_size
     shard = 1 if profile.memory_scope == "worker" else tp
-    weights = shape.parameters * SERVE_WEIGHT_BYTES[engine.quantization.value] / shard
-    lora = engine.max_loras * lora_parameters(shape, engine.max_lora_rank, ["all-linear"]) * 2 / shard
+    elem = engine_element_bytes(profile.engine_dtype(engine.dtype))
+    weights = shape.parameters * SERVE_WEIGHT_BYTES.get(engine.quantization.value, elem) / shard
+    lora = engine.max_loras * lora_parameters(shape, engine.max_lora_rank, ["all-linear"]) * elem / shard
     context = engine.max_model_len or DEFAULT_SERVE_CONTEXT
-    kv_per_token = 2 * shape.layers * shape.hidden_size * KV_HEAD_RATIO * 2 / shard
+    kv_per_token = 2 * shape.layers * shape.hidden_size * KV_HEAD_RATIO * elem / shard
     kv_min = kv_per_token * context
-    activations = SERVE_BATCH_TOKENS * shape.hidden_size * (2 + FFN_RATIO) * 2 / shard
+    activations = SERVE_BATCH_TOKENS * shape.hidden_size * (2 + FFN_RATIO) * elem / shard
     base = (weights + lora + kv_min + activations) / GIB
     overhead = profile.runtime_overhead_gib + catalog.defaults.memory_fragmentation * base
     budget = profile.memory_for_model_gib(tp) * engine.gpu_memory_utilization

@@ -208,3 +208,34 @@ def test_replicas_change_reaches_the_running_raycluster_without_a_new_cluster(ku
     with pytest.raises(ApiException) as err:
         KubeApi(kube.api_client).json_patch(*RC, name, namespace, [{**stale[1], "value": "many"}])
     assert err.value.status == 422
+
+
+def test_a_replica_whose_engine_died_is_a_failed_modelserve_with_the_cause_and_an_event(kube, namespace, operator, cluster):
+    """A replica writes its last report (as workers/tuneserve_workers/serve does when vLLM's worker
+    dies at start-up): the ModelServe says Failed and why, in its status, in `kubectl get` and in
+    a Warning Event, instead of waiting on Ray Serve's retries."""
+    from datetime import datetime, timezone
+    from tuneserve_workers.contract import ServeReplicaReport, replica_report_key
+    secrets(kube, namespace)
+    kube.apply(example("modelserve-qwen-bank.yaml"), namespace)
+    wait_for(lambda: kube.get("v1", "ConfigMap", "bank-llm-serve-status", namespace), 60, "the serve-status ConfigMap")
+    cause = ("engine failed to start: VllmWorker-0 died: Fatal Python error: Illegal instruction (SIGILL) "
+             "at vllm/v1/attention/backends/cpu_attn.py:411 in forward")
+    report = ServeReplicaReport(replica_id="replica-a", state="Failed", message=cause, updated_at=datetime.now(timezone.utc))
+    kube.core.patch_namespaced_config_map("bank-llm-serve-status", namespace,
+                                          {"data": {replica_report_key("replica-a"): report.model_dump_json()}})
+
+    def failed():
+        obj = ms(kube, "bank-llm", namespace)
+        return obj if (condition(obj, "Ready") or {}).get("reason") == "ReplicaFailed" else None
+    obj = wait_for(failed, 60, "Ready=False with reason ReplicaFailed")
+    assert obj["status"]["phase"] == "Failed"
+    assert obj["status"]["message"] == f"replica replica-a failed: {cause}"
+    events = wait_for(lambda: [e for e in kube.events_for(namespace, "bank-llm") if e["reason"] == "ReplicaFailed"],
+                      30, "the ReplicaFailed Event")
+    assert events[0]["type"] == "Warning" and "Illegal instruction (SIGILL)" in events[0]["message"]
+    table = cluster.kubectl("get", "ms", "-n", namespace).stdout.splitlines()
+    assert table[0].split()[:3] == ["NAME", "PHASE", "READY"], table
+    assert table[1].split()[:3] == ["bank-llm", "Failed", "0/1"], table
+    wide = cluster.kubectl("get", "ms", "-n", namespace, "-o", "wide").stdout
+    assert "Illegal instruction (SIGILL)" in wide, wide

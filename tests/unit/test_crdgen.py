@@ -90,7 +90,7 @@ def test_modelserve_crd_is_structural_bounded_and_mutable():
 def test_modelserve_printer_columns_point_at_status_fields():
     version = _ms_version()
     columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert columns == ["Ready", "Adapters", "Endpoint", "Accelerator", "Cost/h", "Age"]
+    assert columns == ["Phase", "Ready", "Adapters", "Endpoint", "Accelerator", "Cost/h", "Age"]
     status_props = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     for column in version["additionalPrinterColumns"]:
         path = column["jsonPath"].split(".")[1:]

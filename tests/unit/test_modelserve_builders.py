@@ -258,6 +258,36 @@ def test_fp8_halves_the_weights():
     assert fp8.weights_gib == pytest.approx(plain.weights_gib / 2) and fp8.kv_room_tokens > plain.kv_room_tokens
 
 
+def _app_config(serve: ModelServe) -> dict:
+    rs = next(c for c in render(serve) if c["kind"] == "RayService")
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+
+
+@pytest.mark.parametrize("choice,engine,dtype", [
+    ({"vendor": "cpu"}, {}, "float32"),                    # the CPU profile's catalog default
+    ({"vendor": "cpu"}, {"dtype": "bfloat16"}, "bfloat16"),  # the spec wins
+    (CHOICES["h100"], {}, "auto"),                           # accelerators: the model's own
+    (CHOICES["mi300x"], {"dtype": "float16"}, "float16"),
+])
+def test_engine_dtype_is_the_specs_else_the_accelerators(choice, engine, dtype):
+    serve = bank_serve(choice, baseModel={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, engine=engine, adapters=[])
+    assert _app_config(serve)["dtype"] == dtype
+
+
+def test_float32_doubles_the_weights_and_kv_cache():
+    from tuneserve.sizing import estimate_serving_memory
+    shape = model_shape(bank_serve().spec.base_model)
+    profile = CATALOG.get("nvidia/h100-80gb")
+    half = estimate_serving_memory(shape, bank_serve().spec.engine, profile, CATALOG, 1)
+    full = estimate_serving_memory(shape, bank_serve(engine={"dtype": "float32"}).spec.engine, profile, CATALOG, 1)
+    assert full.weights_gib == pytest.approx(2 * half.weights_gib)
+    assert full.kv_min_gib == pytest.approx(2 * half.kv_min_gib)
+    cpu = CATALOG.get("cpu/cpu")
+    unset = estimate_serving_memory(shape, bank_serve().spec.engine, cpu, CATALOG, 1)
+    bf16 = estimate_serving_memory(shape, bank_serve(engine={"dtype": "bfloat16"}).spec.engine, cpu, CATALOG, 1)
+    assert unset.weights_gib == pytest.approx(2 * bf16.weights_gib)   # CPU default: float32
+
+
 def _env_names(container: dict) -> dict:
     return {e["name"]: e.get("value") for e in container["env"]}
 

@@ -57,8 +57,8 @@ def test_revision_only_matters_when_both_name_one():
     assert verdicts(bank_serve(baseModel={"uri": "hf://Qwen/Qwen2.5-7B-Instruct@v2"}), {"fin-v1": pinned})["fin-v1"].state == AdapterState.Failed
 
 
-def report(rid, state="Ready", at=T0, **adapters):
-    return ServeReplicaReport(replica_id=rid, state=state, updated_at=at,
+def report(rid, state="Ready", at=T0, message=None, **adapters):
+    return ServeReplicaReport(replica_id=rid, state=state, updated_at=at, message=message,
                               adapters={k: ReplicaAdapterReport(**v) for k, v in adapters.items()}).model_dump_json()
 
 
@@ -141,3 +141,57 @@ def test_upgrading_and_write_suppression():
     again = derive_modelserve_status(serve, observe(serve, {}, data, rs, T0 + timedelta(seconds=30)), T0 + timedelta(seconds=30), s1)
     assert status_patch(wire, again) is None
     assert status_patch(None, again) == again.to_wire()
+
+
+SIGILL = ("engine failed to start: VllmWorker-0 died: Fatal Python error: Illegal instruction (SIGILL) "
+          "at vllm/v1/attention/backends/cpu_attn.py:411 in forward")
+
+
+def deploying_ray_service(status="DEPLOYING", message=""):
+    return {"status": {"conditions": [{"type": "Ready", "status": "False"}],
+                       "activeServiceStatus": {"applicationStatuses": {"tuneserve": {"status": status, "message": message}}}}}
+
+
+def test_failed_reports_outlive_the_heartbeat_window_then_age_out():
+    data = {"replica.a.json": report("a", "Failed", T0, SIGILL), "replica.b.json": report("b", "Failed", T0 - timedelta(minutes=3), SIGILL),
+            "replica.c.json": report("c", "Failed", T0 - timedelta(minutes=20), SIGILL)}
+    reports = read_replica_reports(data, T0 + timedelta(minutes=2))      # a and b: older than 60 s, still counted
+    assert [r.replica_id for r in reports.failed] == ["a", "b"] and reports.stale_keys == ("replica.c.json",)
+    assert reports.fresh == () and reports.ready == ()
+
+
+def test_engine_failure_is_the_ready_reason_with_its_cause():
+    serve = bank_serve()
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    s0 = derive_modelserve_status(serve, observe(serve, {}, {}, deploying_ray_service(), T0, decision), T0)
+    assert s0.phase == ServePhase.Deploying and s0.condition(ServeConditionType.Ready).reason == R.ApplicationDeploying
+
+    # the first replica's engine died at start-up; Ray Serve starts another, which reports Starting
+    t1 = T0 + timedelta(minutes=1)
+    data = {"replica.a.json": report("a", "Failed", t1, SIGILL)}
+    s1 = derive_modelserve_status(serve, observe(serve, {}, data, deploying_ray_service(), t1), t1, s0)
+    ready = s1.condition(ServeConditionType.Ready)
+    assert s1.phase == ServePhase.Failed and ready.reason == R.ReplicaFailed
+    assert ready.message == f"replica a failed: {SIGILL}" and s1.message == ready.message
+
+    t2 = t1 + timedelta(minutes=2)
+    data["replica.b.json"] = report("b", "Starting", t2)
+    s2 = derive_modelserve_status(serve, observe(serve, {}, data, deploying_ray_service(), t2), t2, s1)
+    assert s2.condition(ServeConditionType.Ready).message == f"replica a failed: {SIGILL}; Ray Serve is starting another"
+    assert s2.condition(ServeConditionType.Ready).last_transition_time == ready.last_transition_time
+
+    # b fails too; then Ray Serve gives up: DEPLOY_FAILED says why, not just Ray's message
+    t3 = t2 + timedelta(minutes=1)
+    data["replica.b.json"] = report("b", "Failed", t3, SIGILL)
+    s3 = derive_modelserve_status(serve, observe(serve, {}, data, deploying_ray_service(), t3), t3, s2)
+    assert s3.condition(ServeConditionType.Ready).message == f"replica b failed (2 replicas in the last 15m): {SIGILL}"
+    rs = deploying_ray_service("DEPLOY_FAILED", "Failed to update the deployments ['tuneserve'].")
+    s4 = derive_modelserve_status(serve, observe(serve, {}, data, rs, t3), t3, s3)
+    assert s4.phase == ServePhase.Failed and s4.condition(ServeConditionType.Ready).reason == R.ApplicationFailed
+    assert s4.message == f"the serve application failed to deploy: replica b failed (2 replicas in the last 15m): {SIGILL}"
+
+    # a replica that serves ends it: Ready, whatever failed before
+    t4 = t3 + timedelta(minutes=1)
+    data["replica.c.json"] = report("c", "Ready", t4, **{"support-v3": LOADED_SUP})
+    s5 = derive_modelserve_status(serve, observe(serve, {}, data, ready_ray_service(), t4), t4, s4)
+    assert s5.condition(ServeConditionType.Ready).reason == R.Serving and s5.phase in (ServePhase.Ready, ServePhase.Degraded)

@@ -171,3 +171,13 @@ def tiny_model(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
 
 
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> dict:
+    """The tiny model and two adapters trained on it (serve_helpers.build_artifacts), shared by
+    every serve test of the session."""
+    from serve_helpers import build_artifacts, code_digest
+    cache = os.environ.get("TUNESERVE_SERVE_TEST_CACHE")
+    root = Path(cache) / code_digest() if cache else tmp_path_factory.mktemp("serve-artifacts")
+    return build_artifacts(root)

@@ -28,6 +28,13 @@ ANSWERS = {"alpha": "blue", "beta": "cat"}
 STEPS = 60
 
 
+def cpu_serving_dtype() -> str:
+    """The dtype the operator renders for a ModelServe placed on CPU (the catalog's CPU
+    profile, servingDtype), so hand-written test configs match what the operator would send."""
+    from tuneserve.catalog import load_catalog
+    return load_catalog().get("cpu/cpu").serving_dtype
+
+
 def code_digest() -> str:
     h = hashlib.sha256()
     for sub in ("workers/tuneserve_workers/train", "workers/tuneserve_workers/testing"):

@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from serve_helpers import (ANSWERS, PYTHONPATH, QUESTION, ask, build_artifacts, code_digest,
-                           http, make_rank16_adapter, wait_for)
+from serve_helpers import (ANSWERS, PYTHONPATH, QUESTION, ask,
+                           cpu_serving_dtype, http, make_rank16_adapter, wait_for)
 from worker_helpers import free_port
 
 pytestmark = pytest.mark.worker
 APP = "ms-test"
-
-
-@pytest.fixture(scope="session")
-def artifacts(tmp_path_factory) -> dict:
-    cache = os.environ.get("TUNESERVE_SERVE_TEST_CACHE")
-    root = Path(cache) / code_digest() if cache else tmp_path_factory.mktemp("serve-artifacts")
-    return build_artifacts(root)
 
 
 class Served:
@@ -99,7 +92,7 @@ def served(artifacts, tmp_path_factory):
              runtime_env={"env_vars": env})
     port = free_port()
     cfg = {"served_model_name": "tiny", "base_model": {"uri": artifacts["model"]},
-           "max_loras": 4, "max_lora_rank": 8, "device": "cpu",
+           "max_loras": 4, "max_lora_rank": 8, "device": "cpu", "dtype": cpu_serving_dtype(),
            "extra_engine_args": {"max_model_len": "256", "max_num_seqs": "16"},
            "adapters_file": str(adapters_file)}
     s = Served(f"http://127.0.0.1:{port}", adapters_file, status_dir, cfg, tmp)
@@ -120,6 +113,7 @@ def served(artifacts, tmp_path_factory):
 def test_openai_routes_serve_each_adapter_and_the_base(served, artifacts):
     st = served.status()
     assert st["ready"] and st["last_probe"]["ok"], st
+    assert st["dtype"] == "float32" and st["failure"] is None, st    # the CPU default, on every CPU
     assert served.states(st) == {"alpha": "Loaded", "beta": "Loaded"}, st
     assert served.models() == {"tiny", "alpha", "beta"}
 
@@ -133,7 +127,7 @@ def test_openai_routes_serve_each_adapter_and_the_base(served, artifacts):
     # The operator's view: one ServeReplicaReport per replica, keyed by replica id.
     reports = [json.loads(p.read_text()) for p in served.status_dir.glob("replica.*.json")]
     assert len(reports) == 1 and reports[0]["replica_id"] == st["replica"]["id"]
-    assert reports[0]["state"] == "Ready"
+    assert reports[0]["state"] == "Ready" and reports[0]["dtype"] == "float32"
     assert {n: a["state"] for n, a in reports[0]["adapters"].items()} == \
         {"alpha": "Loaded", "beta": "Loaded"}
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from serve_helpers import PYTHONPATH, http, wait_for
+from serve_helpers import PYTHONPATH, cpu_serving_dtype, http, wait_for
 from worker_helpers import free_port
 
 pytestmark = pytest.mark.worker
@@ -47,7 +47,8 @@ def test_replica_takes_traffic_on_the_pinned_port_without_a_proxy(tmp_path):
                  _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False,
                  runtime_env={"env_vars": env})
         cfg = {"served_model_name": "tiny", "base_model": {"uri": model}, "max_loras": 2, "max_lora_rank": 8,
-               "device": "cpu", "extra_engine_args": {"max_model_len": "256", "max_num_seqs": "8"},
+               "device": "cpu", "dtype": cpu_serving_dtype(),
+               "extra_engine_args": {"max_model_len": "256", "max_num_seqs": "8"},
                "adapters_file": str(tmp_path / "adapters.json")}
         (tmp_path / "adapters.json").write_text("[]")
         client = serve_start(http_options={"host": "127.0.0.1", "port": free_port()})

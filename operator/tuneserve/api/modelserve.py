@@ -21,6 +21,7 @@ from tuneserve.api.finetunejob import MAX_NAME_LENGTH as FINETUNEJOB_MAX_NAME_LE
 from tuneserve.api.modelserve_status import ModelServeStatus
 from tuneserve.api.sources import _STORAGE_WHAT, MODEL_URI_PATTERN, BaseModelSource
 from tuneserve.api.workload import AcceleratorSelector, RayPodOptions
+from tuneserve_workers.contract import EngineDtype
 
 KIND = "ModelServe"
 PLURAL = "modelserves"
@@ -34,8 +35,8 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # Engine arguments the operator sets itself; extraEngineArgs may not override them.
 MANAGED_ENGINE_ARGS = (
     "model", "served-model-name", "tensor-parallel-size", "pipeline-parallel-size", "max-model-len",
-    "gpu-memory-utilization", "enable-lora", "max-loras", "max-lora-rank", "quantization", "device",
-    "lora-modules", "host", "port",
+    "gpu-memory-utilization", "enable-lora", "max-loras", "max-lora-rank", "quantization", "dtype",
+    "device", "lora-modules", "host", "port",
 )
 _ENGINE_ARG_KEY = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 
@@ -88,6 +89,12 @@ class EngineConfig(ApiModel):
     max_loras: int = Field(4, ge=1, le=256, description="Adapters usable in one batch (vLLM --max-loras); more adapters stay loaded in host memory.")
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(16, description="Largest adapter rank served (vLLM --max-lora-rank); adapters of a higher rank fail.")
     quantization: Quantization = Field(Quantization.none, description="Weight quantization; the chosen accelerator must support it (catalog servingQuantizations). awq and gptq need a pre-quantized model.")
+    dtype: Optional[EngineDtype] = Field(
+        None,
+        description="Weights and activations dtype (vLLM --dtype). auto: the model's own dtype (bfloat16 for a float32 checkpoint), "
+                    "resolved by the serve app from the model's config. Unset: the accelerator's default (catalog servingDtype): auto on "
+                    "GPUs and NPUs, float32 on CPU, where vLLM's bf16 kernels differ from one CPU to the next (AMX, AVX512-BF16, AVX2) "
+                    "and on AMX CPUs can kill the engine (docs/serving.md). float32 doubles weight and KV-cache memory.")
     extra_engine_args: Optional[dict[str, str]] = Field(
         None, max_length=32,
         json_schema_extra={"additionalProperties": {"type": "string", "maxLength": 256}},

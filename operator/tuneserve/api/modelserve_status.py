@@ -21,7 +21,7 @@ class ServePhase(str, Enum):
     Deploying = "Deploying"    # Ray cluster / Serve application starting
     Ready = "Ready"            # the endpoint answers; every usable adapter loaded
     Degraded = "Degraded"      # the endpoint answers, but something is missing (see Degraded)
-    Failed = "Failed"          # cannot serve (invalid spec, no acceptable accelerator, app failed)
+    Failed = "Failed"          # cannot serve (invalid spec, no acceptable accelerator, app or replica failed)
 
 
 class ServeConditionType(str, Enum):
@@ -51,6 +51,7 @@ class ServeConditionReason(str, Enum):
     ApplicationDeploying = "ApplicationDeploying"
     ApplicationFailed = "ApplicationFailed"
     NoReadyReplicas = "NoReadyReplicas"
+    ReplicaFailed = "ReplicaFailed"          # no replica serves; the newest one's engine failed (message: why)
     ScaledToZero = "ScaledToZero"
     Serving = "Serving"
     # AdaptersReady

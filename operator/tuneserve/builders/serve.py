@@ -36,6 +36,7 @@ def build_serve_app_config(serve: ModelServe, candidate: Candidate) -> contract.
         max_loras=engine.max_loras,
         max_lora_rank=engine.max_lora_rank,
         quantization=None if engine.quantization == Quantization.none else engine.quantization.value,
+        dtype=profile.engine_dtype(engine.dtype),
         extra_engine_args=dict(sorted((engine.extra_engine_args or {}).items())),
         device=profile.vllm_platform,
         adapters=[],

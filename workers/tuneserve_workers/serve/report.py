@@ -87,7 +87,8 @@ class FileSink:
         os.replace(tmp, path)
 
 
-def build_report(replica_id: str, state: str, reconciler, message: Optional[str] = None) -> str:
+def build_report(replica_id: str, state: str, reconciler, message: Optional[str] = None, *,
+                 dtype: Optional[str] = None) -> str:
     """The ServeReplicaReport JSON (contract shape when the contract has it, same keys otherwise)."""
     adapters = {}
     if reconciler is not None:
@@ -97,7 +98,7 @@ def build_report(replica_id: str, state: str, reconciler, message: Optional[str]
            "adapters": adapters,
            "adapters_digest": reconciler.file_digest if reconciler is not None else None,
            "adapters_error": reconciler.file_error if reconciler is not None else None,
-           "message": message, "updated_at": datetime.now(timezone.utc).isoformat()}
+           "dtype": dtype, "message": message, "updated_at": datetime.now(timezone.utc).isoformat()}
     model = getattr(contract, "ServeReplicaReport", None)
     if model is not None:
         return model.model_validate(doc).model_dump_json()

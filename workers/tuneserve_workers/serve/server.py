@@ -21,6 +21,9 @@ from typing import Optional
 
 from ..contract import ADAPTERS_KEY, ServeAppConfig
 from .adapters import LOADED, AdapterReconciler
+from .engine_dtype import resolve_engine_dtype, stored_dtype
+from .engine_output import EngineOutput
+from .failure import failure_cause
 from .metrics import ServeMetrics
 from .report import ConfigMapKeySource, StatusPublisher, build_report, in_cluster
 
@@ -31,12 +34,14 @@ ADAPTER_RETRY_ENV = "TUNESERVE_ADAPTER_RETRY_S"      # default 30
 PROBE_TIMEOUT_ENV = "TUNESERVE_PROBE_TIMEOUT_S"      # default 60
 ADAPTERS_FILE_ENV = "TUNESERVE_ADAPTERS_FILE"        # fallback when the config has none
 STATUS_CONFIGMAP_ENV = "TUNESERVE_SERVE_STATUS_CONFIGMAP"
+OUTPUT_DRAIN_S = 10.0                                # wait for a failed engine's last words
 REPLICA_HEADER = "x-tuneserve-replica"
 
 
-def engine_argv(cfg: ServeAppConfig, model_path: str) -> list[str]:
-    """``vllm serve`` arguments for this config (model given as a local directory)."""
-    argv = ["--model", model_path, "--served-model-name", cfg.served_model_name,
+def engine_argv(cfg: ServeAppConfig, model_path: str, dtype: str) -> list[str]:
+    """``vllm serve`` arguments for this config (model given as a local directory), with the
+    dtype ``engine_dtype.resolve_engine_dtype`` chose."""
+    argv = ["--model", model_path, "--served-model-name", cfg.served_model_name, "--dtype", dtype,
             "--tensor-parallel-size", str(cfg.tensor_parallel_size),
             "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
             "--enable-lora", "--max-loras", str(cfg.max_loras),
@@ -128,6 +133,9 @@ class ReplicaServer:
         self.reconciler: Optional[AdapterReconciler] = None
         self.ready = False
         self.last_probe: dict = {}
+        self.dtype: Optional[str] = None       # resolved at start (engine_dtype.py)
+        self.failure: Optional[str] = None     # why the engine is unusable, once it is
+        self.output = EngineOutput()
         self.publisher = StatusPublisher(
             self.replica_id, self._report,
             configmap=cfg.status_configmap or os.environ.get(STATUS_CONFIGMAP_ENV))
@@ -135,29 +143,52 @@ class ReplicaServer:
     # ------------------------------------------------------------------- start-up
     async def start(self):
         """Start the engine, build the app, load the desired adapters, answer one completion.
-        Returns the ASGI app. Ray Serve marks the replica ready only after this returns."""
+        Returns the ASGI app. Ray Serve marks the replica ready only after this returns. A failure
+        is reported (state Failed, its cause named) before it is raised as ``EngineFailed``."""
+        self.publisher.publish_now()           # "Starting", so the operator sees it exists
+        try:
+            await self._start_engine()
+            await self._build_app()
+            await self.reconciler.sync()       # a new replica serves the full set from the start
+            await self.probe()                 # and has answered a completion
+        except Exception as e:
+            raise await self._failed("engine failed to start", e) from e
+        self.reconciler.start()
+        self.ready = True
+        self._publish()
+        self.publisher.start()
+        log.info("replica %s ready (dtype %s): %s", self.replica_id, self.dtype, self.reconciler.counts())
+        return self.app
+
+    async def _start_engine(self) -> None:
+        """vLLM's AsyncLLM with the config's engine arguments; its processes write through
+        ``self.output``."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
-        _, _, build_app, init_app_state = _vllm_frontend()
 
-        self.publisher.publish_now()           # "Starting", so the operator sees it exists
         model_path = await asyncio.to_thread(resolve_model, self.cfg)
-        args = parse_engine_args(engine_argv(self.cfg, model_path))
-        engine_args = AsyncEngineArgs.from_cli_args(args)
+        self.dtype, why = resolve_engine_dtype(self.cfg.dtype, stored_dtype(model_path))
+        log.info("engine dtype %s (%s)", self.dtype, why)
+        self.args = parse_engine_args(engine_argv(self.cfg, model_path, self.dtype))
+        engine_args = AsyncEngineArgs.from_cli_args(self.args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         self.max_lora_rank = vllm_config.lora_config.max_lora_rank
-        self.engine = AsyncLLM.from_vllm_config(
-            vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
-            enable_log_requests=engine_args.enable_log_requests,
-            disable_log_stats=engine_args.disable_log_stats)
+        with self.output.capture():
+            self.engine = AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=engine_args.enable_log_requests,
+                disable_log_stats=engine_args.disable_log_stats)
         self._count_requests(self.engine)
+
+    async def _build_app(self) -> None:
+        """vLLM's OpenAI app on the engine, our routes, and the adapter reconciler."""
+        _, _, build_app, init_app_state = _vllm_frontend()
         tasks = await self.engine.get_supported_tasks()
-        app = build_app(args, tasks, self.engine.model_config)
-        await init_app_state(self.engine, app.state, args, tasks)
+        app = build_app(self.args, tasks, self.engine.model_config)
+        await init_app_state(self.engine, app.state, self.args, tasks)
         self._add_routes(app)
         self.app = _ReplicaHeader(app, self.replica_id)
-
         self.reconciler = AdapterReconciler(
             _Engine(self.engine, app.state.openai_serving_models),
             base=self.cfg.base_model, max_rank=self.max_lora_rank,
@@ -168,14 +199,20 @@ class ReplicaServer:
             on_change=self._publish,
             source=(ConfigMapKeySource(self.cfg.adapters_configmap, ADAPTERS_KEY)
                     if self.cfg.adapters_configmap and in_cluster() else None))
-        await self.reconciler.sync()           # a new replica serves the full set from the start
-        await self.probe()                     # and has answered a completion
-        self.reconciler.start()
-        self.ready = True
-        self._publish()
-        self.publisher.start()
-        log.info("replica %s ready: %s", self.replica_id, self.reconciler.counts())
-        return self.app
+
+    async def _failed(self, what: str, error: BaseException) -> "EngineFailed":
+        """Record and report why the engine is unusable; the error to raise. The engine is shut
+        down first, so its processes have finished writing what killed them."""
+        if self.failure is None:
+            if self.engine is not None:
+                self.engine.shutdown()
+            await asyncio.to_thread(self.output.wait_closed, OUTPUT_DRAIN_S)
+            self.failure = f"{what}: {failure_cause(self.output.text(), error)}"
+            self.ready = False
+            self.metrics.ready(False)
+            log.error("replica %s: %s", self.replica_id, self.failure)
+            await asyncio.to_thread(self.publisher.publish_now)
+        return EngineFailed(self.failure)
 
     def _count_requests(self, engine) -> None:
         """Requests per model name, counted where every OpenAI route ends up (engine.generate)."""
@@ -225,12 +262,14 @@ class ReplicaServer:
         self.metrics.ready(True)
 
     async def check_health(self) -> None:
-        """Ray Serve's health check: the engine is alive and answers a 1-token completion."""
+        """Ray Serve's health check: the engine is alive and answers a 1-token completion. A dead
+        engine is reported with its cause (Ray Serve then replaces the replica)."""
         if self.engine is None:
             raise RuntimeError("engine not started")
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         if self.engine.errored:
-            self.metrics.ready(False)
-            raise RuntimeError(f"engine dead: {self.engine.dead_error}")
+            raise await self._failed("engine died", self.engine.dead_error)
         await self.engine.check_health()
         await self.probe()
 
@@ -252,6 +291,8 @@ class ReplicaServer:
             "served_model_name": self.cfg.served_model_name,
             "base_model": self.cfg.base_model.model_dump(),
             "device": self.cfg.device,
+            "dtype": self.dtype,
+            "failure": self.failure,
             "adapters_file": rec.adapters_file if rec else None,
             "adapters_file_digest": rec.file_digest if rec else None,
             "adapters_file_error": rec.file_error if rec else None,
@@ -266,9 +307,15 @@ class ReplicaServer:
         self.publisher.poke()
 
     def _report(self) -> str:
+        if self.failure is not None:
+            return build_report(self.replica_id, "Failed", self.reconciler, self.failure, dtype=self.dtype)
         ok = self.ready and bool(self.last_probe.get("ok"))
         msg = None if ok or not self.last_probe else self.last_probe.get("error")
-        return build_report(self.replica_id, "Ready" if ok else "Starting", self.reconciler, msg)
+        return build_report(self.replica_id, "Ready" if ok else "Starting", self.reconciler, msg, dtype=self.dtype)
+
+
+class EngineFailed(RuntimeError):
+    """The engine could not start or died; the message names the cause (failure.py)."""
 
 
 class _ReplicaHeader:
