@@ -164,6 +164,7 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
     # Ready
     rs_ready, upgrading, app_status, rs_message = _ray_service_view(observed.ray_service)
     serving = rs_ready and ready_replicas > 0
+    failure = replica_failure(reports)
     message: Optional[str] = None
     if observed.spec_error or unplaceable:
         phase = ServePhase.Failed if observed.spec_error or _permanent(decision) else ServePhase.Pending
@@ -176,11 +177,11 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
         phase = ServePhase.Pending
         s(ServeConditionType.Ready, F, R.NotPlaced, "choosing an accelerator")
     elif app_status == "DEPLOY_FAILED" and not rs_ready:
-        why = replica_failure(reports) or rs_message
+        why = failure or rs_message
         phase, message = ServePhase.Failed, f"the serve application failed to deploy: {why}".rstrip(": ")
         s(ServeConditionType.Ready, F, R.ApplicationFailed, message)
-    elif not serving and replica_failure(reports):
-        phase, message = ServePhase.Failed, replica_failure(reports)
+    elif not serving and failure:
+        phase, message = ServePhase.Failed, failure
         s(ServeConditionType.Ready, F, R.ReplicaFailed, message)
     elif serving:
         phase = ServePhase.Ready
@@ -221,7 +222,6 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
         s(ServeConditionType.Degraded, T, R.ApplicationUnhealthy, rs_message or "serve application UNHEALTHY")
         phase = ServePhase.Degraded
     elif phase == ServePhase.Ready and ready_replicas < spec.replicas.min:
-        failure = replica_failure(reports)
         s(ServeConditionType.Degraded, T, R.ReplicasUnavailable, f"{ready_replicas} of at least {spec.replicas.min} replicas ready"
           + (f"; {failure}" if failure else ""))
         phase = ServePhase.Degraded
@@ -257,7 +257,7 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
 
 def replica_failure(reports: Optional[ReplicaReports]) -> Optional[str]:
     """The newest replica failure (its engine could not start or died) in the failure window,
-    as a status message, e.g. "replica r1 failed (3 times in the last 15m): engine failed to
+    as a status message, e.g. "replica r1 failed (3 replicas in the last 15m): engine failed to
     start: VllmWorker-0 died: Fatal Python error: Illegal instruction (SIGILL) at ..."."""
     if not reports or not reports.failed:
         return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,7 +41,6 @@ SERVE_REPORT_STALE_SECONDS = 60
 SERVE_FAILURE_REPORT_SECONDS = 900
 # vLLM --dtype values the serve app accepts; "auto" is resolved by the app itself from the model.
 EngineDtype = Literal["auto", "bfloat16", "float16", "float32"]
-ENGINE_DTYPES = get_args(EngineDtype)
 
 
 class _Model(BaseModel):
@@ -204,7 +203,7 @@ class ServeAppConfig(_Model):
     max_loras: int = 4
     max_lora_rank: int = 16
     quantization: Optional[str] = None
-    # ENGINE_DTYPES; the operator renders spec.engine.dtype or the accelerator's catalog default.
+    # The operator renders spec.engine.dtype or the accelerator's catalog default.
     # "auto": the model's own dtype (bfloat16 for a float32 checkpoint), chosen by the serve app.
     dtype: EngineDtype = "auto"
     extra_engine_args: dict[str, str] = Field(default_factory=dict)

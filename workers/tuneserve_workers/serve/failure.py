@@ -36,10 +36,10 @@ def _short_path(path: str) -> str:
 def fatal_signal(lines: list[str]) -> Optional[str]:
     """The last faulthandler report: 'Fatal Python error: Illegal instruction (SIGILL) at
     vllm/x.py:46 in f' (the innermost frame of the thread that crashed)."""
-    at = max((i for i, line in enumerate(lines) if _FATAL.match(line)), default=None)
-    if at is None:
+    found = [(i, m[1]) for i, m in enumerate(map(_FATAL.match, lines)) if m]
+    if not found:
         return None
-    name = _FATAL.match(lines[at]).group(1)
+    at, name = found[-1]
     text = f"Fatal Python error: {name}" + (f" ({SIGNALS[name]})" if name in SIGNALS else "")
     current = next((i for i in range(at + 1, len(lines)) if lines[i].startswith("Current thread")), None)
     frame = None
@@ -57,12 +57,11 @@ def _points_elsewhere(text: str) -> bool:
 
 def root_exception(lines: list[str]) -> Optional[str]:
     """The last exception line that is a cause rather than a pointer to one."""
-    found = []
-    for line in lines:
+    for line in reversed(lines):
         m = _EXCEPTION.match(line.strip())
         if m and not _points_elsewhere(line):
-            found.append(f"{m['type']}: {m['msg']}" if m["msg"] else m["type"])
-    return found[-1] if found else None
+            return f"{m['type']}: {m['msg']}" if m["msg"] else m["type"]
+    return None
 
 
 def failure_cause(output: str, error: Optional[BaseException] = None) -> str:
