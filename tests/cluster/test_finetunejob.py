@@ -183,23 +183,37 @@ def test_unschedulable_pods_past_the_timeout_fall_back_and_record_why(kube, name
         make_secrets(kube, namespace)
         spec = example("finetunejob-qwen-bank.yaml", priorityClassName=None)
         spec["spec"]["accelerators"]["fallbackAfterMinutes"] = 1
-        kube.apply(spec, namespace)
-        first = wait_for(lambda: (ftj(kube, "fin-v1", namespace).get("status") or {}).get("placement"), 60, "a placement")
+
+        tries = iter(range(1, 10))
+
+        def placed_on_the_ghost_pool():
+            """The node and the filler pods are in the API before the operator's watches deliver
+            them (seen on a loaded 2-core CI box): a job placed in that gap lands elsewhere. Then
+            remove it and place a new one (a new name, so nothing of the first is reused)."""
+            name = f"fin-v{next(tries)}"
+            kube.apply({**spec, "metadata": {**spec["metadata"], "name": name}}, namespace)
+            got = wait_for(lambda: (ftj(kube, name, namespace).get("status") or {}).get("placement"), 60, "a placement")
+            if got["pool"] == "h100-noslots":
+                return name, got
+            kube.delete(*FTJ, name, namespace)
+            wait_for(lambda: not pods_of(kube, namespace, name), 90, f"the pods of {name}, placed too early, to go")
+            return None
+        name, first = wait_for(placed_on_the_ghost_pool, 300, "a placement on the ghost H100 pool", interval=1)
         assert first["vendor"] == "nvidia" and first["pool"] == "h100-noslots", first
-        stuck = wait_for(lambda: [p for p in pods_of(kube, namespace, "fin-v1", attempt=1)
+        stuck = wait_for(lambda: [p for p in pods_of(kube, namespace, name, attempt=1)
                                   if (condition(p, "PodScheduled") or {}).get("reason") == "Unschedulable"],
                          60, "the H100 worker to be unschedulable")
         assert "Too many pods" in condition(stuck[0], "PodScheduled")["message"]
 
         job = wait_for(lambda: (lambda o: o if (o["status"].get("placement") or {}).get("attempt") == 2 else None)(
-            ftj(kube, "fin-v1", namespace)), 150, "the fallback to attempt 2")
+            ftj(kube, name, namespace)), 150, "the fallback to attempt 2")
         assert job["status"]["placement"]["vendor"] == "amd"
         timed_out = [r for r in job["status"]["rejectedChoices"] if r["code"] == "TimedOut"]
         assert timed_out and "unschedulable for" in timed_out[0]["message"], job["status"]["rejectedChoices"]
         assert condition(job, "Placed")["reason"] == "FellBack"
-        wait_for(lambda: kube.get("ray.io/v1", "RayJob", "fin-v1-1", namespace) is None, 60, "the stuck RayJob to go")
-        assert kube.get("ray.io/v1", "RayJob", "fin-v1-2", namespace) is not None
-        assert any(e["reason"] == "FellBack" for e in kube.events_for(namespace, "fin-v1"))
+        wait_for(lambda: kube.get("ray.io/v1", "RayJob", f"{name}-1", namespace) is None, 60, "the stuck RayJob to go")
+        assert kube.get("ray.io/v1", "RayJob", f"{name}-2", namespace) is not None
+        assert any(e["reason"] == "FellBack" for e in kube.events_for(namespace, name))
     finally:
         kube.delete("v1", "Node", node["metadata"]["name"])
 
