@@ -111,7 +111,6 @@ def test_secrets_are_references_only_and_env_is_ordered():
     assert "value" not in by_name["AWS_SECRET_ACCESS_KEY"]
     assert by_name[contract.CONFIG_ENV]["value"] == "/etc/tuneserve/config.json"
     assert by_name[contract.PROGRESS_CONFIGMAP_ENV]["value"] == "bank/fin-v1-progress"
-    assert by_name["TUNESERVE_VISIBLE_DEVICES_ENV"]["value"] == "CUDA_VISIBLE_DEVICES"
     assert by_name["HF_HUB_ENABLE_HF_TRANSFER"]["value"] == "1"
 
 

@@ -149,7 +149,7 @@ def test_vendor_plugin_and_ray_resources(name, plugin, resources):
     assert app["args"]["vllm_plugin"] == plugin
     assert app["deployments"][0]["ray_actor_options"] == {"num_cpus": 1, "resources": resources}
     env = {e["name"]: e.get("value") for e in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
-    assert env["TUNESERVE_VLLM_PLUGIN"] == plugin
+    assert env["VLLM_PLUGINS"] == plugin
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"] == {"resources": '"{\\"%s\\": 1}"' % next(iter(resources))}
 
 

@@ -22,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 CONTRACT_VERSION = "v1alpha1"
 CONFIG_ENV = "TUNESERVE_CONFIG"              # path of the JSON config inside the pod
 PROGRESS_CONFIGMAP_ENV = "TUNESERVE_PROGRESS_CONFIGMAP"  # "<namespace>/<name>"
+# Env the operator renders for the serve replicas (fallbacks for the ServeAppConfig fields of the
+# same meaning). Every TUNESERVE_* variable the operator renders is named here and read by the
+# workers through these constants (tests/unit/test_seam.py checks both sides).
+ADAPTERS_FILE_ENV = "TUNESERVE_ADAPTERS_FILE"
+SERVE_STATUS_CONFIGMAP_ENV = "TUNESERVE_SERVE_STATUS_CONFIGMAP"  # "<namespace>/<name>"
 PROGRESS_KEY = "progress.json"
 PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "tuneserve-manifest.json"

@@ -26,14 +26,13 @@ TTL_SECONDS_AFTER_FINISHED = 300
 
 def build_env(job: FineTuneJob, profile: AcceleratorProfile) -> list[dict[str, Any]]:
     """Operator variables, then Secret references (never values), then the user's plain env
-    (names starting with TUNESERVE_ are reserved and dropped)."""
+    (names starting with TUNESERVE_ are reserved and dropped). Hardware facts (the visible-devices
+    variable, torch device, Ray resource) travel in the config's ``accelerator``, not as env."""
     namespace, name = job.metadata.namespace, job.metadata.name
     env: list[dict[str, Any]] = [
         {"name": contract.CONFIG_ENV, "value": f"{CONFIG_DIR}/{CONFIG_FILE}"},
         {"name": contract.PROGRESS_CONFIGMAP_ENV, "value": f"{namespace}/{progress_configmap_name(name)}"},
     ]
-    if profile.visible_devices_env:
-        env.append({"name": "TUNESERVE_VISIBLE_DEVICES_ENV", "value": profile.visible_devices_env})
     return with_user_env(env + credential_env(job.spec), job.spec)
 
 

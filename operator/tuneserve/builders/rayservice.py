@@ -79,21 +79,18 @@ def ingress_env(ingress: Ingress) -> list[dict[str, Any]]:
 
 def build_serve_env(serve: ModelServe, profile: AcceleratorProfile) -> list[dict[str, Any]]:
     """Operator variables, the catalog's serving env, Secret references (never values), then
-    the user's plain env (TUNESERVE_* reserved)."""
+    the user's plain env (TUNESERVE_* reserved). The ModelServe's name, the vLLM device and plugin
+    travel in the ServeAppConfig (serveConfigV2 args), not as env; Ray sets the visible-devices
+    variable of each replica actor from its resources itself."""
     ns, name = serve.metadata.namespace, serve.metadata.name
     env: list[dict[str, Any]] = [
-        {"name": "TUNESERVE_MODELSERVE", "value": f"{ns}/{name}"},
-        {"name": "TUNESERVE_ADAPTERS_FILE", "value": contract.ADAPTERS_FILE},
-        {"name": "TUNESERVE_SERVE_STATUS_CONFIGMAP", "value": f"{ns}/{serve_status_configmap_name(name)}"},
-        {"name": "TUNESERVE_VLLM_PLATFORM", "value": profile.vllm_platform},
+        {"name": contract.ADAPTERS_FILE_ENV, "value": contract.ADAPTERS_FILE},
+        {"name": contract.SERVE_STATUS_CONFIGMAP_ENV, "value": f"{ns}/{serve_status_configmap_name(name)}"},
         # The engine's front end and core talk over loopback inside the pod (serve/__init__.py).
         {"name": "VLLM_HOST_IP", "value": "127.0.0.1"},
     ]
     if profile.vllm_plugin:
-        env.append({"name": "TUNESERVE_VLLM_PLUGIN", "value": profile.vllm_plugin})
         env.append({"name": "VLLM_PLUGINS", "value": profile.vllm_plugin})   # load exactly the vendor's platform plugin
-    if profile.visible_devices_env:
-        env.append({"name": "TUNESERVE_VISIBLE_DEVICES_ENV", "value": profile.visible_devices_env})
     env += ingress_env(serve.spec.ingress)
     env += [{"name": k, "value": v} for k, v in sorted(profile.serve_env.items())]
     return with_user_env(env + credential_env(serve.spec), serve.spec)

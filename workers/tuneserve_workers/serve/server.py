@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Optional
 
-from ..contract import ADAPTERS_KEY, ServeAppConfig
+from ..contract import ADAPTERS_FILE_ENV, ADAPTERS_KEY, SERVE_STATUS_CONFIGMAP_ENV, ServeAppConfig
 from .adapters import LOADED, AdapterReconciler
 from .engine_dtype import resolve_engine_dtype, stored_dtype
 from .engine_output import EngineOutput
@@ -32,8 +32,6 @@ log = logging.getLogger("tuneserve.serve")
 ADAPTER_POLL_ENV = "TUNESERVE_ADAPTER_POLL_S"        # default 2
 ADAPTER_RETRY_ENV = "TUNESERVE_ADAPTER_RETRY_S"      # default 30
 PROBE_TIMEOUT_ENV = "TUNESERVE_PROBE_TIMEOUT_S"      # default 60
-ADAPTERS_FILE_ENV = "TUNESERVE_ADAPTERS_FILE"        # fallback when the config has none
-STATUS_CONFIGMAP_ENV = "TUNESERVE_SERVE_STATUS_CONFIGMAP"
 OUTPUT_DRAIN_S = 10.0                                # wait for a failed engine's last words
 REPLICA_HEADER = "x-tuneserve-replica"
 
@@ -138,7 +136,7 @@ class ReplicaServer:
         self.output = EngineOutput()
         self.publisher = StatusPublisher(
             self.replica_id, self._report,
-            configmap=cfg.status_configmap or os.environ.get(STATUS_CONFIGMAP_ENV))
+            configmap=cfg.status_configmap or os.environ.get(SERVE_STATUS_CONFIGMAP_ENV))
 
     # ------------------------------------------------------------------- start-up
     async def start(self):
