@@ -1,17 +1,131 @@
 """Entry point: `tuneserve-operator` (or `python -m tuneserve.main`).
 
-Watches FineTuneJobs in all namespaces, or in those listed by TUNESERVE_NAMESPACES (comma
-separated). Liveness: http://<TUNESERVE_HEALTH_ADDR or 0.0.0.0:8080>/healthz.
+Watches FineTuneJobs and ModelServes in all namespaces, or in those listed by TUNESERVE_NAMESPACES
+(comma separated). Health: http://<TUNESERVE_HEALTH_ADDR or 0.0.0.0:8080>/healthz (liveness) and
+/readyz (readiness).
+
+With TUNESERVE_LEADER_ELECTION=true (the Helm chart's default) the process first takes the Lease
+TUNESERVE_LEADER_ELECTION_NAMESPACE/TUNESERVE_LEADER_ELECTION_NAME as TUNESERVE_POD_NAME
+(tuneserve/leader.py), reconciles only while holding it, releases it on SIGTERM and exits when it
+loses it, so a second replica takes over. Without it the process reconciles at once (tests, local).
 """
 from __future__ import annotations
 
+import http.server
 import logging
 import os
+import signal
+import socket
 import sys
+import threading
+import urllib.request
+from dataclasses import dataclass
+from typing import Optional
 
 import kopf
+from kubernetes import client, config
 
 import tuneserve.handlers  # noqa: F401  (registers the handlers)
+from tuneserve.leader import LeaderElector
+
+log = logging.getLogger("tuneserve.main")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything main reads from the environment, read once."""
+    namespaces: list[str]
+    health_addr: str
+    leader_election: bool
+    lease_namespace: str
+    lease_name: str
+    identity: str
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        env = os.environ
+        return cls(namespaces=[n for n in env.get("TUNESERVE_NAMESPACES", "").split(",") if n],
+                   health_addr=env.get("TUNESERVE_HEALTH_ADDR", "0.0.0.0:8080"),
+                   leader_election=env.get("TUNESERVE_LEADER_ELECTION", "false").lower() == "true",
+                   lease_namespace=env.get("TUNESERVE_LEADER_ELECTION_NAMESPACE", "tuneserve-system"),
+                   lease_name=env.get("TUNESERVE_LEADER_ELECTION_NAME", "tuneserve-operator"),
+                   identity=env.get("TUNESERVE_POD_NAME") or socket.gethostname())
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+def _run_kopf(settings: Settings, liveness_addr: str, stop: Optional[threading.Event] = None) -> None:
+    kopf.run(standalone=True, clusterwide=not settings.namespaces, namespaces=settings.namespaces,
+             liveness_endpoint=f"http://{liveness_addr}/healthz", stop_flag=stop)
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """/healthz: alive (a leader also asks kopf's own liveness endpoint); /readyz: the same: a
+    standby is ready to take over, so both replicas count for `helm --wait` and rollouts."""
+    elector: LeaderElector
+    kopf_liveness = ""
+
+    def do_GET(self) -> None:   # noqa: N802 (http.server's name)
+        if self.path not in ("/healthz", "/readyz"):
+            self.send_error(404)
+            return
+        ok, what = True, "standby"
+        if self.elector.leading.is_set():
+            what = "leader"
+            try:
+                with urllib.request.urlopen(self.kopf_liveness, timeout=3) as resp:
+                    ok = resp.status == 200
+            except OSError:
+                ok = False   # kopf starting or stuck
+        self.send_response(200 if ok else 503)
+        self.end_headers()
+        self.wfile.write(f"{what} {'ok' if ok else 'not ok'}\n".encode())
+
+    def log_message(self, *_args) -> None:   # probes every few seconds: not worth a log line
+        pass
+
+
+def _serve_health(addr: str, elector: LeaderElector, kopf_liveness: str) -> http.server.ThreadingHTTPServer:
+    handler = type("Health", (_Health,), {"elector": elector, "kopf_liveness": kopf_liveness})
+    server = http.server.ThreadingHTTPServer(_split(addr), handler)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    return server
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_elected(settings: Settings) -> int:
+    """Wait for the Lease, reconcile while holding it, release it on the way out."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    elector = LeaderElector(client.CoordinationV1Api(), settings.lease_namespace, settings.lease_name,
+                            settings.identity)
+    liveness = f"127.0.0.1:{_free_loopback_port()}"
+    _serve_health(settings.health_addr, elector, f"http://{liveness}/healthz")
+    stop, kopf_stop = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: (stop.set(), kopf_stop.set()))
+    log.info("waiting for leadership (Lease %s/%s) as %s", settings.lease_namespace, settings.lease_name,
+             settings.identity)
+    if not elector.acquire(stop):
+        return 0
+    keeper = threading.Thread(target=lambda: (elector.keep(stop), kopf_stop.set()), name="lease", daemon=True)
+    keeper.start()
+    try:
+        _run_kopf(settings, liveness, kopf_stop)
+    finally:
+        stop.set()
+        if not elector.lost.is_set():
+            elector.release()
+    return 1 if elector.lost.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every handler run at INFO; the operator logs what it writes (kubeapi.py) instead.
     logging.getLogger("kopf.objects").setLevel(os.environ.get("TUNESERVE_KOPF_LOG_LEVEL", "WARNING"))
-    namespaces = [n for n in os.environ.get("TUNESERVE_NAMESPACES", "").split(",") if n]
-    health = os.environ.get("TUNESERVE_HEALTH_ADDR", "0.0.0.0:8080")
-    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
-             liveness_endpoint=f"http://{health}/healthz")
+    settings = Settings.from_env()
+    if settings.leader_election:
+        return run_elected(settings)
+    _run_kopf(settings, settings.health_addr)
     return 0
 
 
