@@ -235,7 +235,7 @@ def format_duration(seconds: Optional[float]) -> str:
 # Memory per device of one vLLM replica with tensor parallelism tp (weights and LoRA slots are
 # sharded over the tp devices; the KV cache too):
 # e = bytes per element of the engine dtype (float32: 4, else 2; ``engine_element_bytes``).
-# * weights: N x bytes(quantization) / tp (none: e, fp8/int8: 1, awq/gptq: 4 bits + 3 %).
+# * weights: N x bytes(quantization) / tp (none: e, fp8: 1, awq/gptq: 4 bits + 3 %).
 # * LoRA slots: vLLM preallocates maxLoras slots of maxLoraRank on every linear layer, in the
 #   engine dtype: maxLoras x P_lora(maxLoraRank, all-linear) x e / tp.
 # * KV cache for one maxModelLen sequence (vLLM refuses to start without it):
@@ -245,7 +245,7 @@ def format_duration(seconds: Optional[float]) -> str:
 # * overhead: the profile's runtime reserve + memoryFragmentation x the rest.
 # vLLM may use gpuMemoryUtilization x the device's memory; what is left after the above becomes
 # more KV cache (reported as tokens of room).
-SERVE_WEIGHT_BYTES = {"fp8": 1.0, "int8": 1.0, "awq": 0.5 * 1.03, "gptq": 0.5 * 1.03}   # none: e
+SERVE_WEIGHT_BYTES = {"fp8": 1.0, "awq": 0.5 * 1.03, "gptq": 0.5 * 1.03}   # none: e
 KV_HEAD_RATIO = 0.25
 SERVE_BATCH_TOKENS = 8192
 DEFAULT_SERVE_CONTEXT = 8192

@@ -84,7 +84,7 @@ def test_modelserve_crd_is_structural_bounded_and_mutable():
         assert message in text
     spec = schema["properties"]["spec"]["properties"]
     assert spec["adapters"]["maxItems"] == 32
-    assert spec["engine"]["properties"]["quantization"]["enum"] == ["none", "fp8", "awq", "gptq", "int8"]
+    assert spec["engine"]["properties"]["quantization"]["enum"] == ["none", "fp8", "awq", "gptq"]
 
 
 def test_modelserve_printer_columns_point_at_status_fields():

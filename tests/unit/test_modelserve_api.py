@@ -84,3 +84,19 @@ def test_adapter_and_replica_changes_do_not_roll_out():
     assert rollout_fields_changed(old, changed) == []
     engine = ModelServe.from_body(merge_patch(base, {"spec": {"engine": {"maxModelLen": 8192}}})).spec
     assert rollout_fields_changed(old, engine) == ["spec.engine"]
+
+
+def test_every_quantization_is_a_method_of_the_installed_vllm():
+    """What the serve app passes as --quantization must be a vLLM method, for every API value."""
+    from tuneserve.api.modelserve import VLLM_QUANTIZATION
+    methods = pytest.importorskip("vllm.model_executor.layers.quantization").QUANTIZATION_METHODS
+    assert set(VLLM_QUANTIZATION) == set(Quantization)
+    for quantization, method in VLLM_QUANTIZATION.items():
+        assert (method is None) == (quantization is Quantization.none)
+        assert method is None or method in methods, f"{quantization.value} -> {method} is not a vLLM method"
+
+
+def test_catalog_offers_only_api_quantizations():
+    from tuneserve.catalog import load_catalog
+    for profile in load_catalog().profiles:
+        assert set(profile.serving_quantizations) <= {q.value for q in Quantization} - {"none"}, profile.key

@@ -225,12 +225,12 @@ def test_same_spec_renders_byte_identical():
 # --- placement and sizing ------------------------------------------------------------------
 
 def test_quantization_unsupported_by_vendor_falls_through():
-    serve = bank_serve(engine={"quantization": "int8"}, accelerators={"choices": [{"product": "MI300X"}, {"product": "Ascend910B"}]})
+    serve = bank_serve(engine={"quantization": "awq"}, accelerators={"choices": [{"product": "Gaudi2"}, {"product": "MI300X"}]})
     decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
-    assert decision.outcome == Outcome.Placed and decision.candidate.profile.key == "huawei/ascend910b"
+    assert decision.outcome == Outcome.Placed and decision.candidate.profile.key == "amd/mi300x"
     (rejection,) = decision.rejections
     assert rejection.code == RejectionCode.Unsupported
-    assert "AMD Instinct MI300X 192GB does not support int8 quantization for serving (supports: fp8, awq, gptq)" in rejection.message
+    assert "Intel Gaudi2 96GB does not support awq quantization for serving (supports: fp8)" in rejection.message
 
 
 def test_auto_tensor_parallel_grows_with_the_model():

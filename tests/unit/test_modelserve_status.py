@@ -121,11 +121,11 @@ def test_lifecycle_pending_deploying_ready_degraded():
 
 
 def test_unsupported_everywhere_fails():
-    serve = bank_serve(engine={"quantization": "int8"}, accelerators={"choices": [{"product": "MI300X"}, {"product": "Gaudi2"}]})
+    serve = bank_serve(engine={"quantization": "gptq"}, accelerators={"choices": [{"product": "Ascend910B"}, {"product": "Gaudi2"}]})
     decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
     s = derive_modelserve_status(serve, ServeObserved(decision=decision), T0)
     assert s.phase == ServePhase.Failed and s.condition(ServeConditionType.Placed).reason == R.NoAcceptableChoice
-    assert "does not support int8" in s.message and s.endpoint is None
+    assert "does not support gptq" in s.message and s.endpoint is None
 
 
 def test_upgrading_and_write_suppression():

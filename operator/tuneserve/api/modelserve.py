@@ -74,11 +74,25 @@ class ServeAcceleratorRequest(ApiModel):
 
 
 class Quantization(str, Enum):
+    """Weight quantizations a ModelServe may ask for. Each is a vLLM ``--quantization`` method
+    (``VLLM_QUANTIZATION``). There is no int8: vLLM has no int8 method for dense models (its
+    ``int8_per_channel_weight_only`` and ``experts_int8`` quantize MoE experts only), and W8A8
+    checkpoints (compressed-tensors) need no flag, vLLM reads their format from config.json."""
     none = "none"
     fp8 = "fp8"
     awq = "awq"
     gptq = "gptq"
-    int8 = "int8"
+
+
+# tuneserve quantization -> vLLM --quantization method (vllm QUANTIZATION_METHODS).
+# fp8 quantizes a bf16/fp16 checkpoint on load (or loads an fp8 one); awq and gptq need a
+# checkpoint quantized that way.
+VLLM_QUANTIZATION: dict[Quantization, Optional[str]] = {
+    Quantization.none: None,
+    Quantization.fp8: "fp8",
+    Quantization.awq: "awq",
+    Quantization.gptq: "gptq",
+}
 
 
 class EngineConfig(ApiModel):
@@ -88,7 +102,9 @@ class EngineConfig(ApiModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each device's memory vLLM may use, in (0, 1].")
     max_loras: int = Field(4, ge=1, le=256, description="Adapters usable in one batch (vLLM --max-loras); more adapters stay loaded in host memory.")
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(16, description="Largest adapter rank served (vLLM --max-lora-rank); adapters of a higher rank fail.")
-    quantization: Quantization = Field(Quantization.none, description="Weight quantization; the chosen accelerator must support it (catalog servingQuantizations). awq and gptq need a pre-quantized model.")
+    quantization: Quantization = Field(Quantization.none, description="Weight quantization (vLLM --quantization); the chosen accelerator must support it (catalog servingQuantizations). "
+                                                                      "fp8 quantizes on load; awq and gptq need a model quantized that way. A W8A8 (compressed-tensors) "
+                                                                      "checkpoint needs none: vLLM reads its format from the checkpoint.")
     dtype: Optional[EngineDtype] = Field(
         None,
         description="Weights and activations dtype (vLLM --dtype). auto: the model's own dtype (bfloat16 for a float32 checkpoint), "

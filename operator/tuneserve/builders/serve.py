@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneserve.adapters import render_adapters_json
-from tuneserve.api.modelserve import ModelServe, Quantization
+from tuneserve.api.modelserve import VLLM_QUANTIZATION, ModelServe
 from tuneserve.builders.common import (
     adapters_configmap_name, object_meta, openai_service_name, serve_status_configmap_name,
 )
@@ -35,7 +35,7 @@ def build_serve_app_config(serve: ModelServe, candidate: Candidate) -> contract.
         gpu_memory_utilization=engine.gpu_memory_utilization,
         max_loras=engine.max_loras,
         max_lora_rank=engine.max_lora_rank,
-        quantization=None if engine.quantization == Quantization.none else engine.quantization.value,
+        quantization=VLLM_QUANTIZATION[engine.quantization],
         dtype=profile.engine_dtype(engine.dtype),
         extra_engine_args=dict(sorted((engine.extra_engine_args or {}).items())),
         device=profile.vllm_platform,
