@@ -110,3 +110,30 @@ def test_every_rendered_tuneserve_variable_is_read_by_the_workers(render, key):
     rendered = {n for n in rendered_env_names(render(key)) if n.startswith("TUNESERVE_")}
     assert rendered, "the operator renders its own variables into every Ray pod"
     assert rendered <= READ, f"rendered but read by no worker: {sorted(rendered - READ)}"
+
+
+@pytest.mark.parametrize("key", PROFILES)
+def test_the_replica_actor_options_are_computed_once(key):
+    """serveConfigV2's ray_actor_options win in Ray Serve; the serve app derives the same from
+    its args, so what runs is what both sides think."""
+    rayservice = next(o for o in modelserve_objects(key) if o["kind"] == "RayService")
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    rendered = app["deployments"][0]["ray_actor_options"]
+    assert rendered == contract.replica_actor_options(contract.ServeAppConfig.model_validate(app["args"]))
+    app_module = pytest.importorskip("tuneserve_workers.serve.app")
+    assert app_module.actor_options(contract.ServeAppConfig.model_validate(app["args"])) == rendered
+
+
+@pytest.mark.parametrize("key,devices,expected", [
+    ("cpu/cpu", 4, {"num_cpus": 4}),
+    ("nvidia/h100-80gb", 2, {"num_cpus": 1, "num_gpus": 2}),
+    ("huawei/ascend910b", 2, {"num_cpus": 1, "resources": {"NPU": 2}}),
+    ("aws/inf2", 2, {"num_cpus": 1, "resources": {"neuron_cores": 4}}),
+])
+def test_replica_actor_options_per_accelerator(key, devices, expected):
+    serve = ModelServe.from_body({**load_example("modelserve-qwen-bank.yaml"),
+                                  "metadata": {"name": "bank-llm", "namespace": "bank", "uid": "u2"}})
+    rayservice = next(o for o in build_modelserve_children(serve, candidate(key, devices), None, [], CATALOG)
+                      if o["kind"] == "RayService")
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    assert app["deployments"][0]["ray_actor_options"] == expected

@@ -222,6 +222,22 @@ class ServeAppConfig(_Model):
     vllm_plugin: Optional[str] = None         # entry-point name of the vLLM platform plugin (catalog), if any
     ray_resource: Optional[str] = None        # e.g. GPU, NPU, HPU, neuron_cores
     ray_resources_per_replica: int = 0        # units of ray_resource each replica actor holds
+    replica_num_cpus: int = 1                 # Ray CPUs of each replica actor (CPU: the cores it computes on)
+
+
+def replica_actor_options(cfg: ServeAppConfig) -> dict:
+    """The replica actor's Ray resources, computed once for both sides: the operator renders them
+    into serveConfigV2 ``ray_actor_options`` (which wins in Ray Serve), the serve app passes the
+    same to ``.options()``. Ray spells GPUs ``num_gpus``; every other accelerator is a custom
+    resource."""
+    opts: dict = {"num_cpus": cfg.replica_num_cpus}
+    resource, units = cfg.ray_resource, cfg.ray_resources_per_replica
+    if resource and units:
+        if resource == "GPU":
+            opts["num_gpus"] = units
+        else:
+            opts["resources"] = {resource: units}
+    return opts
 
 
 class ReplicaAdapterReport(_Model):

@@ -110,25 +110,16 @@ _MOUNTS = [
 ]
 
 
-def _actor_options(profile: AcceleratorProfile, tensor_parallel_size: int) -> dict[str, Any]:
-    """One replica actor holds all of its devices (tensor parallelism inside the replica)."""
-    if not profile.ray_resource:
-        return {"num_cpus": tensor_parallel_size}
-    units = tensor_parallel_size * profile.ray_resources_per_device
-    if profile.ray_resource == "GPU":
-        return {"num_cpus": 1, "num_gpus": units}
-    return {"num_cpus": 1, "resources": {profile.ray_resource: units}}
-
-
 def build_serve_config_v2(serve: ModelServe, candidate: Candidate) -> str:
     """serveConfigV2: one application, the ServeAppConfig as args, the deployment's autoscaling
     and per-replica resources. Deterministic YAML (sorted keys)."""
     replicas = serve.spec.replicas
+    args = build_serve_app_config(serve, candidate)
     app = {
         "name": contract.SERVE_APP_NAME,
         "route_prefix": "/",
         "import_path": contract.SERVE_IMPORT_PATH,
-        "args": build_serve_app_config(serve, candidate).model_dump(mode="json"),
+        "args": args.model_dump(mode="json"),
         "deployments": [{
             "name": contract.SERVE_DEPLOYMENT_NAME,
             "autoscaling_config": {
@@ -136,7 +127,8 @@ def build_serve_config_v2(serve: ModelServe, candidate: Candidate) -> str:
                 "max_replicas": replicas.max,
                 "target_ongoing_requests": replicas.target_ongoing_requests,
             },
-            "ray_actor_options": _actor_options(candidate.profile, candidate.devices_per_worker),
+            # One replica actor holds all of its devices (tensor parallelism inside the replica).
+            "ray_actor_options": contract.replica_actor_options(args),
         }],
     }
     return yaml.safe_dump({"applications": [app]}, sort_keys=True, width=120)

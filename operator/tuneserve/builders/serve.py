@@ -47,6 +47,8 @@ def build_serve_app_config(serve: ModelServe, candidate: Candidate) -> contract.
         vllm_plugin=profile.vllm_plugin,
         ray_resource=profile.ray_resource,
         ray_resources_per_replica=tp * profile.ray_resources_per_device if profile.ray_resource else 0,
+        # Without an accelerator resource the replica computes on its cores: it holds all of them.
+        replica_num_cpus=1 if profile.ray_resource else tp,
     )
 
 

@@ -45,7 +45,7 @@ import os
 
 from ray import serve
 
-from ..contract import ServeAppConfig
+from ..contract import ServeAppConfig, replica_actor_options
 from .server import ReplicaServer
 
 log = logging.getLogger("tuneserve.serve")
@@ -80,17 +80,9 @@ class TuneServe:
 
 
 def actor_options(cfg: ServeAppConfig) -> dict:
-    """The replica actor's Ray resources: one CPU plus the accelerator units from the catalog
-    (``ray_resource`` x ``ray_resources_per_replica``). Ray's own API spells GPUs ``num_gpus``;
-    every other accelerator is a custom resource. serveConfigV2 ``deployments`` overrides win."""
-    opts: dict = {"num_cpus": 1}
-    resource, units = cfg.ray_resource, cfg.ray_resources_per_replica
-    if resource and units:
-        if resource == "GPU":
-            opts["num_gpus"] = units
-        else:
-            opts["resources"] = {resource: units}
-    return opts
+    """The replica actor's Ray resources: the contract's computation, the one the operator
+    renders into serveConfigV2 (whose ``deployments`` overrides win), so both agree."""
+    return replica_actor_options(cfg)
 
 
 def build_app(args: dict) -> serve.Application:
