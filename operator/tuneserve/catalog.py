@@ -49,6 +49,14 @@ class CatalogToleration(_CatalogModel):
     effect: Optional[str] = None
 
 
+class PodVolume(_CatalogModel):
+    """A host directory mounted into every Ray pod of a profile (e.g. a local pool's worker venv)."""
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    host_path: str = Field(pattern=r"^/")
+    mount_path: str = Field(pattern=r"^/")
+    read_only: bool = True
+
+
 class AcceleratorProfile(_CatalogModel):
     """One product with its vendor's defaults merged in."""
     vendor: str
@@ -82,6 +90,7 @@ class AcceleratorProfile(_CatalogModel):
     price_per_device_hour: float = 0.0
     runtime_overhead_gib: float = Field(1.0, alias="runtimeOverheadGiB")
     host: HostResources = Field(default_factory=HostResources)
+    pod_volumes: tuple[PodVolume, ...] = ()
 
     @property
     def key(self) -> str:

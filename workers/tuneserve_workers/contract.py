@@ -27,6 +27,10 @@ PROGRESS_CONFIGMAP_ENV = "TUNESERVE_PROGRESS_CONFIGMAP"  # "<namespace>/<name>"
 # workers through these constants (tests/unit/test_seam.py checks both sides).
 ADAPTERS_FILE_ENV = "TUNESERVE_ADAPTERS_FILE"
 SERVE_STATUS_CONFIGMAP_ENV = "TUNESERVE_SERVE_STATUS_CONFIGMAP"  # "<namespace>/<name>"
+# pvc://<claim>/<path> lives at PVC_ROOT/<claim>/<path>: the operator mounts every claim a job or a
+# ModelServe names there, in every Ray pod; TUNESERVE_PVC_ROOT moves the root (tests).
+PVC_ROOT = "/mnt/pvc"
+PVC_ROOT_ENV = "TUNESERVE_PVC_ROOT"
 PROGRESS_KEY = "progress.json"
 PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "tuneserve-manifest.json"
@@ -223,6 +227,13 @@ class ServeAppConfig(_Model):
     ray_resource: Optional[str] = None        # e.g. GPU, NPU, HPU, neuron_cores
     ray_resources_per_replica: int = 0        # units of ray_resource each replica actor holds
     replica_num_cpus: int = 1                 # Ray CPUs of each replica actor (CPU: the cores it computes on)
+
+
+def pvc_claim(uri: str) -> Optional[str]:
+    """The claim of a ``pvc://<claim>/<path>`` URI (None for any other URI)."""
+    if not uri.startswith("pvc://"):
+        return None
+    return uri[len("pvc://"):].strip("/").split("/", 1)[0] or None
 
 
 def replica_actor_options(cfg: ServeAppConfig) -> dict:

@@ -45,5 +45,5 @@ def build_modelserve_children(serve: ModelServe, candidate: Candidate, pool: Opt
         *build_serve_rbac(serve),
         build_serve_status_configmap(serve),
         build_adapters_configmap(serve, desired),
-        build_rayservice(serve, candidate, pool, catalog),
+        build_rayservice(serve, candidate, pool, catalog, [a.uri for a in desired]),
     ]

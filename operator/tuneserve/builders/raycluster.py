@@ -11,6 +11,7 @@ from tuneserve.api.workload import RayPodOptions
 from tuneserve.catalog import AcceleratorProfile
 from tuneserve.inventory import DEFAULT_POOL, POOL_LABEL
 from tuneserve.placement import pod_tolerations, user_tolerations
+from tuneserve_workers import contract
 
 RAY_VERSION = "2.60.0"
 RESERVED_ENV_PREFIX = "TUNESERVE_"
@@ -116,3 +117,42 @@ def worker_node_selector(profile: AcceleratorProfile, user_selector: dict[str, s
     if pool and pool != DEFAULT_POOL:
         selector[POOL_LABEL] = pool
     return selector
+
+
+def pvc_volumes(read: list[str], written: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) for every PersistentVolumeClaim the URIs name, at the path the workers
+    resolve pvc:// URIs to (``contract.PVC_ROOT/<claim>``); read-only unless a written URI names
+    it. Volume names are by position in claim order: claim names may hold dots, volume names not."""
+    claims: dict[str, bool] = {}
+    for uri, read_only in [(u, True) for u in read] + [(u, False) for u in written]:
+        claim = contract.pvc_claim(uri)
+        if claim:
+            claims[claim] = claims.get(claim, True) and read_only
+    volumes, mounts = [], []
+    for index, (claim, read_only) in enumerate(sorted(claims.items())):
+        name = f"tuneserve-pvc-{index}"
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": name, "mountPath": f"{contract.PVC_ROOT}/{claim}", "readOnly": read_only})
+    return volumes, mounts
+
+
+def host_volumes(profile: AcceleratorProfile) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) of the catalog's ``podVolumes`` for this profile."""
+    volumes = [{"name": v.name, "hostPath": {"path": v.host_path}} for v in profile.pod_volumes]
+    mounts = [{"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only} for v in profile.pod_volumes]
+    return volumes, mounts
+
+
+SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+
+
+def submitter_pod_template(profile: AcceleratorProfile, image: str, labels: dict[str, str]) -> Optional[dict[str, Any]]:
+    """KubeRay's default submitter (head image, KubeRay's resources) plus the profile's host
+    volumes, or None where the profile has none: a submitter whose image takes its Python from
+    the node needs them too. KubeRay fills in the command and the dashboard address."""
+    volumes, mounts = host_volumes(profile)
+    if not volumes:
+        return None
+    container = {"name": "ray-job-submitter", "image": image, "resources": SUBMITTER_RESOURCES, "volumeMounts": mounts}
+    return {"metadata": {"labels": labels},
+            "spec": {"restartPolicy": "Never", "containers": [container], "volumes": volumes}}

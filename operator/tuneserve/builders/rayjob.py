@@ -13,8 +13,8 @@ from tuneserve.builders.common import (
     object_meta, progress_configmap_name, rayjob_name,
 )
 from tuneserve.builders.raycluster import (  # noqa: F401  (RAY_VERSION, RESERVED_ENV_PREFIX: public here before)
-    RAY_VERSION, RESERVED_ENV_PREFIX, credential_env, image_for, node_affinity, plain_tree, pod_spec,
-    ray_container, ray_start_resources, with_user_env, worker_node_selector,
+    RAY_VERSION, RESERVED_ENV_PREFIX, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec,
+    pvc_volumes, ray_container, ray_start_resources, submitter_pod_template, with_user_env, worker_node_selector,
 )
 from tuneserve.builders.rbac import pod_service_account
 from tuneserve.catalog import AcceleratorProfile, Catalog
@@ -36,17 +36,23 @@ def build_env(job: FineTuneJob, profile: AcceleratorProfile) -> list[dict[str, A
     return with_user_env(env + credential_env(job.spec), job.spec)
 
 
-def _volumes(job: FineTuneJob, attempt: int) -> list[dict[str, Any]]:
-    return [
+def storage(job: FineTuneJob, profile: AcceleratorProfile, attempt: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) of every Ray pod: the config, shared memory, every claim the job's
+    pvc:// URIs name (dataset and base model read-only, checkpoints and output read-write),
+    and the catalog's host volumes."""
+    spec = job.spec
+    claims, claim_mounts = pvc_volumes([spec.dataset.uri, spec.base_model.location()],
+                                       [spec.effective_checkpoint().uri, spec.output.uri])
+    hosts, host_mounts = host_volumes(profile)
+    volumes = [
         {"name": "tuneserve-config", "configMap": {"name": config_configmap_name(job.metadata.name, attempt)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
-
-
-_MOUNTS = [
-    {"name": "tuneserve-config", "mountPath": CONFIG_DIR, "readOnly": True},
-    {"name": "dshm", "mountPath": "/dev/shm"},
-]
+    mounts = [
+        {"name": "tuneserve-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    return volumes + claims + hosts, mounts + claim_mounts + host_mounts
 
 
 def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], attempt: int,
@@ -59,12 +65,14 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
     pod_labels = labels(job, attempt)
     user_selector = dict(job.spec.node_selector or {})
 
-    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), _MOUNTS)
+    volumes, mounts = storage(job, profile, attempt)
+    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), mounts)
     worker_container = ray_container("ray-worker", image, env,
-                                     profile.worker_resources(candidate.devices_per_worker), _MOUNTS)
+                                     profile.worker_resources(candidate.devices_per_worker), mounts)
     worker_selector = worker_node_selector(profile, user_selector, pool)
 
     name = rayjob_name(job.metadata.name, attempt)
+    submitter = submitter_pod_template(profile, image, pod_labels)
     return plain_tree({
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -76,13 +84,14 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
             "ttlSecondsAfterFinished": TTL_SECONDS_AFTER_FINISHED,
             "backoffLimit": job.spec.backoff_limit,
             "suspend": job.spec.suspend,
+            **({"submitterPodTemplate": submitter} if submitter else {}),
             "rayClusterSpec": {
                 "rayVersion": RAY_VERSION,
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(job.spec, profile, pod_service_account(job), head_container, _volumes(job, attempt), user_selector, None, on_accelerator=False),
+                        "spec": pod_spec(job.spec, profile, pod_service_account(job), head_container, volumes, user_selector, None, on_accelerator=False),
                     },
                 },
                 "workerGroupSpecs": [{
@@ -93,7 +102,7 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
                     "rayStartParams": ray_start_resources(profile, candidate.devices_per_worker),
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(job.spec, profile, pod_service_account(job), worker_container, _volumes(job, attempt), worker_selector, node_affinity(profile)),
+                        "spec": pod_spec(job.spec, profile, pod_service_account(job), worker_container, volumes, worker_selector, node_affinity(profile)),
                     },
                 }],
             },

@@ -25,7 +25,7 @@ send traffic to a half-started new cluster during an upgrade.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -35,8 +35,8 @@ from tuneserve.builders.common import (
     rayservice_name, serve_status_configmap_name,
 )
 from tuneserve.builders.raycluster import (
-    RAY_VERSION, credential_env, image_for, node_affinity, plain_tree, pod_spec, ray_container,
-    ray_start_resources, with_user_env, worker_node_selector,
+    RAY_VERSION, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec, pvc_volumes,
+    ray_container, ray_start_resources, with_user_env, worker_node_selector,
 )
 from tuneserve.builders.rbac import serve_pod_service_account
 from tuneserve.builders.serve import build_serve_app_config
@@ -96,18 +96,24 @@ def build_serve_env(serve: ModelServe, profile: AcceleratorProfile) -> list[dict
     return with_user_env(env + credential_env(serve.spec), serve.spec)
 
 
-def _volumes(serve: ModelServe) -> list[dict[str, Any]]:
-    # No subPath mount: kubelet refreshes only whole ConfigMap volumes in place.
-    return [
+def storage(serve: ModelServe, profile: AcceleratorProfile,
+            adapter_uris: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts) of every Ray pod: the adapters ConfigMap (no subPath: kubelet refreshes
+    only whole ConfigMap volumes in place), shared memory, every claim the base model's and the
+    adapters' pvc:// URIs name (read-only), and the catalog's host volumes. A pod cannot gain a
+    volume: an adapter on a claim no pod mounts yet rolls out a new cluster; adapters on claims
+    already mounted apply in place like any other."""
+    claims, claim_mounts = pvc_volumes([serve.spec.base_model.location(), *adapter_uris], [])
+    hosts, host_mounts = host_volumes(profile)
+    volumes = [
         {"name": ADAPTERS_VOLUME, "configMap": {"name": adapters_configmap_name(serve.metadata.name)}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
-
-
-_MOUNTS = [
-    {"name": ADAPTERS_VOLUME, "mountPath": contract.ADAPTERS_DIR, "readOnly": True},
-    {"name": "dshm", "mountPath": "/dev/shm"},
-]
+    mounts = [
+        {"name": ADAPTERS_VOLUME, "mountPath": contract.ADAPTERS_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    return volumes + claims + hosts, mounts + claim_mounts + host_mounts
 
 
 def build_serve_config_v2(serve: ModelServe, candidate: Candidate) -> str:
@@ -138,9 +144,11 @@ def worker_group_name(profile: AcceleratorProfile) -> str:
     return dns_label(f"{profile.vendor}-{profile.product}")
 
 
-def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str], catalog: Catalog) -> dict[str, Any]:
+def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str], catalog: Catalog,
+                     adapter_uris: Sequence[str] = ()) -> dict[str, Any]:
     """RayService with a CPU-only head and one worker group of replicas.min..replicas.max pods,
-    each with ``candidate.devices_per_worker`` (= tensorParallelSize) devices."""
+    each with ``candidate.devices_per_worker`` (= tensorParallelSize) devices. ``adapter_uris``:
+    the desired adapters' URIs, for the claims their pvc:// URIs name."""
     spec, profile = serve.spec, candidate.profile
     name = serve.metadata.name
     image = image_for(spec, profile, profile.images.serve)
@@ -149,9 +157,10 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
     account = serve_pod_service_account(serve)
     user_selector = dict(spec.node_selector or {})
 
-    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), _MOUNTS, HEAD_PORTS)
+    volumes, mounts = storage(serve, profile, [*adapter_uris, *(a.uri for a in spec.adapters if a.uri)])
+    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), mounts, HEAD_PORTS)
     worker_container = ray_container("ray-worker", image, env,
-                                     profile.worker_resources(candidate.devices_per_worker), _MOUNTS, [SERVE_PORT])
+                                     profile.worker_resources(candidate.devices_per_worker), mounts, [SERVE_PORT])
     worker_selector = worker_node_selector(profile, user_selector, pool)
 
     return plain_tree({
@@ -176,7 +185,7 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(spec, profile, account, head_container, _volumes(serve), user_selector, None, on_accelerator=False),
+                        "spec": pod_spec(spec, profile, account, head_container, volumes, user_selector, None, on_accelerator=False),
                     },
                 },
                 "workerGroupSpecs": [{
@@ -187,7 +196,7 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
                     "rayStartParams": ray_start_resources(profile, candidate.devices_per_worker),
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(spec, profile, account, worker_container, _volumes(serve), worker_selector, node_affinity(profile)),
+                        "spec": pod_spec(spec, profile, account, worker_container, volumes, worker_selector, node_affinity(profile)),
                     },
                 }],
             },

@@ -27,10 +27,11 @@ from typing import Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .. import contract
 from .errors import StorageError
 
-PVC_ROOT_ENV = "TUNESERVE_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
+PVC_ROOT_ENV = contract.PVC_ROOT_ENV
+DEFAULT_PVC_ROOT = contract.PVC_ROOT
 
 
 def pvc_root() -> str:
