@@ -20,6 +20,7 @@ help:
 	@echo "make venv      the Python environment: operator + worker stack (torch, Ray, vLLM CPU)"
 	@echo "make cluster-up / cluster-down   a local control plane left running (.tuneserve/cluster)"
 	@echo "make crds      regenerate crds/ from the typed API"
+	@echo "make images    operator + CPU worker image tars, no registry ($$TUNESERVE_CACHE/images)"
 
 .PHONY: binaries
 binaries:
@@ -58,3 +59,10 @@ cluster-down:
 .PHONY: crds
 crds: venv
 	$(PY) -m tuneserve.crdgen
+
+# The operator and CPU worker images as docker-archive tars for `ctr images import`, built without a
+# registry or Docker (debootstrap + umoci + skopeo; root). Cached by content in
+# $(TUNESERVE_CACHE)/images with images.json; see docs/images.md.
+.PHONY: images
+images: venv
+	$(PY) hack/images.py build
