@@ -121,6 +121,20 @@ def test_host_volumes_in_every_ray_pod_and_the_submitter(kind):
         assert mounts["/scratch"] == {"name": "scratch", "hostPath": {"path": "/var/tmp/tuneserve"}, "readOnly": False}
 
 
+def test_the_submitter_goes_where_the_head_goes():
+    """The host directories exist only on the nodes the user's selector names: the submitter
+    gets the head's node selector and tolerations (not the accelerator's)."""
+    catalog = load_catalog(LOCAL_CPU)
+    job = _job(nodeSelector={"tuneserve.dev/pool": "real-cpu"},
+               tolerations=[{"key": "tuneserve.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}])
+    rayjob = build_finetune_children(job, Candidate(catalog.get("cpu/cpu"), 1, 1, "t"), None, 1, catalog)[-1]
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    submitter = rayjob["spec"]["submitterPodTemplate"]["spec"]
+    assert submitter["nodeSelector"] == head["nodeSelector"] == {"tuneserve.dev/pool": "real-cpu"}
+    assert submitter["tolerations"] == head["tolerations"] == [
+        {"key": "tuneserve.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]
+
+
 def test_pod_volume_names_are_validated():
     with pytest.raises(ValueError):
         load_catalog({"vendors": {"cpu": {"podVolumes": [{"name": "Bad_Name", "hostPath": "/x", "mountPath": "/x"}]}}})

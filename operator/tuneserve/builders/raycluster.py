@@ -146,13 +146,19 @@ def host_volumes(profile: AcceleratorProfile) -> tuple[list[dict[str, Any]], lis
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
 
 
-def submitter_pod_template(profile: AcceleratorProfile, image: str, labels: dict[str, str]) -> Optional[dict[str, Any]]:
+def submitter_pod_template(profile: AcceleratorProfile, image: str, labels: dict[str, str],
+                           spec: RayPodOptions) -> Optional[dict[str, Any]]:
     """KubeRay's default submitter (head image, KubeRay's resources) plus the profile's host
     volumes, or None where the profile has none: a submitter whose image takes its Python from
-    the node needs them too. KubeRay fills in the command and the dashboard address."""
+    the node needs them too, so it also goes where the head goes (the user's node selector and
+    tolerations): elsewhere those host directories do not exist. KubeRay fills in the command
+    and the dashboard address."""
     volumes, mounts = host_volumes(profile)
     if not volumes:
         return None
     container = {"name": "ray-job-submitter", "image": image, "resources": SUBMITTER_RESOURCES, "volumeMounts": mounts}
-    return {"metadata": {"labels": labels},
-            "spec": {"restartPolicy": "Never", "containers": [container], "volumes": volumes}}
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "volumes": volumes,
+                           "tolerations": [dict(t) for t in user_tolerations(spec)]}
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(sorted(spec.node_selector.items()))
+    return {"metadata": {"labels": labels}, "spec": pod}

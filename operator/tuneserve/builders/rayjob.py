@@ -72,7 +72,7 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
     worker_selector = worker_node_selector(profile, user_selector, pool)
 
     name = rayjob_name(job.metadata.name, attempt)
-    submitter = submitter_pod_template(profile, image, pod_labels)
+    submitter = submitter_pod_template(profile, image, pod_labels, job.spec)
     return plain_tree({
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
