@@ -35,13 +35,13 @@ build_into() {  # out-dir tool-dir ldflags pkgs...
 # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl in one go build so shared
 # packages compile once. Stamped so /version, kubectl and helm see the real release.
 k8s_dir=$cache/bin/kubernetes-$K8S_VERSION
+minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+ld=""
+for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
+  ld="$ld -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+done
 if ! have "$k8s_dir" kube-apiserver kube-controller-manager kube-scheduler kubectl; then
-  minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
-  ld=""
-  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
-    ld="$ld -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
-  done
   timed "kubernetes $K8S_VERSION" build_into "$k8s_dir" kubernetes "$ld" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
@@ -85,10 +85,30 @@ if ! have "$minio_dir" minio; then
   timed "minio $MINIO_VERSION" build_into "$minio_dir" minio "" github.com/minio/minio
 fi
 
+# The real node beside the kwok fleet (hack/realnode.py): kubelet and kube-proxy from the same
+# k8s.io/kubernetes module and stamps, in their own directory so a cached control plane is reused;
+# the pause binary (containerd's sandbox image) compiled from that module's build/pause/linux/pause.c.
+node_dir=$cache/bin/kubernetes-node-$K8S_VERSION
+if ! have "$node_dir" kubelet kube-proxy pause; then
+  timed "kubelet, kube-proxy $K8S_VERSION" build_into "$node_dir" kubernetes "$ld" \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy
+  src=$(cd "$here/tools/kubernetes" && moddir "k8s.io/kubernetes@$K8S_VERSION")
+  gcc -Os -Wall -Werror -static -DVERSION="$K8S_VERSION" -o "$node_dir/pause.partial" \
+    "$src/build/pause/linux/pause.c"
+  mv "$node_dir/pause.partial" "$node_dir/pause"
+fi
+
+# CoreDNS: cluster DNS for the real node's pods (its default plugin set includes kubernetes).
+coredns_dir=$cache/bin/coredns-$COREDNS_VERSION
+if ! have "$coredns_dir" coredns; then
+  timed "coredns $COREDNS_VERSION" build_into "$coredns_dir" coredns \
+    "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" github.com/coredns/coredns
+fi
+
 # One stable directory of links, so callers need not know versions.
 mkdir -p "$cache/current"
 for f in "$k8s_dir"/* "$etcd_dir/etcd" "$kwok_dir/kwok" "$ray_dir/ray-operator" "$helm_dir/helm" \
-         "$minio_dir/minio"; do
+         "$minio_dir/minio" "$node_dir"/* "$coredns_dir/coredns"; do
   ln -sfn "$f" "$cache/current/$(basename "$f")"
 done
 ln -sfn "$kwok_dir/stages" "$cache/current/kwok-stages"

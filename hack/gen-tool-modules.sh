@@ -25,7 +25,8 @@ staging_tag=v0.${K8S_VERSION#v1.}
  go mod edit -godebug default=go1.25
  go get -tool "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" \
    "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" \
-   "k8s.io/kubernetes/cmd/kube-scheduler@$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION")
+   "k8s.io/kubernetes/cmd/kube-scheduler@$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION" \
+   "k8s.io/kubernetes/cmd/kubelet@$K8S_VERSION" "k8s.io/kubernetes/cmd/kube-proxy@$K8S_VERSION")
 
 gen etcd 1.25.0
 (cd "$here/tools/etcd" && go get -tool "go.etcd.io/etcd/server/v3@$ETCD_VERSION")
@@ -41,4 +42,7 @@ gen helm 1.26.0
 # MinIO publishes no semver tags; MINIO_VERSION is the pseudo-version of a release commit.
 gen minio 1.24.0
 (cd "$here/tools/minio" && go get -tool "github.com/minio/minio@$MINIO_VERSION")
+# CoreDNS: cluster DNS of the real node (hack/realnode.py).
+gen coredns 1.26.0
+(cd "$here/tools/coredns" && go get -tool "github.com/coredns/coredns@$COREDNS_VERSION")
 echo "regenerated hack/tools/*/go.mod"

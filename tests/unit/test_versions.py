@@ -10,6 +10,7 @@ MODULES = {
     "KUBERAY_VERSION": ("kuberay", "github.com/ray-project/kuberay/ray-operator"),
     "HELM_VERSION": ("helm", "helm.sh/helm/v3"),
     "MINIO_VERSION": ("minio", "github.com/minio/minio"),
+    "COREDNS_VERSION": ("coredns", "github.com/coredns/coredns"),
 }
 
 
