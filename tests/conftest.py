@@ -85,3 +85,14 @@ def operator(cluster, tuneserve_crds) -> OperatorProcess:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def no_session_operator(operator):
+    """For tests that run operators of their own (leader election, the Helm-installed one):
+    the session's operator is stopped meanwhile, so no second reconciler acts, then restarted."""
+    operator.stop()
+    try:
+        yield
+    finally:
+        operator.start()

@@ -15,6 +15,8 @@ from operator_process import OperatorProcess
 pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "tuneserve"
+K8S_VERSION = next(line.split("=", 1)[1].strip() for line in (REPO / "hack" / "versions.env").read_text().splitlines()
+                   if line.startswith("K8S_VERSION="))
 
 
 def helm(cluster, *args: str) -> str:
@@ -39,6 +41,61 @@ def test_rbac_has_no_wildcards(cluster):
             assert "*" not in rule[field], rule
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
     assert secrets and all(r["verbs"] == ["get"] for r in secrets), "Secrets: get by name only, never list"
+
+
+# Kind -> (group, plural) of what the operator touches, for comparing with the chart's rules.
+PLURALS = {"ConfigMap": ("", "configmaps"), "ServiceAccount": ("", "serviceaccounts"),
+           "Role": ("rbac.authorization.k8s.io", "roles"), "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+           "RayJob": ("ray.io", "rayjobs"), "RayService": ("ray.io", "rayservices"), "RayCluster": ("ray.io", "rayclusters")}
+# What the operator needs beyond watching and applying, and why (each is asserted, not assumed).
+EXTRA_GRANTS = {
+    ("ray.io", "rayjobs"): {"delete"},                        # a fallback deletes the attempt it leaves
+    ("ray.io", "rayclusters"): {"patch"},                     # replica bounds (reconcile_serve.py)
+    ("", "configmaps"): {"update"},                           # granted onward in the per-job Roles
+    ("tuneserve.dev", "finetunejobs"): {"patch"}, ("tuneserve.dev", "modelserves"): {"patch"},   # kopf's annotations
+    ("tuneserve.dev", "finetunejobs/status"): {"get", "patch"}, ("tuneserve.dev", "modelserves/status"): {"get", "patch"},
+    ("", "secrets"): {"get"},                                 # "is the referenced Secret there", by name
+    ("", "events"): {"create", "patch"}, ("events.k8s.io", "events"): {"create", "patch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},   # kopf's discovery
+    ("", "namespaces"): {"get", "list", "watch"},             # kopf, when watching namespace patterns
+}
+
+
+def _granted(role: dict) -> dict[tuple[str, str], set[str]]:
+    grants: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
+def _needed() -> dict[tuple[str, str], set[str]]:
+    """From the operator itself: kopf's registered watches need get/list/watch; every kind the
+    builders render (the golden files) is server-side applied: create + patch."""
+    import kopf
+    import tuneserve.handlers  # noqa: F401  (registers the handlers)
+    registry = kopf.get_default_registry()
+    needed: dict[tuple[str, str], set[str]] = {}
+    for sub in (registry._indexing, registry._watching, registry._spawning):
+        for handler in sub.get_all_handlers():
+            sel = handler.selector
+            needed.setdefault((sel.group or "", sel.any_name), set()).update({"get", "list", "watch"})
+    for golden in (REPO / "tests" / "unit" / "golden").glob("*.yaml"):
+        for doc in yaml.safe_load_all(golden.read_text()):
+            if doc and doc["kind"] in PLURALS:
+                needed.setdefault(PLURALS[doc["kind"]], set()).update({"create", "patch"})
+    for key, verbs in EXTRA_GRANTS.items():
+        needed.setdefault(key, set()).update(verbs)
+    return needed
+
+
+def test_rbac_is_exactly_what_the_operator_uses(cluster):
+    docs = [d for d in yaml.safe_load_all(helm(cluster, "template", "ts", str(CHART), "--kube-version", K8S_VERSION)) if d]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert _granted(role) == _needed()
+    lease_role = next(d for d in docs if d["kind"] == "Role")
+    assert _granted(lease_role) == {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 
 def test_operator_runs_with_only_the_charts_permissions(cluster, kube, namespace, tuneserve_crds):
