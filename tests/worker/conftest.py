@@ -12,13 +12,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from worker_helpers import PYTHONPATH, REPO, free_port, wait_for
+
+sys.path.insert(0, str(REPO / "hack"))
+from minio_server import MinioServer  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,29 +33,6 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 # ----------------------------------------------------------------------------------- MinIO
 
-def minio_binary() -> Path:
-    if os.environ.get("TUNESERVE_MINIO"):
-        return Path(os.environ["TUNESERVE_MINIO"])
-    versions = dict(line.split("=", 1) for line in (REPO / "hack/versions.env").read_text().splitlines()
-                    if "=" in line and not line.startswith("#"))
-    cache = Path(os.environ.get("TUNESERVE_CACHE_BIN", Path.home() / ".cache/tuneserve/bin"))
-    return cache / f"minio-{versions['MINIO_VERSION'].strip()}" / "minio"
-
-
-@dataclass
-class Minio:
-    endpoint: str
-    access_key: str
-    secret_key: str
-    bucket: str
-
-    def env(self) -> dict[str, str]:
-        """What a pod would get from a Secret: standard AWS variables plus the endpoint."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL": self.endpoint, "FSSPEC_S3_ENDPOINT_URL": self.endpoint,
-                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
 def _stop(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds."""
     proc.send_signal(signal.SIGTERM)
@@ -67,38 +45,16 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
 
 @pytest.fixture(scope="session")
 def minio(tmp_path_factory):
-    binary = minio_binary()
-    if not binary.exists():
-        pytest.fail(f"MinIO binary not found at {binary}: build it with hack/build-binaries.sh "
-                    f"(or point TUNESERVE_MINIO at one)")
-    data = tmp_path_factory.mktemp("minio-data")
-    port, console = free_port(), free_port()
-    server = Minio(f"http://127.0.0.1:{port}", "tuneserve", "tuneserve-secret", "tuneserve-test")
-    env = dict(os.environ, MINIO_ROOT_USER=server.access_key, MINIO_ROOT_PASSWORD=server.secret_key,
-               MINIO_BROWSER="off", MINIO_UPDATE="off")
-    log = open(data.parent / "minio.log", "wb")
-    proc = subprocess.Popen([str(binary), "server", str(data), "--address", f"127.0.0.1:{port}",
-                             "--console-address", f"127.0.0.1:{console}", "--quiet"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"MinIO exited with {proc.returncode}; see {log.name}")
-        try:
-            with urllib.request.urlopen(f"{server.endpoint}/minio/health/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
+    """A real MinIO on loopback with the test bucket (hack/minio_server.py)."""
+    server = MinioServer(tmp_path_factory.mktemp("minio") / "data")
     try:
-        wait_for(ready, 60, "MinIO /minio/health/ready")
-        import s3fs
-        fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key,
-                               endpoint_url=server.endpoint, skip_instance_cache=True)
-        fs.mkdir(server.bucket)
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
         yield server
     finally:
-        _stop(proc, 10)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture
@@ -169,8 +125,6 @@ def ray_address(tmp_path_factory):
 def tiny_model(tmp_path_factory) -> str:
     from tuneserve_workers.testing.tiny import build_tiny_model
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-model")))
-
-
 
 
 @pytest.fixture(scope="session")
