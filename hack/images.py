@@ -55,7 +55,7 @@ CREATED = "2024-01-01T00:00:00Z"
 SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "ca-certificates", "wget")   # bash, grep: Essential, always there
 # Bump when the base recipe (slimming, compile) changes: it is part of the base's cache key.
-BASE_RECIPE = "3"
+BASE_RECIPE = "4"
 NONROOT = "65532:65532"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 APP = "/opt/tuneserve"
@@ -260,7 +260,8 @@ def text_file(path: Path, text: str, mode: int = 0o644) -> Path:
 
 @dataclass
 class Base:
-    tar: Path          # uncompressed rootfs tar, usable as the first layer
+    tar: Path          # uncompressed rootfs tar, usable as the first layer; its name holds the
+                       # base's key (suite, variant, packages asked for, recipe), part of image keys
     packages: str      # `dpkg-query -W` of the rootfs: name version per line
 
 
@@ -300,8 +301,12 @@ def _slim(rootfs: Path) -> None:
 
 
 def tar_rootfs(rootfs: Path, out: Path) -> Path:
-    """GNU tar of a rootfs: sorted, numeric owners, every mtime EPOCH, no atime/ctime."""
-    run(["tar", "--sort=name", "--numeric-owner", f"--mtime=@{EPOCH}", "--format=gnu", "--xattrs",
+    """tar of a rootfs: sorted, numeric owners, every mtime EPOCH, xattrs kept, no atime/ctime.
+
+    --xattrs makes GNU tar write pax headers, which carry atime/ctime unless deleted.
+    """
+    run(["tar", "--sort=name", "--numeric-owner", f"--mtime=@{EPOCH}", "--format=posix", "--xattrs",
+         "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
          "-C", str(rootfs), "-cf", str(out), "."])
     return out
 
@@ -456,7 +461,7 @@ def build_operator_image(cache_dir: Optional[Path] = None, check: bool = True) -
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         stage = Path(tmp)
         app_root = materialize(operator_sources(stage / "bin"), stage / "app")
-        key = [base.packages, "\n".join(lines), tree_digest(app_root), sys.version.split()[0]]
+        key = [base.tar.name, base.packages, "\n".join(lines), tree_digest(app_root), sys.version.split()[0]]
         out = cache / f"operator-{digest(*key, operator_spec(base, []).config_json())}.tar"
         if not out.exists():
             deps_root = stage / "deps"
@@ -548,7 +553,7 @@ def build_worker_image(cache_dir: Optional[Path] = None, venv: Optional[Path] = 
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         stage = Path(tmp)
         app_root = materialize(code, stage / "app")
-        key = [base.packages, tree_digest(app_root), worker_spec(base, [], venv).config_json()]
+        key = [base.tar.name, base.packages, tree_digest(app_root), worker_spec(base, [], venv).config_json()]
         out = cache / f"worker-cpu-{digest(*key)}.tar"
         if not out.exists():
             app = layer_tar(app_root, stage / "app.tar")
