@@ -16,10 +16,16 @@ Control API (plain requests to this server, not proxied):
 A real ``ray job submit`` (KubeRay's submitter pod) exits when the Ray job ends. The submitter pods
 are simulated too and kwok leaves them running, so when a job reaches a terminal status here this
 server finishes its submitter pod through the Kubernetes API, as the real one would.
+
+Heads that really run (pods on the real node of hack/realnode.py, i.e. on a node without the
+kwok.x-k8s.io/node=fake annotation) get their requests forwarded, unchanged and streamed, to the
+Service's ClusterIP (host -> bridge -> kube-proxy), so their real dashboard, job API and Serve
+REST API answer KubeRay; simulated heads keep the stand-in's answers.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import re
 import ssl
@@ -36,6 +42,9 @@ import yaml
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 SUBMITTER_CONTAINER = "ray-job-submitter"
+_SERVICE_HOST = re.compile(r"^(?P<svc>[a-z0-9-]+)\.(?P<ns>[a-z0-9-]+)\.svc(\.[a-z0-9.-]+)?$")
+_HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
+                "transfer-encoding", "upgrade"}
 _JOB_PATH = re.compile(r"^/api/jobs/(?P<id>[^/]+)/?(?P<rest>stop|logs)?/?$")
 
 
@@ -87,6 +96,109 @@ class KubeAPI:
             self.request("PATCH", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/status",
                          patch, "application/strategic-merge-patch+json")
         return True
+
+
+class RealHeads:
+    """Which proxied hosts are Services backed by pods that really run, and their ClusterIP;
+    answers are cached briefly since KubeRay polls every head every few seconds."""
+
+    def __init__(self, kube: KubeAPI | None, ttl: float = 3.0):
+        self.kube, self.ttl = kube, ttl
+        self.cache: dict[str, tuple[float, str | None]] = {}
+        self.lock = threading.Lock()
+
+    def target(self, host: str) -> str | None:
+        """``clusterIP`` for a real head's Service host name, else None (stand-in answers)."""
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        m = _SERVICE_HOST.match(name)
+        if not m or self.kube is None:
+            return None
+        with self.lock:
+            hit = self.cache.get(name)
+        if hit and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        try:
+            ip = self._lookup(m.group("ns"), m.group("svc"))
+        except (urllib.error.URLError, OSError, KeyError, ValueError):
+            ip = None
+        with self.lock:
+            self.cache[name] = (time.monotonic(), ip)
+        return ip
+
+    def _lookup(self, ns: str, svc: str) -> str | None:
+        service = self.kube.request("GET", f"/api/v1/namespaces/{ns}/services/{svc}")
+        selector = service["spec"].get("selector") or {}
+        ip = service["spec"].get("clusterIP")
+        if not selector or not ip or ip == "None":
+            return None
+        query = urllib.parse.quote(",".join(f"{k}={v}" for k, v in selector.items()))
+        pods = self.kube.request("GET", f"/api/v1/namespaces/{ns}/pods?labelSelector={query}")["items"]
+        nodes = {p["spec"].get("nodeName") for p in pods if p["spec"].get("nodeName")}
+        return ip if any(self._node_is_real(n) for n in nodes) else None
+
+    def _node_is_real(self, name: str) -> bool:
+        node = self.kube.request("GET", f"/api/v1/nodes/{urllib.parse.quote(name)}")
+        return (node["metadata"].get("annotations") or {}).get("kwok.x-k8s.io/node") != "fake"
+
+
+def forward(handler: BaseHTTPRequestHandler, ip: str, port: int, path: str) -> None:
+    """Relays one request to ``ip:port`` and its response back, bodies streamed in chunks."""
+    conn = http.client.HTTPConnection(ip, port, timeout=60)
+    try:
+        conn.putrequest(handler.command, path or "/", skip_host=True, skip_accept_encoding=True)
+        for key, value in handler.headers.items():
+            if key.lower() not in _HOP_HEADERS:
+                conn.putheader(key, value)
+        chunked = "chunked" in (handler.headers.get("Transfer-Encoding") or "").lower()
+        if chunked:
+            conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        _relay_request_body(handler, conn, chunked)
+        resp = conn.getresponse()
+    except OSError as exc:
+        conn.close()
+        handler.send_error(502, f"forwarding to {ip}:{port}: {exc}")
+        return
+    try:
+        handler.send_response(resp.status, resp.reason)
+        length = resp.getheader("Content-Length")
+        for key, value in resp.getheaders():
+            if key.lower() not in _HOP_HEADERS:
+                handler.send_header(key, value)
+        no_body = handler.command == "HEAD" or resp.status in (204, 304)
+        if length is None and not no_body:
+            handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        while not no_body:
+            chunk = resp.read1(65536)
+            if length is None:
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            elif chunk:
+                handler.wfile.write(chunk)
+            if not chunk:
+                break
+            handler.wfile.flush()
+    finally:
+        conn.close()
+
+
+def _relay_request_body(handler: BaseHTTPRequestHandler, conn: http.client.HTTPConnection, chunked: bool) -> None:
+    if chunked:
+        while True:
+            size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            data = handler.rfile.read(size + 2)[:size] if size else b""
+            if not size:
+                handler.rfile.readline()   # the empty line after the last chunk (no trailers)
+                conn.send(b"0\r\n\r\n")
+                return
+            conn.send(b"%x\r\n%s\r\n" % (size, data))
+    left = int(handler.headers.get("Content-Length") or 0)
+    while left > 0:
+        data = handler.rfile.read(min(left, 65536))
+        if not data:
+            return
+        conn.send(data)
+        left -= len(data)
 
 
 class JobTable:
@@ -159,9 +271,23 @@ class JobTable:
         return {"applications": apps, "proxy_location": "EveryNode", "http_options": {}, "controller_info": {}}
 
 
-def make_handler(table: JobTable):
+def make_handler(table: JobTable, heads: RealHeads | None = None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def parse_request(self) -> bool:
+            """Proxy requests for real heads are forwarded whatever their method; the stand-in's
+            own do_* methods only see the rest."""
+            if not super().parse_request():
+                return False
+            url = urllib.parse.urlsplit(self.path)
+            ip = heads.target(url.netloc) if heads is not None and url.netloc else None
+            if ip is None:
+                return True
+            path = url.path + (f"?{url.query}" if url.query else "")
+            forward(self, ip, url.port or 80, path)
+            self.close_connection = True
+            return False   # handled: BaseHTTPRequestHandler skips do_*
 
         def log_message(self, fmt, *args):  # one line per request in the component log
             print(f"{self.command} {self.path} -> {fmt % args}", flush=True)
@@ -268,7 +394,8 @@ def main() -> None:
     ap.add_argument("--default-status", default="RUNNING")
     args = ap.parse_args()
     kube = KubeAPI(args.kubeconfig) if args.kubeconfig else None
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(JobTable(kube, args.default_status)))
+    handler = make_handler(JobTable(kube, args.default_status), RealHeads(kube))
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
     print(f"ray dashboard stand-in on 127.0.0.1:{args.port}", flush=True)
     server.serve_forever()
 

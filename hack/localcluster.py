@@ -85,6 +85,8 @@ def build_fleet_nodes(fleet: dict) -> list[dict]:
     """Node objects (with status) for every pool of a fleet description (see hack/fleet.yaml)."""
     nodes = []
     for pool in fleet["pools"]:
+        if pool.get("real"):
+            continue   # this machine itself (hack/realnode.py), registered by its kubelet
         accel = pool.get("accelerator")
         for i in range(pool["count"]):
             name = f"{pool['name']}-{i}"
@@ -135,6 +137,7 @@ class LocalCluster:
         self.components: list[Component] = []
         self.ports: dict[str, int] = {}
         self.token = ""
+        self.real_node = None   # hack/realnode.py RealNode when the fleet has a `real: true` pool
 
     # paths
     @property
@@ -177,6 +180,11 @@ class LocalCluster:
             "extendedKeyUsage=serverAuth\n")
         ossl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
              "-CAcreateserial", "-out", "apiserver.crt", "-days", "3650", "-extfile", "san.ext")
+        # the apiserver's client cert towards kubelets (webhook authn/authz on the real node)
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "kubelet-client.key", "-out",
+             "kubelet-client.csr", "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client")
+        ossl("x509", "-req", "-in", "kubelet-client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", "kubelet-client.crt", "-days", "3650")
         ossl("genrsa", "-out", "sa.key", "2048")
         ossl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
         self.token = secrets.token_hex(16)
@@ -281,7 +289,10 @@ class LocalCluster:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--allow-privileged=true", "--endpoint-reconciler-type=none",
                 "--enable-priority-and-fairness=false", "--max-requests-inflight=0",
-                "--max-mutating-requests-inflight=0", f"--cert-dir={d / 'apiserver-certs'}"])
+                "--max-mutating-requests-inflight=0", f"--cert-dir={d / 'apiserver-certs'}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+                f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'kubelet-client.key'}"])
             self._start(apiserver, detach)
             self._wait_http(apiserver, f"{self.server}/readyz", timeout, tls=True)
 
@@ -313,6 +324,7 @@ class LocalCluster:
             self._start(kwok, detach)
             self._wait_http(kwok, f"http://127.0.0.1:{p['kwok']}/healthz", timeout)
             self.apply_fleet(timeout)
+            self._start_real_node(detach, timeout)
 
             dashboard = Component("ray-dashboard-stand-in", [
                 self.python, str(HACK / "fake_dashboard.py"), f"--port={p['dashboard']}",
@@ -339,6 +351,22 @@ class LocalCluster:
         print(f"local control plane up in {time.monotonic() - t0:.1f}s; kubeconfig: {self.kubeconfig}",
               file=sys.stderr)
         return self
+
+    def _start_real_node(self, detach: bool, timeout: float) -> None:
+        """This machine as the fleet's `real: true` pool, if it has one (see hack/realnode.py)."""
+        pool = next((p for p in self.fleet["pools"] if p.get("real")), None)
+        if pool is None:
+            return
+        from realnode import RealNode
+        self.real_node = RealNode(self.dir, pool, bin_dir=self.bin, apiserver_port=self.ports["apiserver"],
+                                  python=self.python)
+        self.real_node.start(detach=detach, timeout=timeout)
+
+    def import_image(self, tar: Path) -> None:
+        """Imports a docker-archive image tar (hack/oci.py) into the real node's containerd."""
+        if self.real_node is None:
+            raise ClusterError("this cluster has no real node (no `real: true` pool in its fleet)")
+        self.real_node.import_image(tar)
 
     def _kwok_config(self) -> str:
         """KwokConfiguration plus the Stages kwok v0.8 needs (it has no built-in ones)."""
@@ -384,7 +412,10 @@ class LocalCluster:
         wait_until(established, timeout, f"CRDs {names} to be Established")
 
     def stop(self, timeout: float = 15.0) -> None:
-        """Stops components in reverse order: SIGTERM to each process group, then SIGKILL."""
+        """Stops components in reverse order: SIGTERM to each process group, then SIGKILL.
+        The real node goes first, while the apiserver can still tell its kubelet to delete pods."""
+        if self.real_node is not None:
+            self.real_node.stop()
         for comp in reversed(self.components):
             if comp.proc and comp.proc.poll() is None:
                 _terminate_group(comp.proc.pid, timeout, comp.proc)
@@ -399,6 +430,8 @@ class LocalCluster:
         self = cls(state_dir)
         state = json.loads((self.dir / "state.json").read_text())
         self.ports, self.token = state["ports"], state["token"]
+        from realnode import RealNode
+        self.real_node = RealNode.from_state(self.dir)
         return self
 
 
@@ -436,6 +469,10 @@ def stop_detached(state_dir: Path) -> None:
     if not state_file.exists():
         print(f"no cluster state in {state_dir}; nothing to stop", file=sys.stderr)
         return
+    from realnode import RealNode
+    node = RealNode.from_state(Path(state_dir))
+    if node is not None:
+        node.stop()
     pids = json.loads(state_file.read_text())["pids"]
     order = ["kuberay-operator", "ray-dashboard-stand-in", "kwok", "kube-scheduler",
              "kube-controller-manager", "apiserver", "etcd"]

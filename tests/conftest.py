@@ -24,6 +24,8 @@ def cluster(tmp_path_factory) -> LocalCluster:
     """The local control plane. TUNESERVE_CLUSTER_DIR reuses one started by `make cluster-up`.
 
     Missing binaries fail the test rather than skip it: the control-plane tests must always run.
+    Only one real node can run per machine: LocalCluster.start fails at once (it takes the flock
+    /tmp/tuneserve-realnode.lock) when another session's cluster holds it.
     """
     existing = os.environ.get("TUNESERVE_CLUSTER_DIR")
     if existing:
@@ -37,6 +39,11 @@ def cluster(tmp_path_factory) -> LocalCluster:
     finally:
         c.stop()
         print(f"\ncontrol-plane logs kept in {c.logs}", file=sys.stderr)
+    # The real node changes the host (processes, mounts, cgroups, iptables, routes, a bridge,
+    # sysctls): anything its teardown left fails the session loudly (hack/realnode.py leftovers).
+    if c.real_node is not None and c.real_node.leftovers:
+        pytest.fail("real node teardown left on this machine:\n  " + "\n  ".join(c.real_node.leftovers)
+                    + "\n(`python hack/realnode.py cleanup` removes them)")
 
 
 @pytest.fixture(scope="session")
@@ -87,12 +94,22 @@ def operator(cluster, tuneserve_crds) -> OperatorProcess:
         proc.stop()
 
 
-@pytest.fixture
-def no_session_operator(operator):
-    """For tests that run operators of their own (leader election, the Helm-installed one):
-    the session's operator is stopped meanwhile, so no second reconciler acts, then restarted."""
+def _without(operator: OperatorProcess):
     operator.stop()
     try:
         yield
     finally:
         operator.start()
+
+
+@pytest.fixture
+def no_session_operator(operator):
+    """For tests that run operators of their own (leader election, the Helm-installed one):
+    the session's operator is stopped meanwhile, so no second reconciler acts, then restarted."""
+    yield from _without(operator)
+
+
+@pytest.fixture(scope="module")
+def no_session_operator_module(operator):
+    """no_session_operator for a whole module (the real-node story)."""
+    yield from _without(operator)
