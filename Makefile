@@ -22,6 +22,11 @@ help:
 	@echo "make crds      regenerate crds/ from the typed API"
 	@echo "make images    operator + CPU worker image tars, no registry ($$TUNESERVE_CACHE/images)"
 
+# Debian packages of the real node (containerd, runc, CNI plugins, umoci, skopeo, ...); root, idempotent.
+.PHONY: host-packages
+host-packages:
+	bash hack/install-host-packages.sh
+
 .PHONY: binaries
 binaries:
 	bash hack/build-binaries.sh
