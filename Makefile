@@ -48,15 +48,15 @@ venv worker-env: $(VENV)/.complete
 	@echo "venv: $(VENV)"
 
 .PHONY: test
-test: binaries venv
+test: host-packages binaries venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: demo
-demo: binaries venv
+demo: host-packages binaries venv
 	$(PY) hack/demo.py
 
 .PHONY: cluster-up cluster-down
-cluster-up: binaries venv
+cluster-up: host-packages binaries venv
 	$(PY) hack/localcluster.py up
 cluster-down:
 	$(PY) hack/localcluster.py down

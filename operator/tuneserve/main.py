@@ -20,7 +20,6 @@ import sys
 import threading
 import urllib.request
 from dataclasses import dataclass
-from typing import Optional
 
 import kopf
 from kubernetes import client, config
@@ -57,9 +56,16 @@ def _split(addr: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def _run_kopf(settings: Settings, liveness_addr: str, stop: Optional[threading.Event] = None) -> None:
+def _run_kopf(settings: Settings, liveness_addr: str) -> None:
     kopf.run(standalone=True, clusterwide=not settings.namespaces, namespaces=settings.namespaces,
-             liveness_endpoint=f"http://{liveness_addr}/healthz", stop_flag=stop)
+             liveness_endpoint=f"http://{liveness_addr}/healthz")
+
+
+def _stop_kopf() -> None:
+    """kopf stops on SIGTERM (its own handler in the main thread's loop). Not its stop_flag: a
+    threading.Event flag is awaited in the default executor, whose thread then blocks the
+    loop's shutdown until the process is killed."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -111,16 +117,20 @@ def run_elected(settings: Settings) -> int:
                             settings.identity)
     liveness = f"127.0.0.1:{_free_loopback_port()}"
     _serve_health(settings.health_addr, elector, f"http://{liveness}/healthz")
-    stop, kopf_stop = threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: (stop.set(), kopf_stop.set()))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())   # while waiting; kopf installs its own
     log.info("waiting for leadership (Lease %s/%s) as %s", settings.lease_namespace, settings.lease_name,
              settings.identity)
     if not elector.acquire(stop):
         return 0
-    keeper = threading.Thread(target=lambda: (elector.keep(stop), kopf_stop.set()), name="lease", daemon=True)
-    keeper.start()
+    def keep() -> None:
+        elector.keep(stop)
+        if elector.lost.is_set():
+            _stop_kopf()
+
+    threading.Thread(target=keep, name="lease", daemon=True).start()
     try:
-        _run_kopf(settings, liveness, kopf_stop)
+        _run_kopf(settings, liveness)
     finally:
         stop.set()
         if not elector.lost.is_set():
