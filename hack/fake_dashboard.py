@@ -126,15 +126,21 @@ class RealHeads:
         return ip
 
     def _lookup(self, ns: str, svc: str) -> str | None:
+        """The ClusterIP, or for a headless Service (KubeRay's head Services are headless) the IP
+        of a selected pod on a real node, as cluster DNS would answer."""
         service = self.kube.request("GET", f"/api/v1/namespaces/{ns}/services/{svc}")
         selector = service["spec"].get("selector") or {}
         ip = service["spec"].get("clusterIP")
-        if not selector or not ip or ip == "None":
+        if not selector or not ip:
             return None
         query = urllib.parse.quote(",".join(f"{k}={v}" for k, v in selector.items()))
         pods = self.kube.request("GET", f"/api/v1/namespaces/{ns}/pods?labelSelector={query}")["items"]
-        nodes = {p["spec"].get("nodeName") for p in pods if p["spec"].get("nodeName")}
-        return ip if any(self._node_is_real(n) for n in nodes) else None
+        real = [p for p in pods if p["spec"].get("nodeName") and self._node_is_real(p["spec"]["nodeName"])]
+        if not real:
+            return None
+        if ip != "None":
+            return ip
+        return next((p["status"]["podIP"] for p in real if (p.get("status") or {}).get("podIP")), None)
 
     def _node_is_real(self, name: str) -> bool:
         node = self.kube.request("GET", f"/api/v1/nodes/{urllib.parse.quote(name)}")
