@@ -446,7 +446,8 @@ def operator_sources(stage: Path) -> dict[str, Path]:
 
 def operator_spec(base: Base, layers: list[tuple[Path, str]]) -> ImageSpec:
     env = {"PATH": SYSTEM_PATH, "PYTHONPATH": f"{APP}/site-packages:{APP}/app",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
+           "USER": "nonroot"}   # uid 65532 has no passwd entry: getpass.getuser() reads $USER first
     return ImageSpec("operator", [operator_ref()], [(base.tar, "debootstrap minbase")] + layers, env,
                      entrypoint=["tuneserve-operator"], user=NONROOT,
                      labels={"org.opencontainers.image.source": "https://github.com/tuneserve/tuneserve"})

@@ -57,8 +57,10 @@ def _split(addr: str) -> tuple[str, int]:
 
 
 def _run_kopf(settings: Settings, liveness_addr: str) -> None:
+    # identity: kopf would derive one from the login name, which a container's arbitrary uid lacks
+    # (getpwuid fails: the first real run of the image crash-looped on that).
     kopf.run(standalone=True, clusterwide=not settings.namespaces, namespaces=settings.namespaces,
-             liveness_endpoint=f"http://{liveness_addr}/healthz")
+             liveness_endpoint=f"http://{liveness_addr}/healthz", identity=settings.identity)
 
 
 def _stop_kopf() -> None:
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # kopf logs every handler run at INFO; the operator logs what it writes (kubeapi.py) instead.
     logging.getLogger("kopf.objects").setLevel(os.environ.get("TUNESERVE_KOPF_LOG_LEVEL", "WARNING"))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)   # a line per liveness probe otherwise
     settings = Settings.from_env()
     if settings.leader_election:
         return run_elected(settings)
