@@ -121,6 +121,17 @@ def test_host_volumes_in_every_ray_pod_and_the_submitter(kind):
         assert mounts["/scratch"] == {"name": "scratch", "hostPath": {"path": "/var/tmp/tuneserve"}, "readOnly": False}
 
 
+def test_the_autoscaler_sidecar_mounts_the_host_volumes_too():
+    catalog = load_catalog(LOCAL_CPU)
+    serve = ModelServe.from_body({**load_example("modelserve-qwen-bank.yaml"),
+                                  "metadata": {"name": "bank-llm", "namespace": "bank", "uid": "u2"}})
+    rayservice = build_modelserve_children(serve, Candidate(catalog.get("cpu/cpu"), 1, 1, "t"), None, [], catalog)[-1]
+    options = rayservice["spec"]["rayClusterConfig"]["autoscalerOptions"]
+    assert {m["mountPath"] for m in options["volumeMounts"]} == {"/opt/tuneserve/venv", "/scratch"}
+    plain = build_modelserve_children(serve, Candidate(load_catalog().get("cpu/cpu"), 1, 1, "t"), None, [], load_catalog())[-1]
+    assert "volumeMounts" not in plain["spec"]["rayClusterConfig"]["autoscalerOptions"]
+
+
 def test_the_submitter_goes_where_the_head_goes():
     """The host directories exist only on the nodes the user's selector names: the submitter
     gets the head's node selector and tolerations (not the accelerator's)."""

@@ -21,7 +21,10 @@ from tuneserve.catalog import AcceleratorProfile, Catalog
 from tuneserve.placement import Candidate
 from tuneserve_workers import contract
 
-TTL_SECONDS_AFTER_FINISHED = 300
+# KubeRay deletes a finished job's RayCluster this long after the job ends: its accelerators are
+# billed until then and the next workload (say, the ModelServe of the adapter) waits for them. The
+# outcome is kept elsewhere (status, manifest, progress ConfigMap, the submitter's logs).
+TTL_SECONDS_AFTER_FINISHED = 30
 
 
 def build_env(job: FineTuneJob, profile: AcceleratorProfile) -> list[dict[str, Any]]:

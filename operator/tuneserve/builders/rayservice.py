@@ -116,6 +116,17 @@ def storage(serve: ModelServe, profile: AcceleratorProfile,
     return volumes + claims + hosts, mounts + claim_mounts + host_mounts
 
 
+def autoscaler_options(profile: AcceleratorProfile) -> dict[str, Any]:
+    """KubeRay's autoscaler sidecar runs the head image's `ray` but gets none of the head
+    container's mounts: an image taking its Python from the node (catalog podVolumes) needs
+    them here too, or the sidecar exits with "ray: command not found" (seen on the real node)."""
+    options: dict[str, Any] = {"idleTimeoutSeconds": AUTOSCALER_IDLE_TIMEOUT_SECONDS}
+    _, mounts = host_volumes(profile)
+    if mounts:
+        options["volumeMounts"] = mounts
+    return options
+
+
 def build_serve_config_v2(serve: ModelServe, candidate: Candidate) -> str:
     """serveConfigV2: one application, the ServeAppConfig as args, the deployment's autoscaling
     and per-replica resources. Deterministic YAML (sorted keys)."""
@@ -180,7 +191,7 @@ def build_rayservice(serve: ModelServe, candidate: Candidate, pool: Optional[str
             "rayClusterConfig": {
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"idleTimeoutSeconds": AUTOSCALER_IDLE_TIMEOUT_SECONDS},
+                "autoscalerOptions": autoscaler_options(profile),
                 "headGroupSpec": {
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": {
