@@ -53,7 +53,9 @@ REPO = HACK.parent
 EPOCH = 1704067200                     # 2024-01-01T00:00:00Z
 CREATED = "2024-01-01T00:00:00Z"
 SUITE = "bookworm"
-BASE_PACKAGES = ("python3", "ca-certificates", "wget")   # bash, grep: Essential, always there
+# bash, grep: Essential, always there. libnuma1: vLLM's CPU kernels (vllm/_C*.so) link it; without
+# it the engine dies in the pod with "'_C' object has no attribute 'init_cpu_memory_env'".
+BASE_PACKAGES = ("python3", "ca-certificates", "wget", "libnuma1")
 # Bump when the base recipe (slimming, compile) changes: it is part of the base's cache key.
 BASE_RECIPE = "4"
 NONROOT = "65532:65532"
@@ -568,7 +570,7 @@ def build_worker_image(cache_dir: Optional[Path] = None, venv: Optional[Path] = 
 
 WORKER_CHECK = """
 ray --version
-python -c 'import torch, vllm, tuneserve_workers; print("torch", torch.__version__, "vllm", vllm.__version__)'
+python -c 'import torch, vllm, vllm._C, tuneserve_workers; print("torch", torch.__version__, "vllm", vllm.__version__)'
 wget --version | grep -q GNU && echo "wget | grep ok"
 """
 
