@@ -82,6 +82,7 @@ class AcceleratorProfile(_CatalogModel):
     vllm_general_plugins: tuple[str, ...] = ()
     vllm_plugin_package: Optional[str] = None
     serving_dtype: EngineDtype = "auto"
+    serving_memory_utilization: float = Field(0.9, gt=0, le=1)
     serve_env: dict[str, str] = Field(default_factory=dict)
     memory_gib: float = Field(alias="memoryGiB")
     memory_scope: str = Field("device", pattern="^(device|worker)$")
@@ -99,6 +100,11 @@ class AcceleratorProfile(_CatalogModel):
     def engine_dtype(self, requested: Optional[EngineDtype]) -> EngineDtype:
         """The dtype a replica runs with: ModelServe spec.engine.dtype, else this accelerator's."""
         return requested or self.serving_dtype
+
+    def memory_utilization(self, requested: Optional[float]) -> float:
+        """vLLM's --gpu-memory-utilization: ModelServe spec.engine.gpuMemoryUtilization, else this
+        accelerator's. On CPU it is a share of the pod's memory, which also holds Ray's processes."""
+        return requested if requested is not None else self.serving_memory_utilization
 
     def vllm_plugins(self) -> Optional[str]:
         """VLLM_PLUGINS: the platform plugin and its package's general plugins, by entry-point

@@ -92,7 +92,7 @@ def decide_serve_placement(spec: ModelServeSpec, catalog: Catalog, inventory: In
                 continue
             if spec.engine.tensor_parallel_size:
                 memory = estimate_serving_memory(shape, spec.engine, profile, catalog, spec.engine.tensor_parallel_size)
-                shortfall = serving_shortfall(shape, memory, profile, spec.engine.gpu_memory_utilization)
+                shortfall = serving_shortfall(shape, memory, profile, profile.memory_utilization(spec.engine.gpu_memory_utilization))
                 auto = False
             else:
                 found, why = auto_tensor_parallel_size(shape, spec.engine, profile, catalog,

@@ -305,7 +305,7 @@ def estimate_serving_memory(shape: ModelShape, engine: "EngineConfig", profile: 
     activations = SERVE_BATCH_TOKENS * shape.hidden_size * (2 + FFN_RATIO) * elem / shard
     base = (weights + lora + kv_min + activations) / GIB
     overhead = profile.runtime_overhead_gib + catalog.defaults.memory_fragmentation * base
-    budget = profile.memory_for_model_gib(tp) * engine.gpu_memory_utilization
+    budget = profile.memory_for_model_gib(tp) * profile.memory_utilization(engine.gpu_memory_utilization)
     return ServingMemoryEstimate(tp, weights / GIB, lora / GIB, kv_min / GIB, activations / GIB, overhead, budget,
                                  kv_per_token, context, engine.max_model_len is None)
 
@@ -336,4 +336,4 @@ def auto_tensor_parallel_size(shape: ModelShape, engine: "EngineConfig", profile
             return last, f"tensorParallelSize {tp} (auto: fewest devices that hold the model)"
     if last is None:
         last = estimate_serving_memory(shape, engine, profile, catalog, 1)
-    return None, (serving_shortfall(shape, last, profile, engine.gpu_memory_utilization) or "")
+    return None, (serving_shortfall(shape, last, profile, profile.memory_utilization(engine.gpu_memory_utilization)) or "")

@@ -34,8 +34,18 @@ def test_user_story_example_reads_as_written():
 def test_defaults_fill_in():
     spec = ModelServe.from_body(load_example("modelserve-minimal.yaml")).spec
     assert spec.adapters == [] and spec.engine.tensor_parallel_size is None
-    assert spec.engine.gpu_memory_utilization == 0.9 and spec.engine.quantization == Quantization.none
+    assert spec.engine.gpu_memory_utilization is None and spec.engine.quantization == Quantization.none
     assert (spec.replicas.min, spec.replicas.max) == (1, 1)
+
+
+def test_engine_memory_share_defaults_per_accelerator():
+    """Unset, the catalog decides: 0.9 of a GPU's memory, 0.5 of a CPU pod's (Ray shares it:
+    vLLM refused to start in a real 5 GiB CPU pod at 0.9). A value set in the spec wins."""
+    from tuneserve.catalog import load_catalog
+    catalog = load_catalog()
+    assert catalog.get("cpu/cpu").memory_utilization(None) == 0.5
+    assert catalog.find("nvidia", "H100")[0].memory_utilization(None) == 0.9
+    assert catalog.get("cpu/cpu").memory_utilization(0.7) == 0.7
 
 
 def test_shares_the_finetunejob_types():

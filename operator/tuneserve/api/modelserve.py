@@ -99,7 +99,7 @@ class EngineConfig(ApiModel):
     """vLLM engine settings. Changing any of them rolls out a new Ray cluster."""
     tensor_parallel_size: Optional[int] = Field(None, ge=1, le=64, description="Devices per replica; default: the fewest (1, 2, 4, 8, ...) that hold the weights and one maxModelLen sequence of KV cache.")
     max_model_len: Optional[int] = Field(None, ge=128, le=1_048_576, description="Context length (prompt + output tokens); default: the model's.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each device's memory vLLM may use, in (0, 1].")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="Share of each device's memory vLLM may use, in (0, 1]; default: the accelerator's (catalog servingMemoryUtilization: 0.9 on accelerators, 0.5 on CPU, where it is a share of the pod's memory that Ray's processes also use).")
     max_loras: int = Field(4, ge=1, le=256, description="Adapters usable in one batch (vLLM --max-loras); more adapters stay loaded in host memory.")
     max_lora_rank: Literal[8, 16, 32, 64, 128, 256, 320, 512] = Field(16, description="Largest adapter rank served (vLLM --max-lora-rank); adapters of a higher rank fail.")
     quantization: Quantization = Field(Quantization.none, description="Weight quantization (vLLM --quantization); the chosen accelerator must support it (catalog servingQuantizations). "

@@ -32,7 +32,7 @@ def build_serve_app_config(serve: ModelServe, candidate: Candidate) -> contract.
         # Worker-scoped profiles (CPU) count cores as devices: the engine itself is not sharded.
         tensor_parallel_size=1 if profile.memory_scope == "worker" else tp,
         max_model_len=engine.max_model_len,
-        gpu_memory_utilization=engine.gpu_memory_utilization,
+        gpu_memory_utilization=profile.memory_utilization(engine.gpu_memory_utilization),
         max_loras=engine.max_loras,
         max_lora_rank=engine.max_lora_rank,
         quantization=VLLM_QUANTIZATION[engine.quantization],
