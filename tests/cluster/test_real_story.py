@@ -1,0 +1,178 @@
+"""The whole user story for real, on the local cluster's real node (hack/realstory.py):
+
+images built here -> the operator installed by Helm, running as two pods (one leader) -> a
+FineTuneJob whose RayJob runs the operator-rendered entrypoint in real Ray pods, dataset,
+checkpoints and adapter on MinIO -> a ModelServe serving that adapter from a real RayService on
+vLLM CPU -> an OpenAI chat completion through the ModelServe's Service answers with what the
+adapter learned, the base model does not -> a second adapter becomes servable in the same pod.
+
+The stages are module-scoped fixtures, so a failure names the stage that broke.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kube import condition, wait_for
+from localcluster import BIN
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "hack"))
+import images as image_builds  # noqa: E402
+import realstory as story  # noqa: E402
+from minio_server import MinioServer  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+NS = "real-story"
+FTJ, MS = "assistant", "assistant-llm"
+
+
+def _ftj(kube) -> dict:
+    return kube.get("tuneserve.dev/v1alpha1", "FineTuneJob", FTJ, NS) or {}
+
+
+def _ms(kube) -> dict:
+    return kube.get("tuneserve.dev/v1alpha1", "ModelServe", MS, NS) or {}
+
+
+def _pods(kube, namespace: str, selector: str) -> list[dict]:
+    return kube.list("v1", "Pod", namespace, label_selector=selector)
+
+
+@pytest.fixture(scope="module")
+def real_images(cluster) -> dict:
+    """Built (cached by content) and imported into the real node's containerd."""
+    built = image_builds.build_all()
+    for tar in story.image_tars(built):
+        cluster.import_image(tar)
+    return built
+
+
+@pytest.fixture(scope="module")
+def storage(cluster, tmp_path_factory):
+    """MinIO on the pod bridge (pods reach it, nothing outside does), with the tiny model and a
+    dataset that teaches the adapter its answer."""
+    from tuneserve_workers.testing.tiny import build_tiny_model
+    work = tmp_path_factory.mktemp("real-story")
+    server = MinioServer(work / "minio", host=cluster.real_node.bridge_ip, bucket="story").start()
+    try:
+        model = Path(build_tiny_model(str(work / "model")))
+        data = work / "chat.jsonl"
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": story.QUESTION},
+                                                         {"role": "assistant", "content": story.ANSWER}]}) + "\n"
+                                for _ in range(16)))
+        yield server, story.StoryStorage(endpoint=server.endpoint, bucket=server.bucket,
+                                         model_uri=server.upload(model, "models/tiny"),
+                                         dataset_uri=server.upload(data, "data/chat.jsonl"))
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def helm_operator(cluster, kube, real_images, no_session_operator_module, tmp_path_factory):
+    """The chart installed with the images built here, its two operator pods on the real node."""
+    values = story.build_operator_values(real_images)
+    story.install_operator(BIN / "helm", cluster.kubeconfig, values, tmp_path_factory.mktemp("helm"))
+    try:
+        yield values
+    finally:
+        story.uninstall_operator(BIN / "helm", cluster.kubeconfig)
+        kube.core.delete_namespace(story.RELEASE_NAMESPACE)
+
+
+@pytest.fixture(scope="module")
+def story_namespace(kube, storage):
+    server, _ = storage
+    kube.core.create_namespace({"metadata": {"name": NS}})
+    kube.apply(story.build_object_store_secret(NS, server.access_key, server.secret_key))
+    wait_for(lambda: kube.get("v1", "ServiceAccount", "default", NS), 60, "the default ServiceAccount")
+    yield NS
+    kube.core.delete_namespace(NS)
+    wait_for(lambda: not kube.list("v1", "Pod", NS), 180, "the story's pods to go")
+
+
+@pytest.fixture(scope="module")
+def trained(kube, helm_operator, storage, story_namespace) -> dict:
+    """The FineTuneJob, run to the end by real Ray pods."""
+    _, where = storage
+    kube.apply(story.build_finetunejob(FTJ, NS, where))
+    seen_running = wait_for(lambda: [p for p in _pods(kube, NS, f"tuneserve.dev/finetunejob={FTJ}")
+                                     if p["status"].get("phase") == "Running"], 300, "the RayJob's pods to run")
+    for pod in seen_running:
+        node = kube.get("v1", "Node", pod["spec"]["nodeName"])
+        assert node["metadata"]["labels"]["tuneserve.dev/pool"] == story.REAL_POOL
+    job = wait_for(lambda: (_ftj(kube).get("status") or {}).get("phase") in ("Succeeded", "Failed") and _ftj(kube),
+                   900, "the FineTuneJob to finish")
+    assert job["status"]["phase"] == "Succeeded", json.dumps(job["status"], indent=1)
+    return job
+
+
+def test_the_operator_runs_from_the_chart_on_the_real_node(kube, helm_operator, cluster):
+    pods = _pods(kube, story.RELEASE_NAMESPACE, "app.kubernetes.io/name=tuneserve")
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["status"]["phase"] == "Running"
+        assert kube.get("v1", "Node", pod["spec"]["nodeName"])["metadata"]["labels"]["tuneserve.dev/pool"] == story.REAL_POOL
+        assert pod["spec"]["serviceAccountName"] == f"{story.RELEASE}-operator"
+
+
+def test_finetunejob_trains_for_real_and_publishes_its_adapter(kube, trained, storage):
+    server, _ = storage
+    status = trained["status"]
+    assert status["progress"]["step"] == story.TRAIN_STEPS
+    assert status["artifact"]["uri"].startswith("s3://story/adapters/")
+    fs = server.filesystem()
+    manifest = json.loads(fs.cat(status["artifact"]["uri"].removeprefix("s3://") + "/tuneserve-manifest.json"))
+    assert manifest["base_model"]["uri"] == trained["spec"]["baseModel"]["uri"]
+
+
+@pytest.fixture(scope="module")
+def serving(kube, trained, storage) -> dict:
+    _, where = storage
+    adapters = [{"name": "assistant-v1", "fineTuneJobRef": {"name": FTJ}}]
+    kube.apply(story.build_modelserve(MS, NS, where, adapters))
+    ms = wait_for(lambda: (condition(_ms(kube), "Ready") or {}).get("status") == "True" and _ms(kube),
+                  900, "the ModelServe to be Ready")
+    url = story.service_url(kube.get("v1", "Service", f"{MS}-openai", NS))
+    assert url, "the ModelServe's Service has a ClusterIP"
+    return {"ms": ms, "url": url}
+
+
+def test_modelserve_answers_with_the_adapters_learned_answer(serving):
+    url = serving["url"]
+    models = story.served_models(url)
+    assert "assistant-v1" in models
+    base = next(m for m in models if not m.startswith("assistant-"))
+    tuned, plain = story.chat(url, "assistant-v1"), story.chat(url, base)
+    assert story.ANSWER in tuned.lower(), tuned
+    assert story.ANSWER not in plain.lower(), f"the base model should not know the answer: {plain!r}"
+
+
+def test_a_second_adapter_is_served_by_the_same_pod(kube, serving, storage):
+    _, where = storage
+    selector = f"tuneserve.dev/modelserve={MS},ray.io/node-type=worker"
+    before = {p["metadata"]["uid"] for p in _pods(kube, NS, selector)}
+    artifact = _ftj(kube)["status"]["artifact"]["uri"]
+    adapters = [{"name": "assistant-v1", "fineTuneJobRef": {"name": FTJ}}, {"name": "assistant-v2", "uri": artifact}]
+    kube.apply(story.build_modelserve(MS, NS, where, adapters))
+    wait_for(lambda: "assistant-v2" in story.served_models(serving["url"]), 300, "assistant-v2 to be served")
+    assert story.ANSWER in story.chat(serving["url"], "assistant-v2").lower()
+    assert {p["metadata"]["uid"] for p in _pods(kube, NS, selector)} == before, "the replica pod was replaced"
+
+
+def test_deleting_the_active_operator_pod_hands_over_within_30s(kube, helm_operator, serving):
+    lease = lambda: kube.get("coordination.k8s.io/v1", "Lease", f"{story.RELEASE}-operator", story.RELEASE_NAMESPACE)  # noqa: E731
+    leader = wait_for(lambda: (lease() or {}).get("spec", {}).get("holderIdentity"), 30, "a leader")
+    t0 = time.monotonic()
+    kube.core.delete_namespaced_pod(leader, story.RELEASE_NAMESPACE)
+    new = wait_for(lambda: (h := (lease() or {}).get("spec", {}).get("holderIdentity")) and h != leader and h, 30,
+                   "another replica to take the Lease")
+    took = time.monotonic() - t0
+    assert took < 30, f"handover took {took:.1f}s"
+    log = kube.core.read_namespaced_pod_log(new, story.RELEASE_NAMESPACE, container="operator")
+    assert "acquired leadership" in log
+    assert (condition(_ms(kube), "Ready") or {}).get("status") == "True"
