@@ -245,7 +245,8 @@ def main() -> int:
         if os.environ.get("KEEP") == "1":
             print(f"\nleft running: export KUBECONFIG={cluster.kubeconfig}; stop with `make cluster-down`")
         else:
-            stop_detached(DEFAULT_DIR)
+            with stage("stopping the local cluster"):
+                cluster.stop()   # this process started it: it reaps its own children
     say("time per stage")
     for title, seconds in TIMES:
         print(f"  {seconds:7.1f}s  {title}")
