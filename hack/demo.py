@@ -134,15 +134,8 @@ def simulated_placement(cluster: LocalCluster, where: story.StoryStorage) -> Non
 
 
 def prepare_storage(cluster: LocalCluster) -> tuple[MinioServer, story.StoryStorage]:
-    from tuneserve_workers.testing.tiny import build_tiny_model
     server = MinioServer(WORK / "minio", host=cluster.real_node.bridge_ip, bucket="demo").start()
-    model = Path(build_tiny_model(str(WORK / "base-model")))
-    data = WORK / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": story.QUESTION},
-                                                     {"role": "assistant", "content": story.ANSWER}]}) + "\n"
-                            for _ in range(16)))
-    where = story.StoryStorage(endpoint=server.endpoint, bucket=server.bucket,
-                               model_uri=server.upload(model, "models/tiny"), dataset_uri=server.upload(data, "data/chat.jsonl"))
+    where = story.upload_story_data(server, WORK)
     apply(cluster, story.build_object_store_secret(NS, server.access_key, server.secret_key))
     print(f"MinIO at {server.endpoint} (the pod bridge): {where.model_uri}, {where.dataset_uri}")
     return server, where

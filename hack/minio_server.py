@@ -7,11 +7,12 @@ import os
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from localcluster import ClusterError, wait_until
 
 HACK = Path(__file__).resolve().parent
 ACCESS_KEY, SECRET_KEY = "tuneserve", "tuneserve-secret"
@@ -76,19 +77,18 @@ class MinioServer:
         return self
 
     def _wait_ready(self, timeout: float, log_name: str) -> None:
-        deadline = time.monotonic() + timeout
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"MinIO exited with {self.proc.returncode}; see {log_name}")
-            try:
-                with opener.open(f"{self.endpoint}/minio/health/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"MinIO at {self.endpoint} not ready after {timeout:.0f}s; see {log_name}")
+                raise ClusterError(f"MinIO exited with {self.proc.returncode}; see {log_name}")
+            with opener.open(f"{self.endpoint}/minio/health/ready", timeout=1) as resp:
+                return resp.status == 200
+
+        try:
+            wait_until(ready, timeout, f"MinIO at {self.endpoint}")
+        except ClusterError as exc:
+            raise RuntimeError(str(exc)) from exc
 
     def filesystem(self):
         import s3fs

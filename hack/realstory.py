@@ -46,6 +46,22 @@ class StoryStorage:
         return "/".join([f"s3://{self.bucket}", *parts])
 
 
+def story_rows(copies: int = 16) -> list[dict[str, Any]]:
+    """The dataset: one question, the answer the adapter is to learn."""
+    return [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]}] * copies
+
+
+def upload_story_data(server: Any, work: Path) -> StoryStorage:
+    """Builds the tiny base model and the dataset under ``work`` and puts both into ``server``'s
+    bucket (a started hack/minio_server.MinioServer); returns where they are, as pods see it."""
+    from tuneserve_workers.testing.tiny import build_tiny_model
+    model = Path(build_tiny_model(str(work / "base-model")))
+    data = work / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in story_rows()))
+    return StoryStorage(endpoint=server.endpoint, bucket=server.bucket,
+                        model_uri=server.upload(model, "models/tiny"), dataset_uri=server.upload(data, "data/chat.jsonl"))
+
+
 def placement() -> dict[str, Any]:
     """What sends a workload to the real node: its pool label and its taint."""
     return {"nodeSelector": {"tuneserve.dev/pool": REAL_POOL}, "tolerations": [dict(REAL_TOLERATION)]}

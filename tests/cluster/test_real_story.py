@@ -56,18 +56,10 @@ def real_images(cluster) -> dict:
 def storage(cluster, tmp_path_factory):
     """MinIO on the pod bridge (pods reach it, nothing outside does), with the tiny model and a
     dataset that teaches the adapter its answer."""
-    from tuneserve_workers.testing.tiny import build_tiny_model
     work = tmp_path_factory.mktemp("real-story")
     server = MinioServer(work / "minio", host=cluster.real_node.bridge_ip, bucket="story").start()
     try:
-        model = Path(build_tiny_model(str(work / "model")))
-        data = work / "chat.jsonl"
-        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": story.QUESTION},
-                                                         {"role": "assistant", "content": story.ANSWER}]}) + "\n"
-                                for _ in range(16)))
-        yield server, story.StoryStorage(endpoint=server.endpoint, bucket=server.bucket,
-                                         model_uri=server.upload(model, "models/tiny"),
-                                         dataset_uri=server.upload(data, "data/chat.jsonl"))
+        yield server, story.upload_story_data(server, work)
     finally:
         server.stop()
 
