@@ -73,6 +73,16 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class DataParallel(str, Enum):
+    """How the ranks of a job (one per device, on every worker pod) share the model. The operator's
+    sizing decides per placement and renders it; the worker does what it says."""
+    # Every rank holds the whole frozen base; torch DDP all-reduces the adapter gradients.
+    replicated = "replicated"
+    # FSDP2 (fully_shard per decoder layer): the frozen base and the adapter are sharded over all
+    # ranks and gathered one layer at a time; for models that do not fit one device.
+    sharded = "sharded"
+
+
 class ModelSource(_Model):
     uri: str
     revision: Optional[str] = None
@@ -127,6 +137,16 @@ class AcceleratorRuntime(_Model):
     supports_4bit: bool = False
     price_per_device_hour: float = 0.0
     visible_devices_env: Optional[str] = None  # e.g. CUDA_VISIBLE_DEVICES, ASCEND_RT_VISIBLE_DEVICES
+    data_parallel: DataParallel = DataParallel.replicated
+
+    @property
+    def ranks_per_worker(self) -> int:
+        """One training process per device; a CPU worker without devices runs one."""
+        return max(1, self.devices_per_worker)
+
+    @property
+    def world_size(self) -> int:
+        return self.workers * self.ranks_per_worker
 
 
 class TrainJobConfig(_Model):
@@ -167,6 +187,8 @@ class Progress(_Model):
     artifact_uri: Optional[str] = None
     artifact_digest: Optional[str] = None
     precision: Optional[Precision] = None   # what the worker trains in (fp32 when bf16 has no native CPU path)
+    world_size: Optional[int] = None         # training processes (one per device) of the current attempt
+    data_parallel: Optional[DataParallel] = None  # what the worker did (the config's decision)
     message: Optional[str] = None
     updated_at: Optional[datetime] = None
 
