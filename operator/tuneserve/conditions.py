@@ -51,7 +51,8 @@ def placement_status(decision: PlacementDecision, attempt: int, job_name: str, n
     return PlacementStatus(
         attempt=attempt, choice=cand.key, vendor=cand.profile.vendor, product=cand.profile.product,
         accelerator=cand.display, pool=decision.pool, workers=cand.workers,
-        devices_per_worker=cand.devices_per_worker, resource_name=cand.profile.resource_name,
+        devices_per_worker=cand.devices_per_worker, data_parallel=cand.data_parallel, world_size=cand.world_size,
+        resource_name=cand.profile.resource_name,
         ray_job_name=rayjob_name(job_name, attempt), price_per_device_hour=cand.profile.price_per_device_hour,
         waiting=decision.outcome == Outcome.Waiting, reason=decision.reason, since=now,
     )
@@ -103,7 +104,8 @@ def _progress_status(progress: Optional[Progress], estimate: Optional[Estimate])
                           eval_loss=None if progress.eval_loss is None else round(progress.eval_loss, 4),
                           tokens_per_second=None if progress.tokens_per_second is None else round(progress.tokens_per_second, 1),
                           eta_seconds=None if progress.eta_seconds is None else round(progress.eta_seconds),
-                          precision=progress.precision, summary=summary, eta=eta)
+                          precision=progress.precision, world_size=progress.world_size,
+                          data_parallel=progress.data_parallel, summary=summary, eta=eta)
 
 
 def _usage(previous: Optional[FineTuneJobStatus], placement: Optional[PlacementStatus], new_attempt: bool,

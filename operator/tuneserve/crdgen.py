@@ -31,6 +31,7 @@ FINETUNEJOB_PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Accelerator", "type": "string", "jsonPath": ".status.placement.accelerator"},
     {"name": "Pool", "type": "string", "jsonPath": ".status.placement.pool", "priority": 1},
+    {"name": "Parallel", "type": "string", "jsonPath": ".status.placement.dataParallel", "priority": 1},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},

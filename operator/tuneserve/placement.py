@@ -10,7 +10,7 @@ Moving on after pods stay unschedulable is decided by ``fallback_verdict``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import Enum
@@ -21,9 +21,10 @@ from tuneserve.api.status import PlacementStatus, RejectionCode
 from tuneserve.catalog import AcceleratorProfile, Catalog
 from tuneserve.inventory import Inventory, NodeSnapshot, parse_quantity, tolerates
 from tuneserve.sizing import (
-    MemoryEstimate, ModelShape, RunEstimate, estimate_memory, estimate_run, format_duration,
-    memory_shortfall, model_shape,
+    MemoryEstimate, MemoryPlan, ModelShape, RunEstimate, estimate_run, format_duration, memory_choice,
+    memory_shortfall, model_shape, plan_memory,
 )
+from tuneserve_workers.contract import DataParallel
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Candidate:
     devices_per_worker: int
     workers: int
     label: str  # "choice 2" or "auto"
+    # How the ranks share the model (FineTuneJob sizing decides; ModelServe: unused).
+    data_parallel: DataParallel = DataParallel.replicated
 
     @property
     def key(self) -> str:
@@ -41,6 +44,11 @@ class Candidate:
     @property
     def devices(self) -> int:
         return self.workers * self.devices_per_worker
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: one per device (``contract.AcceleratorRuntime.world_size``)."""
+        return self.workers * max(1, self.devices_per_worker)
 
     @property
     def display(self) -> str:
@@ -68,7 +76,7 @@ class PlacementDecision:
     candidate: Optional[Candidate] = None
     pool: Optional[str] = None
     shape: Optional[ModelShape] = None
-    memory: Optional[MemoryEstimate] = None
+    memory: Optional[MemoryEstimate] = None   # the chosen arithmetic (replicated or sharded)
     run: Optional[RunEstimate] = None
 
 
@@ -211,7 +219,7 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
     else:
         candidates, rejections = _auto_candidates(spec, catalog, shape, inventory)
 
-    waiting: Optional[tuple[Candidate, _Fit, MemoryEstimate]] = None
+    waiting: Optional[tuple[Candidate, _Fit, MemoryPlan]] = None
     for candidate in candidates:
         profile = candidate.profile
         if candidate.key in timed_out:
@@ -221,37 +229,36 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
             rejections.append(Rejection(candidate.key, RejectionCode.Unsupported,
                                         f"{candidate.label}: {profile.display_name} does not support 4-bit (QLoRA) base weights"))
             continue
-        memory = estimate_memory(shape, spec, profile, catalog)
-        shortfall = memory_shortfall(shape, memory, profile, candidate.devices_per_worker)
+        plan = plan_memory(shape, spec, profile, catalog, candidate.workers, candidate.devices_per_worker)
+        shortfall = memory_shortfall(shape, plan, profile, candidate.devices_per_worker)
         if shortfall:
             rejections.append(Rejection(candidate.key, RejectionCode.InsufficientMemory, f"{candidate.label}: {shortfall}"))
             continue
+        candidate = replace(candidate, data_parallel=plan.data_parallel)
         fit = _fit(candidate, spec, inventory)
         if fit.fits_now:
             run = estimate_run(shape, spec, profile, catalog, candidate.devices)
-            reason = _placed_reason(candidate, fit, memory, run, rejections)
-            return PlacementDecision(Outcome.Placed, reason, tuple(rejections), candidate, fit.pool, shape, memory, run)
+            reason = _placed_reason(candidate, fit, plan, run, rejections)
+            return PlacementDecision(Outcome.Placed, reason, tuple(rejections), candidate, fit.pool, shape, plan.chosen, run)
         rejections.append(Rejection(candidate.key, fit.code or RejectionCode.Busy, f"{candidate.label}: {profile.display_name}: {fit.message}"))
         if fit.could_fit and waiting is None:
-            waiting = (candidate, fit, memory)
+            waiting = (candidate, fit, plan)
 
     if waiting is not None:
-        candidate, fit, memory = waiting
+        candidate, fit, plan = waiting
         run = estimate_run(shape, spec, candidate.profile, catalog, candidate.devices)
-        reason = (f"{candidate.label}: {candidate.display} can hold the model ({memory.total_gib:.1f} GiB per device) "
+        reason = (f"{candidate.label}: {candidate.display} can hold the model ({memory_choice(plan)}) "
                   f"but is busy; waiting for capacity in pool {fit.pool} ({fit.message})")
         return PlacementDecision(Outcome.Waiting, reason, tuple(r for r in rejections if r.choice != candidate.key),
-                                 candidate, fit.pool, shape, memory, run)
+                                 candidate, fit.pool, shape, plan.chosen, run)
     return PlacementDecision(Outcome.Unplaceable,
                              "no accelerator choice can run this job: " + "; ".join(r.message for r in rejections),
                              tuple(rejections), shape=shape)
 
 
-def _placed_reason(candidate: Candidate, fit: _Fit, memory: MemoryEstimate, run: RunEstimate,
+def _placed_reason(candidate: Candidate, fit: _Fit, plan: MemoryPlan, run: RunEstimate,
                    rejections: list[Rejection]) -> str:
-    capacity = candidate.profile.memory_for_model_gib(candidate.devices_per_worker)
-    parts = [f"{candidate.label}: {candidate.display} fits now in pool {fit.pool} "
-             f"(needs {memory.total_gib:.1f} of {capacity:g} GiB per device)"]
+    parts = [f"{candidate.label}: {candidate.display} fits now in pool {fit.pool}, {memory_choice(plan)}"]
     if run.duration_seconds is not None and run.cost_usd is not None:
         parts.append(f"est. {format_duration(run.duration_seconds)}, ${run.cost_usd:,.2f}")
     if rejections:
@@ -304,4 +311,5 @@ def candidate_from_status(placement: PlacementStatus, catalog: Catalog) -> Candi
     """Rebuild the candidate of a recorded placement (e.g. after an operator restart), so the
     children render exactly as when they were created."""
     profile = catalog.get(f"{placement.vendor}/{placement.product}")
-    return Candidate(profile, placement.devices_per_worker, placement.workers, "recorded placement")
+    return Candidate(profile, placement.devices_per_worker, placement.workers, "recorded placement",
+                     placement.data_parallel)

@@ -1,13 +1,30 @@
 """Memory, duration and cost estimates for a LoRA/QLoRA run on one accelerator profile.
 
-Memory per device (data parallel: every device holds a full copy of the base model):
+Every device trains: a job on W = workers x devicesPerWorker devices runs W ranks (one process
+per device, ``contract.AcceleratorRuntime.world_size``) and the global batch stays the same. Each
+placement is sized two ways (docs/sizing.md):
+
+* replicated (DDP): every device holds a full copy of the base model;
+* sharded (FSDP2, ``fully_shard`` per decoder layer over all W ranks): the decoder layers and
+  the LoRA states are split W ways, the input embedding and output head stay whole on every rank
+  (the chunked loss reads the head's weight directly), and two decoder layers are gathered at
+  full size at a time (the current one and the prefetched next one).
+
+Replicated is chosen when it fits (no gathers: faster), else sharded when it fits, else the choice
+is rejected with both arithmetics. Worker-scoped profiles (CPU: memory per core, pooled per
+worker) are sized as one replicated copy per worker, as before sharding existed.
+
+Memory per rank (V = vocabulary, h = hidden size, L = layers, N = parameters):
 
 * weights: N x bytes(precision); QLoRA: non-embedding weights at 4 bits (+3 % quantisation
-  constants) and the input embedding + output head (2·V·h params, kept unquantised) at 2 bytes.
+  constants) and the input embedding + output head (E = 2·V·h params, kept unquantised) at 2
+  bytes. Sharded: (N - E) x bytes / W + E x bytes, plus the all-gather buffers of two layers,
+  2 x (N - E) / L x bytes (QLoRA: the 4-bit bytes).
 * LoRA states: P_lora x 16 bytes (fp32 weight 4 + grad 4 + Adam m, v 8), with
-  P_lora = layers x rank x hidden x sum over targeted modules of (d_in + d_out) / hidden.
-* activations (flash attention, so no seq^2 term; per Korthikanti et al. 2022, a layer keeps
-  ~34·b·s·h bytes in 16-bit):
+  P_lora = layers x rank x hidden x sum over targeted modules of (d_in + d_out) / hidden;
+  sharded: / W.
+* activations (per rank, both modes; flash attention, so no seq^2 term; per Korthikanti et al.
+  2022, a layer keeps ~34·b·s·h bytes in 16-bit):
   with gradient checkpointing  b·s·h·(2·L + 34) x (bytes/2)   (layer inputs + one layer recomputed)
   without                      b·s·h·34·L x (bytes/2)
   plus logits in fp32 and their gradient: b·s·V·8 bytes. (b = micro batch, s = max seq length.)
@@ -27,6 +44,7 @@ from typing import TYPE_CHECKING, Optional
 
 from tuneserve.api.finetunejob import BaseModelSource, FineTuneJobSpec, Method, Precision
 from tuneserve.catalog import AcceleratorProfile, Catalog
+from tuneserve_workers.contract import AcceleratorRuntime, DataParallel
 
 if TYPE_CHECKING:  # the serving estimate takes a ModelServe engine config
     from tuneserve.api.modelserve import EngineConfig
@@ -115,60 +133,147 @@ def lora_parameters(shape: ModelShape, rank: int, target_modules: list[str]) -> 
     return shape.layers * rank * shape.hidden_size * factor
 
 
+def embedding_parameters(shape: ModelShape) -> float:
+    """Input embedding + output head, 2·V·h (untied; capped at 30 % of N for small models with a
+    large vocabulary, whose head is tied)."""
+    return min(2 * shape.vocab_size * shape.hidden_size, 0.3 * shape.parameters)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Memory one rank needs. Sharded: ``weights_gib`` = the decoder layers' share
+    (``sharded_weights_gib`` whole / ``shards``) + the embedding and head kept whole."""
     weights_gib: float
     lora_states_gib: float
     activations_gib: float
     overhead_gib: float
     lora_parameters: float
+    data_parallel: DataParallel = DataParallel.replicated
+    shards: int = 1                    # ranks the decoder layers and LoRA states are sharded over
+    sharded_weights_gib: float = 0.0   # sharded: the decoder layers' weights before sharding
+    gather_gib: float = 0.0            # sharded: all-gather buffers of two decoder layers
 
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.lora_states_gib + self.activations_gib + self.overhead_gib
+        return self.weights_gib + self.gather_gib + self.lora_states_gib + self.activations_gib + self.overhead_gib
 
     def breakdown(self) -> str:
-        return (f"weights {self.weights_gib:.1f} + LoRA states {self.lora_states_gib:.1f} + "
-                f"activations {self.activations_gib:.1f} + overhead {self.overhead_gib:.1f}")
+        rest = (f"LoRA states {self.lora_states_gib:.1f} + activations {self.activations_gib:.1f} + "
+                f"overhead {self.overhead_gib:.1f}")
+        if self.data_parallel == DataParallel.replicated:
+            return f"weights {self.weights_gib:.1f} + {rest}"
+        share = self.sharded_weights_gib / self.shards
+        whole = self.weights_gib - share
+        return (f"decoder weights {self.sharded_weights_gib:.1f} / {self.shards} = {share:.1f} + embedding and head "
+                f"{whole:.1f} + all-gather of 2 layers {self.gather_gib:.1f} + {rest}")
+
+    def summary(self) -> str:
+        """'171.3 GiB per device replicated (weights ...)' / '31.2 GiB per device sharded over 8 ...'."""
+        mode = "replicated" if self.data_parallel == DataParallel.replicated else f"sharded over {self.shards} devices"
+        return f"{self.total_gib:.1f} GiB per device {mode} ({self.breakdown()})"
 
 
-def estimate_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog) -> MemoryEstimate:
-    """Memory one device (or, for worker-scoped profiles, one worker) needs; formulas above."""
+def _weight_bytes(shape: ModelShape, spec: FineTuneJobSpec) -> tuple[float, float]:
+    """(bytes of the decoder layers, bytes of the embedding + head). QLoRA: the decoder at 4 bits
+    (+3 % quantisation constants), embedding and head unquantised at 2 bytes."""
+    embed = embedding_parameters(shape)
+    if spec.method == Method.qlora:
+        return (shape.parameters - embed) * QLORA_BYTES_PER_PARAM, embed * 2
+    per = PRECISION_BYTES[spec.training.precision]
+    return (shape.parameters - embed) * per, embed * per
+
+
+def _activation_bytes(shape: ModelShape, spec: FineTuneJobSpec) -> float:
     training = spec.training
     act_bytes = PRECISION_BYTES[training.precision]
-    if spec.method == Method.qlora:
-        embed = min(2 * shape.vocab_size * shape.hidden_size, 0.3 * shape.parameters)
-        weights = (shape.parameters - embed) * QLORA_BYTES_PER_PARAM + embed * 2
-    else:
-        weights = shape.parameters * PRECISION_BYTES[training.precision]
-    p_lora = lora_parameters(shape, spec.lora.rank, spec.lora.target_modules)
-    states = p_lora * LORA_STATE_BYTES
     bsh = training.micro_batch_size * training.max_seq_length * shape.hidden_size
     if training.gradient_checkpointing:
         layer_acts = bsh * (2 * shape.layers + 34) * act_bytes / 2
     else:
         layer_acts = bsh * 34 * shape.layers * act_bytes / 2
     logits = training.micro_batch_size * training.max_seq_length * shape.vocab_size * 8
-    activations = layer_acts + logits
-    base = (weights + states + activations) / GIB
+    return layer_acts + logits
+
+
+def estimate_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog,
+                    shards: int = 1) -> MemoryEstimate:
+    """Memory one rank needs (for worker-scoped profiles: one worker); formulas above.
+    ``shards`` > 1: sharded (FSDP2) over that many ranks; 1: replicated."""
+    decoder, embed = _weight_bytes(shape, spec)
+    p_lora = lora_parameters(shape, spec.lora.rank, spec.lora.target_modules)
+    states = p_lora * LORA_STATE_BYTES / shards
+    gather = 2 * decoder / shape.layers if shards > 1 else 0.0
+    weights = decoder / shards + embed
+    activations = _activation_bytes(shape, spec)
+    base = (weights + gather + states + activations) / GIB
     overhead = profile.runtime_overhead_gib + catalog.defaults.memory_fragmentation * base
-    return MemoryEstimate(weights / GIB, states / GIB, activations / GIB, overhead, p_lora)
+    mode = DataParallel.sharded if shards > 1 else DataParallel.replicated
+    return MemoryEstimate(weights / GIB, states / GIB, activations / GIB, overhead, p_lora, mode, shards,
+                          decoder / GIB if shards > 1 else 0.0, gather / GIB)
 
 
-def memory_shortfall(shape: ModelShape, estimate: MemoryEstimate, profile: AcceleratorProfile,
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Both arithmetics for one placement and the choice between them: replicated when it fits
+    (no gathers: faster), else sharded when it fits, else neither (``chosen`` is None)."""
+    replicated: MemoryEstimate
+    sharded: Optional[MemoryEstimate]   # None: one rank, or a worker-scoped profile
+    available_gib: float                # what one copy may use: a device's, or a worker's memory
+    world_size: int = 1                 # ranks: one per device
+    per: str = "per device"             # "per worker" for worker-scoped profiles
+
+    @property
+    def chosen(self) -> Optional[MemoryEstimate]:
+        for estimate in (self.replicated, self.sharded):
+            if estimate is not None and estimate.total_gib <= self.available_gib:
+                return estimate
+        return None
+
+    @property
+    def data_parallel(self) -> DataParallel:
+        chosen = self.chosen
+        return chosen.data_parallel if chosen else DataParallel.replicated
+
+
+def plan_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog,
+                workers: int, devices_per_worker: int) -> MemoryPlan:
+    """Size a placement of ``workers`` x ``devices_per_worker`` both ways. Sharding spans every
+    rank (``contract.AcceleratorRuntime.world_size``). Worker-scoped profiles (memory pooled per
+    worker, devices counted as cores) are sized as one replicated copy per worker, as before."""
+    world = AcceleratorRuntime(workers=workers, devices_per_worker=devices_per_worker).world_size
+    replicated = estimate_memory(shape, spec, profile, catalog)
+    sharded = None
+    if world > 1 and profile.memory_scope == "device":
+        sharded = estimate_memory(shape, spec, profile, catalog, shards=world)
+    per = "per worker" if profile.memory_scope == "worker" else "per device"
+    return MemoryPlan(replicated, sharded, profile.memory_for_model_gib(devices_per_worker), world, per)
+
+
+def memory_shortfall(shape: ModelShape, plan: MemoryPlan, profile: AcceleratorProfile,
                      devices_per_worker: int) -> Optional[str]:
-    """None when the estimate fits; otherwise the sentence saying why not, with the arithmetic."""
-    available = profile.memory_for_model_gib(devices_per_worker)
-    if estimate.total_gib <= available:
+    """None when one arithmetic fits; otherwise the sentence saying why not, with both."""
+    if plan.chosen is not None:
         return None
     if profile.memory_scope == "worker":
-        has = f"{profile.memory_gib:g} GiB per device x {devices_per_worker} = {available:g} GiB per worker"
-        per = "per worker"
-    else:
-        has = f"{available:g} GiB"
-        per = "per device"
-    return (f"{shape.name} needs {estimate.total_gib:.1f} GiB {per} ({estimate.breakdown()}) "
-            f"but {profile.display_name} has {has}")
+        has = f"{profile.memory_gib:g} GiB per device x {devices_per_worker} = {plan.available_gib:g} GiB per worker"
+        return (f"{shape.name} needs {plan.replicated.total_gib:.1f} GiB per worker ({plan.replicated.breakdown()}) "
+                f"but {profile.display_name} has {has}")
+    needs = plan.replicated.summary()
+    if plan.sharded is not None:
+        needs += f" or {plan.sharded.summary()}"
+    return f"{shape.name} needs {needs} but {profile.display_name} has {plan.available_gib:g} GiB"
+
+
+def memory_choice(plan: MemoryPlan) -> str:
+    """Why the chosen mode, for the placement message."""
+    chosen = plan.chosen
+    assert chosen is not None
+    needs = f"needs {chosen.total_gib:.1f} of {plan.available_gib:g} GiB {plan.per}"
+    if chosen.data_parallel == DataParallel.replicated:
+        ranks = f"DDP over {plan.world_size} ranks" if plan.world_size > 1 else "one rank"
+        return f"replicated ({ranks}): {needs}"
+    return (f"sharded over {chosen.shards} devices (FSDP2): {needs} ({chosen.breakdown()}); "
+            f"replicated would need {plan.replicated.total_gib:.1f} GiB {plan.per}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.builders import build_finetune_children, build_rayjob, build_worker_rbac
 from tuneserve.catalog import load_catalog
 from tuneserve.inventory import build_inventory
-from tuneserve.placement import Outcome, decide_placement
+from tuneserve.conditions import placement_status
+from tuneserve.placement import Outcome, candidate_from_status, decide_placement
 from tuneserve_workers import contract
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -164,3 +166,24 @@ def test_suspend_passes_through():
 
 def test_rendered_objects_are_json_serialisable():
     json.dumps(render(bank_job()), sort_keys=True)
+
+
+@pytest.mark.parametrize("model,choice,data_parallel,world_size", [
+    ("hf://Qwen/Qwen2.5-7B-Instruct", CHOICES["h100"], "replicated", 16),         # a copy fits one H100
+    ("hf://Qwen/Qwen2.5-72B-Instruct", CHOICES["h100"], "sharded", 16),           # it does not: FSDP2 over 16
+    ("hf://Qwen/Qwen2.5-72B-Instruct", CHOICES["mi300x"], "replicated", 8),       # 192 GiB hold a copy
+])
+def test_config_carries_the_sizing_decision(model, choice, data_parallel, world_size):
+    """The worker reads how to share the model from the config, rendered from the placement; after a
+    restart the candidate rebuilt from status renders the same bytes."""
+    job = bank_job(choice, baseModel={"uri": model})
+    decision = decide_placement(job.spec, CATALOG, INVENTORY)
+    def config_of(candidate):
+        return next(o for o in build_finetune_children(job, candidate, decision.pool, 1, CATALOG)
+                    if o["metadata"]["name"] == "fin-v1-1-config")
+    config = config_of(decision.candidate)
+    cfg = contract.TrainJobConfig.model_validate_json(config["data"]["config.json"])
+    assert cfg.accelerator.data_parallel.value == data_parallel and cfg.accelerator.world_size == world_size
+    recorded = placement_status(decision, 1, job.metadata.name, datetime(2026, 9, 1, tzinfo=timezone.utc))
+    restarted = candidate_from_status(type(recorded).model_validate(recorded.to_wire()), CATALOG)
+    assert config_of(restarted) == config

@@ -129,3 +129,13 @@ def test_unplaceable_for_good_fails_but_missing_nodes_waits():
     j2 = FineTuneJob.from_body(body)
     s2 = derive_status(j2, Observed(decision=decide_placement(j2.spec, CATALOG, INVENTORY)), T0)
     assert s2.phase == Phase.Pending and "no schedulable node has Google TPU v5e" in s2.message
+
+
+def test_status_shows_how_many_ranks_trained_and_how():
+    j, s1 = placed()
+    assert (s1.placement.data_parallel.value, s1.placement.world_size) == ("replicated", 8)
+    progress = Progress(state="Running", step=10, total_steps=100, world_size=8, data_parallel="replicated")
+    s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING"), progress=progress), T0 + timedelta(minutes=6), s1)
+    wire = s2.to_wire()
+    assert wire["progress"]["worldSize"] == 8 and wire["progress"]["dataParallel"] == "replicated"
+    assert wire["placement"]["dataParallel"] == "replicated" and wire["placement"]["worldSize"] == 8

@@ -11,8 +11,10 @@ from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.status import RejectionCode
 from tuneserve.catalog import load_catalog
 from tuneserve.inventory import build_inventory, parse_quantity, pod_requests
-from tuneserve.placement import Outcome, decide_placement, fallback_verdict, unschedulable_since
+from tuneserve.conditions import placement_status
+from tuneserve.placement import Outcome, candidate_from_status, decide_placement, fallback_verdict, unschedulable_since
 from tuneserve.sizing import ModelSizeUnknown
+from tuneserve_workers.contract import DataParallel
 
 CATALOG = load_catalog()
 FLEET = build_fleet_nodes(load_fleet(HACK / "fleet.yaml"))
@@ -82,11 +84,57 @@ def test_72b_rejections_carry_the_arithmetic():
                      accelerators={"choices": [{"product": "L4"}, {"vendor": "nvidia", "product": "H100", "devicesPerWorker": 8},
                                                {"vendor": "amd", "devicesPerWorker": 8}]})
     decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
-    assert decision.candidate.profile.key == "amd/mi300x"
-    l4, h100 = decision.rejections
-    assert l4.code == h100.code == RejectionCode.InsufficientMemory
+    # 8 H100s hold it sharded (a copy needs more than 80 GiB); the L4 (one device) cannot.
+    assert decision.candidate.profile.key == "nvidia/h100-80gb" and decision.candidate.data_parallel == DataParallel.sharded
+    (l4,) = decision.rejections
+    assert l4.code == RejectionCode.InsufficientMemory
     assert "choice 1: Qwen2.5-72B-Instruct needs" in l4.message and "(weights 134.1 + LoRA states" in l4.message
-    assert h100.message.endswith("but NVIDIA H100 80GB has 80 GiB")
+
+
+NV = {"nvidia.com/gpu.present": "true"}
+H100_NODE = node("h100-a", "h100", "p5.48xlarge", {**NV, "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, "nvidia.com/gpu", 8)
+L4_NODE = node("l4-a", "l4", "g6.48xlarge", {**NV, "nvidia.com/gpu.product": "NVIDIA-L4"}, "nvidia.com/gpu", 8)
+
+
+def llama_spec(size: str, product: str, devices: int):
+    body = {"apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "llama", "namespace": "default"},
+            "spec": {"baseModel": {"uri": f"hf://meta-llama/Llama-3.1-{size}"}, "dataset": {"uri": "s3://demo/chat.jsonl"},
+                     "output": {"uri": "s3://demo/adapters/llama"}, "training": {"maxSteps": 100},
+                     "accelerators": {"choices": [{"vendor": "nvidia", "product": product, "devicesPerWorker": devices}]}}}
+    return FineTuneJob.from_body(body).spec
+
+
+@pytest.mark.parametrize("size,product,devices,outcome,mode,reason", [
+    ("70B", "H100", 8, Outcome.Placed, DataParallel.sharded,
+     "choice 1: NVIDIA H100 80GB x8 fits now in pool h100, sharded over 8 devices (FSDP2): needs 32.5 of 80 GiB per device "
+     "(decoder weights 126.1 / 8 = 15.8 + embedding and head 4.3 + all-gather of 2 layers 3.6 + LoRA states 0.4 + "
+     "activations 5.0 + overhead 3.5); replicated would need 147.6 GiB per device; est. 18m, $8.53"),
+    ("70B", "L4", 8, Outcome.Unplaceable, None,
+     "no accelerator choice can run this job: choice 1: Llama-3.1-70B needs 147.6 GiB per device replicated "
+     "(weights 130.4 + LoRA states 3.3 + activations 5.0 + overhead 8.9) or 32.5 GiB per device sharded over 8 devices "
+     "(decoder weights 126.1 / 8 = 15.8 + embedding and head 4.3 + all-gather of 2 layers 3.6 + LoRA states 0.4 + "
+     "activations 5.0 + overhead 3.5) but NVIDIA L4 24GB has 24 GiB"),
+    ("8B", "H100", 1, Outcome.Placed, DataParallel.replicated,
+     "choice 1: NVIDIA H100 80GB x1 fits now in pool h100, replicated (one rank): needs 21.4 of 80 GiB per device; est. 17m, $1.03"),
+])
+def test_the_placement_message_says_which_mode_and_why(size, product, devices, outcome, mode, reason):
+    decision = decide_placement(llama_spec(size, product, devices), CATALOG, build_inventory([H100_NODE, L4_NODE], []))
+    assert decision.outcome == outcome and decision.reason == reason
+    if mode is not None:
+        assert decision.candidate.data_parallel == mode
+    else:
+        assert decision.rejections[0].code == RejectionCode.InsufficientMemory
+
+
+def test_the_mode_survives_an_operator_restart():
+    """The decision is recorded in status.placement and the candidate rebuilt from it carries it."""
+    decision = decide_placement(llama_spec("70B", "H100", 8), CATALOG, build_inventory([H100_NODE], []))
+    recorded = placement_status(decision, 1, "llama", NOW)
+    assert (recorded.data_parallel, recorded.world_size) == (DataParallel.sharded, 8)
+    wire = type(recorded).model_validate(recorded.to_wire())
+    assert wire.to_wire()["dataParallel"] == "sharded" and wire.to_wire()["worldSize"] == 8
+    assert candidate_from_status(wire, CATALOG) == decision.candidate.__class__(
+        decision.candidate.profile, 8, 1, "recorded placement", DataParallel.sharded)
 
 
 def test_unknown_product_and_missing_nodes():

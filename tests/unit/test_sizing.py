@@ -7,9 +7,10 @@ from helpers import load_example, merge_patch
 from tuneserve.api.finetunejob import BaseModelSource, FineTuneJob
 from tuneserve.catalog import load_catalog
 from tuneserve.sizing import (
-    ModelSizeUnknown, estimate_memory, estimate_run, format_duration, memory_shortfall, model_shape,
-    parse_parameter_count, training_tokens,
+    GIB, ModelSizeUnknown, embedding_parameters, estimate_memory, estimate_run, format_duration, memory_choice,
+    memory_shortfall, model_shape, parse_parameter_count, plan_memory, training_tokens,
 )
+from tuneserve_workers.contract import DataParallel
 
 CATALOG = load_catalog()
 
@@ -49,11 +50,91 @@ def test_72b_does_not_fit_l4_and_says_why():
     spec = spec_for("hf://Qwen/Qwen2.5-72B-Instruct")
     shape = model_shape(spec.base_model)
     l4 = CATALOG.get("nvidia/l4")
-    est = estimate_memory(shape, spec, l4, CATALOG)
-    msg = memory_shortfall(shape, est, l4, 1)
+    msg = memory_shortfall(shape, plan_memory(shape, spec, l4, CATALOG, 1, 1), l4, 1)
     assert msg.startswith("Qwen2.5-72B-Instruct needs ")
-    assert "GiB per device (weights 134.1 + LoRA states" in msg and msg.endswith("but NVIDIA L4 24GB has 24 GiB")
-    assert memory_shortfall(shape, estimate_memory(shape, spec, CATALOG.get("amd/mi300x"), CATALOG), CATALOG.get("amd/mi300x"), 8) is None
+    assert "GiB per device replicated (weights 134.1 + LoRA states" in msg and msg.endswith("but NVIDIA L4 24GB has 24 GiB")
+    assert " or " not in msg  # one device: nothing to shard over
+    mi300x = CATALOG.get("amd/mi300x")
+    assert memory_shortfall(shape, plan_memory(shape, spec, mi300x, CATALOG, 1, 8), mi300x, 8) is None
+
+
+def llama(size: str, **patch):
+    """A LoRA job on meta-llama with the API's defaults (bf16, rank 16, all-linear, micro batch 1, 2048 tokens)."""
+    body = {"apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "llama", "namespace": "default"},
+            "spec": {"baseModel": {"uri": f"hf://meta-llama/Llama-3.1-{size}"}, "dataset": {"uri": "s3://demo/chat.jsonl"},
+                     "output": {"uri": "s3://demo/adapters/llama"}, "training": {"maxSteps": 100},
+                     "accelerators": {"choices": [{"vendor": "nvidia"}]}, **patch}}
+    return FineTuneJob.from_body(body).spec
+
+
+# (model, profile, workers, devices per worker) -> chosen mode (None: rejected), GiB per device of the choice
+@pytest.mark.parametrize("size,profile,workers,per_worker,mode,gib", [
+    ("70B", "nvidia/h100-80gb", 1, 8, DataParallel.sharded, 32.5),
+    ("70B", "nvidia/h100-80gb", 2, 8, DataParallel.sharded, 24.0),    # 16 shards
+    ("70B", "nvidia/l4", 1, 8, None, None),
+    ("70B", "nvidia/h100-80gb", 1, 1, None, None),                  # one device: nothing to shard over
+    ("70B", "amd/mi300x", 1, 8, DataParallel.replicated, 148.1),     # a copy fits 192 GiB: no gathers
+    ("8B", "nvidia/h100-80gb", 1, 1, DataParallel.replicated, 21.4),
+    ("8B", "nvidia/h100-80gb", 1, 8, DataParallel.replicated, 21.4),  # fits: DDP, not FSDP
+    ("8B", "nvidia/l4", 1, 4, DataParallel.replicated, 21.4),
+])
+def test_replicated_when_it_fits_else_sharded(size, profile, workers, per_worker, mode, gib):
+    spec = llama(size)
+    shape, prof = model_shape(spec.base_model), CATALOG.get(profile)
+    plan = plan_memory(shape, spec, prof, CATALOG, workers, per_worker)
+    if mode is None:
+        assert plan.chosen is None and memory_shortfall(shape, plan, prof, per_worker)
+        return
+    assert plan.data_parallel == mode and memory_shortfall(shape, plan, prof, per_worker) is None
+    assert round(plan.chosen.total_gib, 1) == gib
+
+
+def test_70b_on_8_l4_shows_both_arithmetics():
+    spec = llama("70B")
+    shape, l4 = model_shape(spec.base_model), CATALOG.get("nvidia/l4")
+    msg = memory_shortfall(shape, plan_memory(shape, spec, l4, CATALOG, 1, 8), l4, 8)
+    assert msg == ("Llama-3.1-70B needs 147.6 GiB per device replicated (weights 130.4 + LoRA states 3.3 + activations 5.0 "
+                   "+ overhead 8.9) or 32.5 GiB per device sharded over 8 devices (decoder weights 126.1 / 8 = 15.8 + "
+                   "embedding and head 4.3 + all-gather of 2 layers 3.6 + LoRA states 0.4 + activations 5.0 + overhead 3.5) "
+                   "but NVIDIA L4 24GB has 24 GiB")
+
+
+def test_70b_on_8_h100_says_why_sharded():
+    spec = llama("70B")
+    shape, h100 = model_shape(spec.base_model), CATALOG.get("nvidia/h100-80gb")
+    why = memory_choice(plan_memory(shape, spec, h100, CATALOG, 1, 8))
+    assert why.startswith("sharded over 8 devices (FSDP2): needs 32.5 of 80 GiB per device (decoder weights 126.1 / 8")
+    assert why.endswith("; replicated would need 147.6 GiB per device")
+    spec8 = llama("8B")
+    why8 = memory_choice(plan_memory(model_shape(spec8.base_model), spec8, h100, CATALOG, 1, 8))
+    assert why8 == "replicated (DDP over 8 ranks): needs 21.4 of 80 GiB per device"
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_sharded_arithmetic_term_by_term(method):
+    """Decoder layers and LoRA states / W, embedding + head whole, two layers gathered at full size,
+    activations per device unchanged."""
+    spec = llama("70B", method=method)
+    shape, h100 = model_shape(spec.base_model), CATALOG.get("nvidia/h100-80gb")
+    rep, sh = estimate_memory(shape, spec, h100, CATALOG), estimate_memory(shape, spec, h100, CATALOG, shards=8)
+    embed = embedding_parameters(shape)
+    per_param = 0.5 * 1.03 if method == "qlora" else 2   # qlora: the decoder's 4-bit bytes
+    decoder = (shape.parameters - embed) * per_param / GIB
+    assert sh.data_parallel == DataParallel.sharded and sh.shards == 8
+    assert sh.weights_gib == pytest.approx(decoder / 8 + embed * 2 / GIB)
+    assert rep.weights_gib == pytest.approx(decoder + embed * 2 / GIB)
+    assert sh.gather_gib == pytest.approx(2 * decoder / shape.layers)
+    assert sh.lora_states_gib == pytest.approx(rep.lora_states_gib / 8)
+    assert sh.activations_gib == rep.activations_gib
+    assert sh.total_gib < rep.total_gib
+
+
+def test_worker_scoped_memory_is_never_sharded():
+    """CPU memory is pooled per worker (its devices are cores): one replicated copy per worker, as before."""
+    spec = spec_for("hf://Qwen/Qwen2.5-7B-Instruct", training={"microBatchSize": 1, "maxSeqLength": 512, "globalBatchSize": 8})
+    shape, cpu = model_shape(spec.base_model), CATALOG.get("cpu/cpu")
+    plan = plan_memory(shape, spec, cpu, CATALOG, 2, 8)
+    assert plan.sharded is None and plan.data_parallel == DataParallel.replicated and plan.available_gib == 32
 
 
 def test_qlora_shrinks_weights_and_checkpointing_shrinks_activations():
@@ -69,9 +150,9 @@ def test_qlora_shrinks_weights_and_checkpointing_shrinks_activations():
 def test_cpu_memory_is_per_worker():
     spec = spec_for("hf://Qwen/Qwen2.5-7B-Instruct", training={"microBatchSize": 1, "maxSeqLength": 512, "globalBatchSize": 8})
     shape, cpu = model_shape(spec.base_model), CATALOG.get("cpu/cpu")
-    est = estimate_memory(shape, spec, cpu, CATALOG)
-    assert memory_shortfall(shape, est, cpu, 1) is not None and "per worker" in memory_shortfall(shape, est, cpu, 1)
-    assert memory_shortfall(shape, est, cpu, 8) is None  # 8 cores x 4 GiB
+    msg = memory_shortfall(shape, plan_memory(shape, spec, cpu, CATALOG, 1, 1), cpu, 1)
+    assert msg is not None and "GiB per worker" in msg and msg.endswith("4 GiB per device x 1 = 4 GiB per worker")
+    assert memory_shortfall(shape, plan_memory(shape, spec, cpu, CATALOG, 1, 8), cpu, 8) is None  # 8 cores x 4 GiB
 
 
 def test_run_estimate_from_dataset_tokens():

@@ -13,7 +13,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from tuneserve_workers.contract import Precision
+from tuneserve_workers.contract import DataParallel, Precision
 
 
 class StatusModel(BaseModel):
@@ -123,6 +123,11 @@ class PlacementStatus(StatusModel):
     pool: Optional[str] = None
     workers: int
     devices_per_worker: int
+    data_parallel: DataParallel = Field(
+        DataParallel.replicated,
+        description="How the ranks share the model: replicated (DDP, a full copy per device; chosen when it fits) "
+                    "or sharded (FSDP2 over all ranks, when a copy does not fit one device).")
+    world_size: Optional[int] = Field(None, description="Training processes: one per device, workers x devicesPerWorker.")
     resource_name: Optional[str] = None
     ray_job_name: str
     price_per_device_hour: float = 0.0
@@ -150,6 +155,8 @@ class ProgressStatus(StatusModel):
     tokens_per_second: Optional[float] = None
     eta_seconds: Optional[float] = None
     precision: Optional[Precision] = Field(None, description="What the worker trains in: spec.training.precision, or fp32 on a CPU without native bf16 (the message says why).")
+    world_size: Optional[int] = Field(None, description="Training processes the worker runs (one per device), as it reports them.")
+    data_parallel: Optional[DataParallel] = Field(None, description="What the worker did: replicated (DDP) or sharded (FSDP2).")
     summary: str = Field("", description="e.g. '45% (450/1000)'.")
     eta: Optional[str] = Field(None, description="e.g. '1h20m', or '~3h (est)' before training starts.")
 

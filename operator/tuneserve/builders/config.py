@@ -47,6 +47,9 @@ def build_train_config(job: FineTuneJob, candidate: Candidate, attempt: int) -> 
             supports_4bit=profile.supports_4bit,
             price_per_device_hour=profile.price_per_device_hour,
             visible_devices_env=profile.visible_devices_env,
+            # The placement's sizing decision (recorded in status.placement.dataParallel, so a
+            # restarted operator renders the same): sharded only when a copy does not fit a device.
+            data_parallel=candidate.data_parallel,
         ),
         attempt=attempt,
     )
