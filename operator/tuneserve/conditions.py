@@ -7,6 +7,7 @@ it just made, the live RayJob, the progress document) and writes the result only
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Optional
@@ -108,27 +109,78 @@ def _progress_status(progress: Optional[Progress], estimate: Optional[Estimate])
                           data_parallel=progress.data_parallel, summary=summary, eta=eta)
 
 
+def money(usd: float) -> str:
+    """'$1,234.57'; under $1 two significant digits ('$0.46', '$0.0042'), so a cost that is
+    positive never reads '$0.00'."""
+    if usd <= 0:
+        return "$0.00"
+    if usd >= 1:
+        return f"${usd:,.2f}"
+    return f"${usd:.{max(2, 1 - math.floor(math.log10(usd)))}f}"
+
+
+def _attempt_seconds(prev: UsageStatus, new_attempt: bool, ray_job: Optional[Mapping[str, Any]],
+                     progress: Optional[Progress], final: bool, now: datetime) -> tuple[Optional[datetime], float]:
+    """(start, wall seconds) of the current attempt's Ray job: status.startTime to endTime. Running:
+    to now, billed to the minute (status changes once a minute, not every resync). Finished before
+    the RayJob shows an endTime: to now, exactly; its RayJob gone (TTL): to the worker's last
+    progress update. What was observed never goes down, also after the RayJob is deleted."""
+    seen = 0.0 if new_attempt else prev.attempt_seconds
+    recorded = None if new_attempt else prev.attempt_start_time
+    rj_status = (ray_job or {}).get("status") or {}
+    start = _parse_time(rj_status.get("startTime")) or recorded
+    if start is None:
+        return None, seen
+    end = _parse_time(rj_status.get("endTime"))
+    if end is None and ray_job is not None:
+        end = now if final else now.replace(second=0, microsecond=0)
+    if end is None and final and progress is not None and progress.updated_at is not None:
+        end = progress.updated_at
+    if end is None:
+        return start, seen
+    return start, max(seen, (end - start).total_seconds())
+
+
+def _projected_cost(spent: float, progress: Optional[Progress], placement: PlacementStatus, spec: Any) -> Optional[float]:
+    """Spent + the remaining tokens at the measured rate x devices x price; None before the worker
+    measured a rate."""
+    if progress is None or not progress.tokens_per_second or not progress.total_steps:
+        return None
+    per_step = (progress.tokens_trained / progress.step if progress.step and progress.tokens_trained
+                else spec.training.global_batch_size * spec.training.max_seq_length)
+    remaining = max(0, progress.total_steps - progress.step) * per_step / progress.tokens_per_second
+    return spent + remaining / 3600 * placement.workers * placement.devices_per_worker * placement.price_per_device_hour
+
+
 def _usage(previous: Optional[FineTuneJobStatus], placement: Optional[PlacementStatus], new_attempt: bool,
-           ray_job: Optional[Mapping[str, Any]], estimate: Optional[Estimate], now: datetime) -> UsageStatus:
-    """Accelerator-hours = devices x wall time of the Ray job, summed over attempts."""
+           observed: Observed, estimate: Optional[Estimate], spec: Any, final: bool, now: datetime) -> UsageStatus:
+    """Accelerator-seconds = devices x wall time of the Ray job, summed over attempts; cost = that x
+    the price per device-hour (docs/sizing.md)."""
     prev = previous.usage if previous and previous.usage else UsageStatus()
     prior_hours, prior_cost = prev.prior_accelerator_hours, prev.prior_cost_usd
     if new_attempt:
         prior_hours, prior_cost = prev.accelerator_hours, prev.cost_usd
-    hours = 0.0
-    rj_status = (ray_job or {}).get("status") or {}
-    start = _parse_time(rj_status.get("startTime"))
-    if placement and start:
-        # A running job is billed to the minute, so status changes once a minute, not every resync.
-        end = _parse_time(rj_status.get("endTime")) or now.replace(second=0, microsecond=0)
-        hours = max(0.0, (end - start).total_seconds()) / 3600 * placement.workers * placement.devices_per_worker
-    cost = hours * (placement.price_per_device_hour if placement else 0.0)
-    total_hours, total_cost = round(prior_hours + hours, 3), round(prior_cost + cost, 2)
-    summary = f"${total_cost:,.2f}"
-    if estimate and estimate.cost_usd is not None:
-        summary += f" of ~${estimate.cost_usd:,.2f}"
-    return UsageStatus(accelerator_hours=total_hours, cost_usd=total_cost, prior_accelerator_hours=round(prior_hours, 3),
-                       prior_cost_usd=round(prior_cost, 2), cost=summary)
+    start, seconds = None, 0.0
+    if placement is not None:
+        start, seconds = _attempt_seconds(prev, new_attempt, observed.ray_job, observed.progress, final, now)
+    devices = placement.workers * placement.devices_per_worker if placement else 0
+    price = placement.price_per_device_hour if placement else 0.0
+    total_hours = prior_hours + seconds * devices / 3600
+    total_cost = prior_cost + seconds * devices / 3600 * price
+    estimated = estimate.cost_usd if estimate else None
+    projected = total_cost if final else None
+    if projected is None and placement is not None:
+        projected = _projected_cost(total_cost, observed.progress, placement, spec)
+    projected = estimated if projected is None else projected
+    summary = money(total_cost)
+    if final and estimated is not None:
+        summary += f" (est. ~{money(estimated)})"
+    elif projected is not None:
+        summary += f" of ~{money(projected)}"
+    return UsageStatus(accelerator_seconds=round(total_hours * 3600, 1), accelerator_hours=round(total_hours, 6),
+                       cost_usd=round(total_cost, 6), prior_accelerator_hours=round(prior_hours, 6),
+                       prior_cost_usd=round(prior_cost, 6), attempt_start_time=start, attempt_seconds=round(seconds, 3),
+                       projected_cost_usd=None if projected is None else round(projected, 4), cost=summary)
 
 
 def derive_status(job: FineTuneJob, observed: Observed, now: datetime,
@@ -285,7 +337,7 @@ def derive_status(job: FineTuneJob, observed: Observed, now: datetime,
         progress=_progress_status(progress, estimate) or (previous.progress if previous else None),
         last_checkpoint=last_ckpt,
         artifact=artifact,
-        usage=_usage(previous, placement, new_attempt, ray_job, estimate, now),
+        usage=_usage(previous, placement, new_attempt, observed, estimate, job.spec, phase in TERMINAL_PHASES, now),
         start_time=start_time,
         completion_time=completion,
         restarts=restarts,

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from helpers import load_example
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.status import ConditionReason, ConditionStatus, ConditionType, Phase, RejectionCode
 from tuneserve.catalog import load_catalog
-from tuneserve.conditions import Observed, derive_status, status_patch, timed_out_history
+from tuneserve.conditions import Observed, derive_status, money, status_patch, timed_out_history
 from tuneserve.inventory import build_inventory
 from tuneserve.placement import decide_placement
 from tuneserve_workers.contract import CheckpointRef, Progress
@@ -139,3 +141,68 @@ def test_status_shows_how_many_ranks_trained_and_how():
     wire = s2.to_wire()
     assert wire["progress"]["worldSize"] == 8 and wire["progress"]["dataParallel"] == "replicated"
     assert wire["placement"]["dataParallel"] == "replicated" and wire["placement"]["worldSize"] == 8
+
+
+@pytest.mark.parametrize("usd,shown", [
+    (0, "$0.00"), (0.459, "$0.46"), (0.0042, "$0.0042"), (0.000061, "$0.000061"), (0.05, "$0.050"),
+    (1, "$1.00"), (4.6667, "$4.67"), (1234.567, "$1,234.57"),
+])
+def test_money_never_shows_zero_for_a_positive_cost(usd, shown):
+    assert money(usd) == shown
+
+
+START = "2026-09-01T12:05:00Z"
+STARTED = datetime(2026, 9, 1, 12, 5, tzinfo=timezone.utc)
+DONE = Progress(state="Succeeded", step=1, total_steps=1, artifact_uri="s3://bank/adapters/fin-v1",
+                tokens_trained=64 * 4096, tokens_per_second=9000.0, updated_at=STARTED + timedelta(seconds=59))
+
+
+def short_job():
+    """The bank job cut to one step on 8 H100s: the estimate is mostly the 10 minute startup."""
+    body = load_example("finetunejob-qwen-bank.yaml")
+    body["metadata"].update(uid="u1", generation=1)
+    body["spec"]["training"]["maxSteps"] = 1
+    j = FineTuneJob.from_body(body)
+    return j, derive_status(j, Observed(decision=decide_placement(j.spec, CATALOG, INVENTORY), attempt=1), T0)
+
+
+# A 59 s job on 8x H100 ($3.50 per device-hour): 8 x 59 s = 472 device-seconds = $0.46, however
+# the operator sees the end. It used to show "$0.00 of ~$4.70": minute-floored, or 0 once the
+# RayJob was deleted by its TTL.
+@pytest.mark.parametrize("case,rayjob,seen_at", [
+    ("progress says done, the RayJob has no endTime yet", ray_job("Running", "RUNNING", start=START), 59),
+    ("the RayJob's endTime, seen minutes later", ray_job("Complete", "SUCCEEDED", start=START, endTime="2026-09-01T12:05:59Z"), 400),
+])
+def test_a_59_second_job_on_8_h100_costs_what_it_ran(case, rayjob, seen_at):
+    j, s1 = short_job()
+    assert s1.usage.cost == "$0.00 of ~$4.70"
+    s2 = derive_status(j, Observed(ray_job=rayjob, progress=DONE), STARTED + timedelta(seconds=seen_at), s1)
+    assert s2.phase == Phase.Succeeded
+    assert (s2.usage.accelerator_seconds, s2.usage.cost_usd, s2.usage.cost) == (472.0, 0.458889, "$0.46 (est. ~$4.70)")
+
+
+def test_usage_persists_after_the_rayjob_is_deleted():
+    j, s1 = short_job()
+    running = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=Progress(state="Running")),
+                            STARTED + timedelta(minutes=1, seconds=20), s1)
+    assert running.usage.attempt_seconds == 60 and running.usage.attempt_start_time == STARTED  # billed to the minute
+    gone = derive_status(j, Observed(ray_job=None, progress=Progress(state="Running")), STARTED + timedelta(minutes=3), running)
+    assert gone.usage.accelerator_seconds == 480 and gone.usage.cost == running.usage.cost   # never goes down
+    done = derive_status(j, Observed(ray_job=None, progress=DONE.model_copy(update={"updated_at": STARTED + timedelta(seconds=95)})),
+                         STARTED + timedelta(minutes=4), gone)
+    assert done.phase == Phase.Succeeded and done.usage.accelerator_seconds == 8 * 95   # to the worker's last word
+    assert done.usage.cost == "$0.74 (est. ~$4.70)"
+
+
+def test_the_projection_uses_the_measured_rate():
+    """Spent so far + remaining tokens / measured tokens/s x devices x price, billed to the minute."""
+    j, s1 = placed()
+    tokens_per_step = 64 * 4096
+    progress = Progress(state="Running", step=100, total_steps=1000, tokens_trained=100 * tokens_per_step,
+                        tokens_per_second=tokens_per_step / 6.0)   # 6 s a step: 900 steps left = 1.5 h
+    at = STARTED + timedelta(hours=1, seconds=30)
+    s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress), at, s1)
+    # spent: 8 x 1 h x $3.50 = $28; remaining: 8 x 1.5 h x $3.50 = $42
+    assert (s2.usage.cost_usd, s2.usage.projected_cost_usd, s2.usage.cost) == (28.0, 70.0, "$28.00 of ~$70.00")
+    again = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress), at + timedelta(seconds=20), s2)
+    assert status_patch(s2.to_wire(), again) is None   # the same minute and progress: nothing to write

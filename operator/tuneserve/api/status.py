@@ -176,12 +176,20 @@ class ArtifactStatus(StatusModel):
 
 
 class UsageStatus(StatusModel):
-    """Accelerator time consumed so far, over every attempt."""
+    """Accelerator time consumed so far, over every attempt: devices x wall time of each attempt's
+    Ray job (its status.startTime to endTime), times the price per device-hour."""
+    accelerator_seconds: float = Field(0.0, description="Device-seconds so far (devices x seconds), every attempt.")
     accelerator_hours: float = 0.0
     cost_usd: float = Field(0.0, alias="costUSD")
     prior_accelerator_hours: float = Field(0.0, description="Hours of finished attempts.")
     prior_cost_usd: float = Field(0.0, alias="priorCostUSD")
-    cost: str = Field("", description="e.g. '$1.20 of ~$42.00'.")
+    attempt_start_time: Optional[datetime] = Field(
+        None, description="When the current attempt's Ray job started; kept after the RayJob is deleted.")
+    attempt_seconds: float = Field(0.0, description="Wall seconds of the current attempt observed so far (never goes down).")
+    projected_cost_usd: Optional[float] = Field(
+        None, alias="projectedCostUSD",
+        description="Spent so far + the remaining tokens at the measured tokens/s; the estimate before a rate is measured.")
+    cost: str = Field("", description="e.g. '$1.20 of ~$42', '$0.46' when finished (2 significant digits under $1).")
 
 
 class FineTuneJobStatus(StatusModel):
