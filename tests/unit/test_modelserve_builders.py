@@ -320,3 +320,40 @@ def test_proxy_ingress_keeps_ray_serve_defaults():
 def test_unknown_ingress_is_refused():
     with pytest.raises(Exception, match="ingress"):
         bank_serve(ingress="Sidecar")
+
+
+def _pod_ray_resources(group: dict, profile) -> dict:
+    """What Ray sees on one worker pod: KubeRay maps a limit ending in "gpu" to num-gpus; other
+    accelerators come from rayStartParams.resources."""
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    if profile.ray_resource_auto_mapped:
+        return {profile.ray_resource: int(limits[profile.resource_name])}
+    raw = group["rayStartParams"].get("resources")
+    return json.loads(raw[1:-1].replace('\\"', '"')) if raw else {}   # "{\\"NPU\\": 8}" quoted
+
+
+@pytest.mark.parametrize("key", [p.key for p in CATALOG.profiles if p.memory_scope == "device"])
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_a_replica_uses_every_device_its_pod_reserves(key, tp):
+    """tensorParallelSize = the devices the worker pod requests = the Ray resources the replica actor
+    holds = the pod's Ray resources: nothing reserved sits idle, nothing is asked for twice."""
+    from tuneserve.placement import Candidate
+    profile = CATALOG.get(key)
+    rs = build_rayservice(bank_serve(), Candidate(profile, tp, 1, "test"), None, CATALOG)
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert app["args"]["tensor_parallel_size"] == tp and limits[profile.resource_name] == str(tp)
+    actor = app["deployments"][0]["ray_actor_options"]
+    held = {"GPU": actor["num_gpus"]} if "num_gpus" in actor else actor.get("resources", {})
+    assert held == _pod_ray_resources(group, profile) == {profile.ray_resource: tp * profile.ray_resources_per_device}
+
+
+def test_a_cpu_replica_computes_on_every_core_its_pod_reserves():
+    """Worker-scoped (CPU): the engine is not sharded (tensor_parallel_size 1) and the replica holds
+    the pod's cores as Ray CPUs."""
+    from tuneserve.placement import Candidate
+    cpu = CATALOG.get("cpu/cpu")
+    rs = build_rayservice(bank_serve(), Candidate(cpu, 4, 1, "test"), None, CATALOG)
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["tensor_parallel_size"] == 1 and app["deployments"][0]["ray_actor_options"] == {"num_cpus": 4}
