@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from tuneserve.api.finetunejob import FineTuneJob
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "crds" / "examples").glob("finetunejob-*.yaml"))
 MODELSERVE_EXAMPLES = sorted((REPO / "crds" / "examples").glob("modelserve-*.yaml"))
@@ -35,6 +37,16 @@ def invalid_cases(path: Path = INVALID_CASES_FILE) -> list[dict[str, Any]]:
 
 def load_example(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "crds" / "examples" / name).read_text())
+
+
+def llama_spec(size: str, choice: dict[str, Any] | None = None, **spec: Any):
+    """A LoRA job on hf://meta-llama/Llama-3.1-<size> with the API's defaults otherwise (bf16, rank
+    16, all-linear, micro batch 1, 2048 tokens), 100 steps, one accelerator choice."""
+    body = {"apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "llama", "namespace": "default"},
+            "spec": {"baseModel": {"uri": f"hf://meta-llama/Llama-3.1-{size}"}, "dataset": {"uri": "s3://demo/chat.jsonl"},
+                     "output": {"uri": "s3://demo/adapters/llama"}, "training": {"maxSteps": 100},
+                     "accelerators": {"choices": [choice or {"vendor": "nvidia"}]}, **spec}}
+    return FineTuneJob.from_body(body).spec
 
 
 def node(name: str, pool: str, instance_type: str, labels: dict[str, str] | None = None,

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from helpers import load_example, merge_patch, node, pod_on
+from helpers import llama_spec, load_example, merge_patch, node, pod_on
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.status import RejectionCode
@@ -96,14 +96,6 @@ H100_NODE = node("h100-a", "h100", "p5.48xlarge", {**NV, "nvidia.com/gpu.product
 L4_NODE = node("l4-a", "l4", "g6.48xlarge", {**NV, "nvidia.com/gpu.product": "NVIDIA-L4"}, "nvidia.com/gpu", 8)
 
 
-def llama_spec(size: str, product: str, devices: int):
-    body = {"apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "llama", "namespace": "default"},
-            "spec": {"baseModel": {"uri": f"hf://meta-llama/Llama-3.1-{size}"}, "dataset": {"uri": "s3://demo/chat.jsonl"},
-                     "output": {"uri": "s3://demo/adapters/llama"}, "training": {"maxSteps": 100},
-                     "accelerators": {"choices": [{"vendor": "nvidia", "product": product, "devicesPerWorker": devices}]}}}
-    return FineTuneJob.from_body(body).spec
-
-
 @pytest.mark.parametrize("size,product,devices,outcome,mode,reason", [
     ("70B", "H100", 8, Outcome.Placed, DataParallel.sharded,
      "choice 1: NVIDIA H100 80GB x8 fits now in pool h100, sharded over 8 devices (FSDP2): needs 32.5 of 80 GiB per device "
@@ -118,7 +110,7 @@ def llama_spec(size: str, product: str, devices: int):
      "choice 1: NVIDIA H100 80GB x1 fits now in pool h100, replicated (one rank): needs 21.4 of 80 GiB per device; est. 17m, $1.03"),
 ])
 def test_the_placement_message_says_which_mode_and_why(size, product, devices, outcome, mode, reason):
-    decision = decide_placement(llama_spec(size, product, devices), CATALOG, build_inventory([H100_NODE, L4_NODE], []))
+    decision = decide_placement(llama_spec(size, {"vendor": "nvidia", "product": product, "devicesPerWorker": devices}), CATALOG, build_inventory([H100_NODE, L4_NODE], []))
     assert decision.outcome == outcome and decision.reason == reason
     if mode is not None:
         assert decision.candidate.data_parallel == mode
@@ -128,7 +120,7 @@ def test_the_placement_message_says_which_mode_and_why(size, product, devices, o
 
 def test_the_mode_survives_an_operator_restart():
     """The decision is recorded in status.placement and the candidate rebuilt from it carries it."""
-    decision = decide_placement(llama_spec("70B", "H100", 8), CATALOG, build_inventory([H100_NODE], []))
+    decision = decide_placement(llama_spec("70B", {"vendor": "nvidia", "product": "H100", "devicesPerWorker": 8}), CATALOG, build_inventory([H100_NODE], []))
     recorded = placement_status(decision, 1, "llama", NOW)
     assert (recorded.data_parallel, recorded.world_size) == (DataParallel.sharded, 8)
     wire = type(recorded).model_validate(recorded.to_wire())

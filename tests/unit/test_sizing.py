@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import load_example, merge_patch
+from helpers import llama_spec as llama, load_example, merge_patch
 from tuneserve.api.finetunejob import BaseModelSource, FineTuneJob
 from tuneserve.catalog import load_catalog
 from tuneserve.sizing import (
@@ -56,15 +56,6 @@ def test_72b_does_not_fit_l4_and_says_why():
     assert " or " not in msg  # one device: nothing to shard over
     mi300x = CATALOG.get("amd/mi300x")
     assert memory_shortfall(shape, plan_memory(shape, spec, mi300x, CATALOG, 1, 8), mi300x, 8) is None
-
-
-def llama(size: str, **patch):
-    """A LoRA job on meta-llama with the API's defaults (bf16, rank 16, all-linear, micro batch 1, 2048 tokens)."""
-    body = {"apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "llama", "namespace": "default"},
-            "spec": {"baseModel": {"uri": f"hf://meta-llama/Llama-3.1-{size}"}, "dataset": {"uri": "s3://demo/chat.jsonl"},
-                     "output": {"uri": "s3://demo/adapters/llama"}, "training": {"maxSteps": 100},
-                     "accelerators": {"choices": [{"vendor": "nvidia"}]}, **patch}}
-    return FineTuneJob.from_body(body).spec
 
 
 # (model, profile, workers, devices per worker) -> chosen mode (None: rejected), GiB per device of the choice
