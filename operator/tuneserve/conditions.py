@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Optional
 
-from tuneserve.api.finetunejob import FineTuneJob
+from tuneserve.api.finetunejob import FineTuneJob, FineTuneJobSpec
 from tuneserve.api.status import (
     TERMINAL_PHASES, ArtifactStatus, CheckpointStatus, ChoiceRejection, Condition, ConditionReason,
     ConditionStatus, ConditionType, Estimate, FineTuneJobStatus, Phase, PlacementStatus, ProgressStatus,
@@ -89,7 +89,8 @@ def _set(conditions: dict[ConditionType, Condition], previous: Optional[FineTune
                                   last_transition_time=since, observed_generation=generation)
 
 
-def _progress_status(progress: Optional[Progress], estimate: Optional[Estimate]) -> Optional[ProgressStatus]:
+def _progress_status(progress: Optional[Progress], estimate: Optional[Estimate],
+                     spec: FineTuneJobSpec) -> Optional[ProgressStatus]:
     if progress is None:
         if estimate and estimate.duration_seconds is not None:
             return ProgressStatus(summary="0%", eta=f"~{format_duration(estimate.duration_seconds)} (est)")
@@ -99,12 +100,13 @@ def _progress_status(progress: Optional[Progress], estimate: Optional[Estimate])
         summary = f"{pct}% ({progress.step}/{progress.total_steps})"
     else:
         summary = f"step {progress.step}"
-    eta = format_duration(progress.eta_seconds) if progress.eta_seconds is not None else None
+    eta_seconds = progress.eta_seconds if progress.eta_seconds is not None else remaining_seconds(progress, spec)
+    eta = format_duration(eta_seconds) if eta_seconds is not None else None
     return ProgressStatus(step=progress.step, total_steps=progress.total_steps, epoch=round(progress.epoch, 3),
                           loss=None if progress.loss is None else round(progress.loss, 4),
                           eval_loss=None if progress.eval_loss is None else round(progress.eval_loss, 4),
                           tokens_per_second=None if progress.tokens_per_second is None else round(progress.tokens_per_second, 1),
-                          eta_seconds=None if progress.eta_seconds is None else round(progress.eta_seconds),
+                          eta_seconds=None if eta_seconds is None else round(eta_seconds),
                           precision=progress.precision, world_size=progress.world_size,
                           data_parallel=progress.data_parallel, summary=summary, eta=eta)
 
@@ -141,19 +143,27 @@ def _attempt_seconds(prev: UsageStatus, new_attempt: bool, ray_job: Optional[Map
     return start, max(seen, (end - start).total_seconds())
 
 
-def _projected_cost(spent: float, progress: Optional[Progress], placement: PlacementStatus, spec: Any) -> Optional[float]:
-    """Spent + the remaining tokens at the measured rate x devices x price; None before the worker
-    measured a rate."""
+def remaining_seconds(progress: Optional[Progress], spec: FineTuneJobSpec) -> Optional[float]:
+    """The remaining tokens ((totalSteps - step) x tokens per step so far) at the measured tokens/s;
+    None before the worker measured a rate."""
     if progress is None or not progress.tokens_per_second or not progress.total_steps:
         return None
     per_step = (progress.tokens_trained / progress.step if progress.step and progress.tokens_trained
                 else spec.training.global_batch_size * spec.training.max_seq_length)
-    remaining = max(0, progress.total_steps - progress.step) * per_step / progress.tokens_per_second
+    return max(0, progress.total_steps - progress.step) * per_step / progress.tokens_per_second
+
+
+def _projected_cost(spent: float, progress: Optional[Progress], placement: PlacementStatus,
+                    spec: FineTuneJobSpec) -> Optional[float]:
+    """Spent + the remaining time at the measured rate x devices x price."""
+    remaining = remaining_seconds(progress, spec)
+    if remaining is None:
+        return None
     return spent + remaining / 3600 * placement.workers * placement.devices_per_worker * placement.price_per_device_hour
 
 
 def _usage(previous: Optional[FineTuneJobStatus], placement: Optional[PlacementStatus], new_attempt: bool,
-           observed: Observed, estimate: Optional[Estimate], spec: Any, final: bool, now: datetime) -> UsageStatus:
+           observed: Observed, estimate: Optional[Estimate], spec: FineTuneJobSpec, final: bool, now: datetime) -> UsageStatus:
     """Accelerator-seconds = devices x wall time of the Ray job, summed over attempts; cost = that x
     the price per device-hour (docs/sizing.md)."""
     prev = previous.usage if previous and previous.usage else UsageStatus()
@@ -334,7 +344,7 @@ def derive_status(job: FineTuneJob, observed: Observed, now: datetime,
         placement=placement,
         rejected_choices=rejected,
         estimate=estimate,
-        progress=_progress_status(progress, estimate) or (previous.progress if previous else None),
+        progress=_progress_status(progress, estimate, job.spec) or (previous.progress if previous else None),
         last_checkpoint=last_ckpt,
         artifact=artifact,
         usage=_usage(previous, placement, new_attempt, observed, estimate, job.spec, phase in TERMINAL_PHASES, now),

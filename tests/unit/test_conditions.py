@@ -204,5 +204,6 @@ def test_the_projection_uses_the_measured_rate():
     s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress), at, s1)
     # spent: 8 x 1 h x $3.50 = $28; remaining: 8 x 1.5 h x $3.50 = $42
     assert (s2.usage.cost_usd, s2.usage.projected_cost_usd, s2.usage.cost) == (28.0, 70.0, "$28.00 of ~$70.00")
+    assert s2.progress.eta == "1h30m"   # the worker sent no eta_seconds: the same measured rate
     again = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress), at + timedelta(seconds=20), s2)
     assert status_patch(s2.to_wire(), again) is None   # the same minute and progress: nothing to write
