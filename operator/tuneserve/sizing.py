@@ -12,7 +12,7 @@ placement is sized two ways (docs/sizing.md):
 
 Replicated is chosen when it fits (no gathers: faster), else sharded when it fits, else the choice
 is rejected with both arithmetics. Worker-scoped profiles (CPU: memory per core, pooled per
-worker) are sized as one replicated copy per worker, as before sharding existed.
+worker, one rank per core) must hold all of a worker's ranks in that one pool: rank x ranks.
 
 Memory per rank (V = vocabulary, h = hidden size, L = layers, N = parameters):
 
@@ -167,11 +167,6 @@ class MemoryEstimate:
         return (f"decoder weights {self.sharded_weights_gib:.1f} / {self.shards} = {share:.1f} + embedding and head "
                 f"{whole:.1f} + all-gather of 2 layers {self.gather_gib:.1f} + {rest}")
 
-    def summary(self) -> str:
-        """'171.3 GiB per device replicated (weights ...)' / '31.2 GiB per device sharded over 8 ...'."""
-        mode = "replicated" if self.data_parallel == DataParallel.replicated else f"sharded over {self.shards} devices"
-        return f"{self.total_gib:.1f} GiB per device {mode} ({self.breakdown()})"
-
 
 def _weight_bytes(shape: ModelShape, spec: FineTuneJobSpec) -> tuple[float, float]:
     """(bytes of the decoder layers, bytes of the embedding + head). QLoRA: the decoder at 4 bits
@@ -215,17 +210,24 @@ def estimate_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: Accelerat
 @dataclass(frozen=True)
 class MemoryPlan:
     """Both arithmetics for one placement and the choice between them: replicated when it fits
-    (no gathers: faster), else sharded when it fits, else neither (``chosen`` is None)."""
+    (no gathers: faster), else sharded when it fits, else neither (``chosen`` is None).
+
+    A memory pool (a device; for worker-scoped profiles the worker pod) holds ``ranks_per_pool``
+    ranks, each with its own share: it fits when rank x ranks_per_pool <= available_gib."""
     replicated: MemoryEstimate
-    sharded: Optional[MemoryEstimate]   # None: one rank, or a worker-scoped profile
-    available_gib: float                # what one copy may use: a device's, or a worker's memory
+    sharded: Optional[MemoryEstimate]   # None: one rank, nothing to shard over
+    available_gib: float                # one pool's memory: a device's, or a worker's
     world_size: int = 1                 # ranks: one per device
+    ranks_per_pool: int = 1             # 1 per device; a worker-scoped pool holds the worker's ranks
     per: str = "per device"             # "per worker" for worker-scoped profiles
+
+    def need_gib(self, estimate: MemoryEstimate) -> float:
+        return estimate.total_gib * self.ranks_per_pool
 
     @property
     def chosen(self) -> Optional[MemoryEstimate]:
         for estimate in (self.replicated, self.sharded):
-            if estimate is not None and estimate.total_gib <= self.available_gib:
+            if estimate is not None and self.need_gib(estimate) <= self.available_gib:
                 return estimate
         return None
 
@@ -234,19 +236,34 @@ class MemoryPlan:
         chosen = self.chosen
         return chosen.data_parallel if chosen else DataParallel.replicated
 
+    def mode(self, estimate: MemoryEstimate) -> str:
+        if estimate.data_parallel == DataParallel.replicated:
+            return "replicated"
+        return f"sharded over {estimate.shards} {'ranks' if self.ranks_per_pool > 1 else 'devices'}"
+
+    def arithmetic(self, estimate: MemoryEstimate) -> str:
+        """'weights 130.4 + ...', or for a pool of several ranks '8 ranks x 2.6 GiB: weights ...'."""
+        if self.ranks_per_pool == 1:
+            return estimate.breakdown()
+        return f"{self.ranks_per_pool} ranks x {estimate.total_gib:.1f} GiB: {estimate.breakdown()}"
+
+    def describe(self, estimate: MemoryEstimate) -> str:
+        """'147.6 GiB per device replicated (weights ...)', '32.5 GiB per device sharded over 8 devices (...)'."""
+        return f"{self.need_gib(estimate):.1f} GiB {self.per} {self.mode(estimate)} ({self.arithmetic(estimate)})"
+
 
 def plan_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog,
                 workers: int, devices_per_worker: int) -> MemoryPlan:
-    """Size a placement of ``workers`` x ``devices_per_worker`` both ways. Sharding spans every
-    rank (``contract.AcceleratorRuntime.world_size``). Worker-scoped profiles (memory pooled per
-    worker, devices counted as cores) are sized as one replicated copy per worker, as before."""
-    world = AcceleratorRuntime(workers=workers, devices_per_worker=devices_per_worker).world_size
+    """Size a placement of ``workers`` x ``devices_per_worker`` both ways: one rank per device
+    (``contract.AcceleratorRuntime``), sharding spans every rank. Worker-scoped profiles (memory
+    pooled per worker, devices counted as cores) put all of a worker's ranks in its one pool."""
+    runtime = AcceleratorRuntime(workers=workers, devices_per_worker=devices_per_worker)
+    world = runtime.world_size
     replicated = estimate_memory(shape, spec, profile, catalog)
-    sharded = None
-    if world > 1 and profile.memory_scope == "device":
-        sharded = estimate_memory(shape, spec, profile, catalog, shards=world)
-    per = "per worker" if profile.memory_scope == "worker" else "per device"
-    return MemoryPlan(replicated, sharded, profile.memory_for_model_gib(devices_per_worker), world, per)
+    sharded = estimate_memory(shape, spec, profile, catalog, shards=world) if world > 1 else None
+    pooled = profile.memory_scope == "worker"
+    return MemoryPlan(replicated, sharded, profile.memory_for_model_gib(devices_per_worker), world,
+                      runtime.ranks_per_worker if pooled else 1, "per worker" if pooled else "per device")
 
 
 def memory_shortfall(shape: ModelShape, plan: MemoryPlan, profile: AcceleratorProfile,
@@ -254,26 +271,25 @@ def memory_shortfall(shape: ModelShape, plan: MemoryPlan, profile: AcceleratorPr
     """None when one arithmetic fits; otherwise the sentence saying why not, with both."""
     if plan.chosen is not None:
         return None
+    needs = " or ".join(plan.describe(e) for e in (plan.replicated, plan.sharded) if e is not None)
+    has = f"{plan.available_gib:g} GiB"
     if profile.memory_scope == "worker":
         has = f"{profile.memory_gib:g} GiB per device x {devices_per_worker} = {plan.available_gib:g} GiB per worker"
-        return (f"{shape.name} needs {plan.replicated.total_gib:.1f} GiB per worker ({plan.replicated.breakdown()}) "
-                f"but {profile.display_name} has {has}")
-    needs = plan.replicated.summary()
-    if plan.sharded is not None:
-        needs += f" or {plan.sharded.summary()}"
-    return f"{shape.name} needs {needs} but {profile.display_name} has {plan.available_gib:g} GiB"
+    return f"{shape.name} needs {needs} but {profile.display_name} has {has}"
 
 
 def memory_choice(plan: MemoryPlan) -> str:
     """Why the chosen mode, for the placement message."""
     chosen = plan.chosen
     assert chosen is not None
-    needs = f"needs {chosen.total_gib:.1f} of {plan.available_gib:g} GiB {plan.per}"
+    needs = f"needs {plan.need_gib(chosen):.1f} of {plan.available_gib:g} GiB {plan.per}"
     if chosen.data_parallel == DataParallel.replicated:
         ranks = f"DDP over {plan.world_size} ranks" if plan.world_size > 1 else "one rank"
+        if plan.ranks_per_pool > 1:
+            needs += f" ({plan.arithmetic(chosen)})"
         return f"replicated ({ranks}): {needs}"
-    return (f"sharded over {chosen.shards} devices (FSDP2): {needs} ({chosen.breakdown()}); "
-            f"replicated would need {plan.replicated.total_gib:.1f} GiB {plan.per}")
+    return (f"{plan.mode(chosen)} (FSDP2): {needs} ({plan.arithmetic(chosen)}); "
+            f"replicated would need {plan.need_gib(plan.replicated):.1f} GiB {plan.per}")
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ def test_user_node_selector_and_tolerations_apply():
     spec = bank_spec(nodeSelector={"topology.kubernetes.io/zone": "zone-c"})
     decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
     assert decision.candidate.profile.key == "huawei/ascend910b"
-    cpu_only = bank_spec(accelerators={"choices": [{"vendor": "cpu", "devicesPerWorker": 8}]}, training={"maxSeqLength": 512, "microBatchSize": 1, "globalBatchSize": 8})
+    cpu_only = bank_spec(baseModel={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, accelerators={"choices": [{"vendor": "cpu", "devicesPerWorker": 8}]},
+                         training={"maxSeqLength": 512, "microBatchSize": 1, "globalBatchSize": 8})
     inv = build_inventory([node("tainted", "p", "m7i", taint="dedicated", cpu="64", memory="256Gi")], [])
     assert decide_placement(cpu_only, CATALOG, inv).rejections[0].code == RejectionCode.NoMatchingNodes
 

@@ -120,12 +120,25 @@ def test_sharded_arithmetic_term_by_term(method):
     assert sh.total_gib < rep.total_gib
 
 
-def test_worker_scoped_memory_is_never_sharded():
-    """CPU memory is pooled per worker (its devices are cores): one replicated copy per worker, as before."""
-    spec = spec_for("hf://Qwen/Qwen2.5-7B-Instruct", training={"microBatchSize": 1, "maxSeqLength": 512, "globalBatchSize": 8})
+# CPU memory is 4 GiB per core pooled over the worker pod, and the worker runs one rank per core:
+# the pool holds every rank's share. (model, workers, cores per worker) -> mode, GiB per worker.
+@pytest.mark.parametrize("model,workers,cores,mode,gib", [
+    ("Qwen2.5-0.5B-Instruct", 1, 1, DataParallel.replicated, 2.7),
+    ("Qwen2.5-0.5B-Instruct", 1, 8, DataParallel.replicated, 21.4),   # 8 copies fit 32 GiB
+    ("Qwen2.5-1.5B-Instruct", 1, 1, None, None),
+    ("Qwen2.5-1.5B-Instruct", 1, 4, DataParallel.sharded, 13.1),      # 4 copies (19.2) do not fit 16
+    ("Qwen2.5-3B-Instruct", 1, 8, None, None),
+    ("Qwen2.5-3B-Instruct", 2, 8, DataParallel.sharded, 31.2),        # 16 shards
+])
+def test_worker_scoped_memory_holds_all_of_a_workers_ranks(model, workers, cores, mode, gib):
+    spec = spec_for(f"hf://Qwen/{model}", training={"microBatchSize": 1, "maxSeqLength": 512, "globalBatchSize": 8})
     shape, cpu = model_shape(spec.base_model), CATALOG.get("cpu/cpu")
-    plan = plan_memory(shape, spec, cpu, CATALOG, 2, 8)
-    assert plan.sharded is None and plan.data_parallel == DataParallel.replicated and plan.available_gib == 32
+    plan = plan_memory(shape, spec, cpu, CATALOG, workers, cores)
+    assert plan.available_gib == 4 * cores and plan.ranks_per_pool == cores
+    if mode is None:
+        assert plan.chosen is None
+        return
+    assert plan.data_parallel == mode and round(plan.need_gib(plan.chosen), 1) == gib
 
 
 def test_qlora_shrinks_weights_and_checkpointing_shrinks_activations():
@@ -141,9 +154,13 @@ def test_qlora_shrinks_weights_and_checkpointing_shrinks_activations():
 def test_cpu_memory_is_per_worker():
     spec = spec_for("hf://Qwen/Qwen2.5-7B-Instruct", training={"microBatchSize": 1, "maxSeqLength": 512, "globalBatchSize": 8})
     shape, cpu = model_shape(spec.base_model), CATALOG.get("cpu/cpu")
-    msg = memory_shortfall(shape, plan_memory(shape, spec, cpu, CATALOG, 1, 1), cpu, 1)
-    assert msg is not None and "GiB per worker" in msg and msg.endswith("4 GiB per device x 1 = 4 GiB per worker")
-    assert memory_shortfall(shape, plan_memory(shape, spec, cpu, CATALOG, 1, 8), cpu, 8) is None  # 8 cores x 4 GiB
+    one = memory_shortfall(shape, plan_memory(shape, spec, cpu, CATALOG, 1, 1), cpu, 1)
+    assert one.startswith("Qwen2.5-7B-Instruct needs 16.2 GiB per worker replicated (weights 13.0 + ")
+    assert one.endswith("but CPU has 4 GiB per device x 1 = 4 GiB per worker")
+    eight = memory_shortfall(shape, plan_memory(shape, spec, cpu, CATALOG, 1, 8), cpu, 8)
+    assert eight.startswith("Qwen2.5-7B-Instruct needs 129.3 GiB per worker replicated (8 ranks x 16.2 GiB: weights 13.0 + ")
+    assert " or 48.7 GiB per worker sharded over 8 ranks (8 ranks x 6.1 GiB: decoder weights 11.0 / 8 = 1.4 + " in eight
+    assert eight.endswith("but CPU has 4 GiB per device x 8 = 32 GiB per worker")
 
 
 def test_run_estimate_from_dataset_tokens():
