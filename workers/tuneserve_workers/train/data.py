@@ -233,11 +233,34 @@ class SampleStream:
         return int(self._perm[k % self.n])
 
 
-def collate(seqs: Sequences, idx: list[int], pad_id: int):
-    """A micro-batch dict of tensors: packed rows carry position_ids, others an attention mask."""
+def step_layout(global_batch: int, micro: int, world: int) -> int:
+    """Micro-batches per rank and step (gradient accumulation) that hold ``global_batch`` whatever
+    the world size: ceil(global / (micro x world)); the slots past the global batch are padding."""
+    return max(1, math.ceil(global_batch / (micro * world)))
+
+
+def rank_positions(start: int, global_batch: int, micro: int, accum: int, rank: int,
+                   world: int) -> list[list[int | None]]:
+    """Stream positions of one rank's micro-batches for the step whose first sample is ``start``.
+
+    Round ``a`` of the accumulation covers global slots [a·micro·world, (a+1)·micro·world); rank r
+    takes ``micro`` consecutive slots of it. Slots at or past ``global_batch`` are None (padding:
+    a row whose labels are all ignored, so every rank runs the same number of passes, which DDP
+    and FSDP2 need, and the step still learns from exactly the global batch)."""
+    out = []
+    for a in range(accum):
+        first = (a * world + rank) * micro
+        out.append([start + first + j if first + j < global_batch else None for j in range(micro)])
+    return out
+
+
+def collate(seqs: Sequences, idx: list[int], pad_id: int, ignore: list[bool] | None = None):
+    """A micro-batch dict of tensors: packed rows carry position_ids, others an attention mask.
+    Rows flagged in ``ignore`` keep their tokens but no labels (padding slots, see rank_positions)."""
     import torch
     rows_i = [seqs.input_ids[i] for i in idx]
-    rows_l = [seqs.labels[i] for i in idx]
+    rows_l = [[IGNORE] * len(seqs.labels[i]) if ignore and ignore[k] else seqs.labels[i]
+              for k, i in enumerate(idx)]
     if seqs.position_ids is not None:
         return {"input_ids": torch.tensor(rows_i), "labels": torch.tensor(rows_l),
                 "position_ids": torch.tensor([seqs.position_ids[i] for i in idx])}

@@ -21,7 +21,7 @@ import os
 import sys
 import uuid
 
-from ..contract import CONFIG_ENV, Method, TrainJobConfig
+from ..contract import CONFIG_ENV, AcceleratorRuntime, DataParallel, Method, TrainJobConfig
 from .config import checkpoint_uri_of, load_config
 from .data import read_dataset
 from .errors import ConfigError, TrainError
@@ -47,6 +47,10 @@ def preflight(cfg: TrainJobConfig) -> None:
         raise ConfigError(f"method qlora needs 4-bit weights, which accelerator "
                           f"{cfg.accelerator.vendor}/{cfg.accelerator.product} does not support; "
                           f"use method lora")
+    if cfg.adapter.method is Method.qlora and cfg.accelerator.data_parallel is DataParallel.sharded:
+        raise ConfigError("method qlora cannot run with data_parallel sharded: its 4-bit weights "
+                          "cannot be split by FSDP2; use method lora, or a placement where one "
+                          "device holds the 4-bit model")
     read_dataset(cfg.dataset)
     for what, uri in (("output_uri", cfg.output_uri), ("checkpoint.uri", cfg.checkpoint.uri)):
         parent = Location(uri)
@@ -55,6 +59,16 @@ def preflight(cfg: TrainJobConfig) -> None:
         from .storage import local_path
         if not os.path.isdir(local_path(cfg.base_model.uri)):
             raise TrainError(f"{cfg.base_model.uri}: base model directory not found")
+
+
+def rank_resources(acc: AcceleratorRuntime) -> dict[str, float]:
+    """Ray resources of one training process: one device (its units of the Ray resource, e.g.
+    2 neuron cores per Trainium device) and one CPU; Ray packs a pod's processes onto it."""
+    resources: dict[str, float] = {"CPU": 1}
+    if acc.ray_resource and acc.devices_per_worker:
+        units = acc.ray_resources_per_worker or acc.devices_per_worker
+        resources[acc.ray_resource] = units / acc.devices_per_worker
+    return resources
 
 
 def run_ray(cfg: TrainJobConfig) -> None:
@@ -67,18 +81,14 @@ def run_ray(cfg: TrainJobConfig) -> None:
     env = {k: v for k, v in os.environ.items() if forward and k.startswith(FORWARD_PREFIXES)}
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
-    resources = {"CPU": 1}
-    units = acc.ray_resources_per_worker or acc.devices_per_worker
-    if acc.ray_resource and units:
-        resources[acc.ray_resource] = units
     backend = {"rccl": "nccl"}.get(acc.distributed_backend, acc.distributed_backend)
     storage = os.environ.get("TUNESERVE_RAY_STORAGE", "/tmp/tuneserve-ray")
     trainer = TorchTrainer(
         _train,
         train_loop_config={"config": cfg.model_dump(mode="json")},
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=acc.workers, use_gpu=acc.ray_resource == "GPU",
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=acc.world_size, use_gpu=acc.ray_resource == "GPU",
+                                     resources_per_worker=rank_resources(acc)),
         run_config=RunConfig(name=f"{cfg.job_name}-{uuid.uuid4().hex[:8]}", storage_path=storage,
                              failure_config=FailureConfig(
                                  max_failures=int(os.environ.get("TUNESERVE_MAX_FAILURES", "0")))),

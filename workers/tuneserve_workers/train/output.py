@@ -5,8 +5,9 @@ Layout: ``adapter_config.json`` + ``adapter_model.safetensors`` at the URI root 
 ``merge_weights`` is set, and ``tuneserve-manifest.json`` written last: its presence means the
 artifact is complete. The old manifest is removed before anything is overwritten.
 Accelerator-hours = training wall hours (summed over resumed attempts, up to their last
-checkpoint) x devices, where devices = workers x max(1, devices_per_worker) (a CPU worker counts
-as one device).
+checkpoint) x devices, where devices = workers x max(1, devices_per_worker): every device trains
+(one process each; a CPU worker without devices counts as one). ``adapter_state`` is the whole
+adapter by parameter name (parallel.Parallel.adapter_state), so a sharded model saves as any other.
 """
 from __future__ import annotations
 
@@ -20,18 +21,18 @@ from .storage import Location, dir_digest
 
 
 def device_count(cfg: TrainJobConfig) -> int:
-    return cfg.accelerator.workers * max(1, cfg.accelerator.devices_per_worker)
+    return cfg.accelerator.world_size
 
 
 def write_output(cfg: TrainJobConfig, peft_model, tokenizer, model_dir: str, *,
-                 target_modules: list[str], dataset_digest: str, final_step: int,
+                 adapter_state: dict | None = None, target_modules: list[str], dataset_digest: str, final_step: int,
                  final_loss: float | None, final_eval_loss: float | None, tokens_trained: int,
                  wall_seconds: float, merge_dtype) -> AdapterManifest:
     out = Location(cfg.output_uri)
     tmp = tempfile.mkdtemp(prefix="tuneserve-out-")
     try:
         adapter_dir = os.path.join(tmp, "adapter")
-        peft_model.save_pretrained(adapter_dir)
+        peft_model.save_pretrained(adapter_dir, state_dict=adapter_state)
         digest, _ = dir_digest(adapter_dir)
         out.child(MANIFEST_FILE).rm()
         out.upload_dir(adapter_dir)
