@@ -75,13 +75,14 @@ def s3_env(minio, monkeypatch):
 # ------------------------------------------------------------------------------------- Ray
 
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
+def ray_address(tmp_path_factory, request):
     """One small Ray instance per test module, on loopback; entrypoints join it via RAY_ADDRESS.
 
     Started with ``ray start --head --block`` as our own child process (the Ray processes die
     with it; no dependence on Ray state other tests left in this process) in a private temp dir
     (so ``ray.init()`` elsewhere on this machine never discovers it); this process also
-    connects, to watch resources."""
+    connects, to watch resources. A module sets ``RAY_CPUS`` for more logical CPUs than the
+    default 2 (one per training process; the processes then share the machine's cores)."""
     import ray
     port = free_port()
     tmp = tmp_path_factory.mktemp("ray")
@@ -91,7 +92,7 @@ def ray_address(tmp_path_factory):
     log = open(tmp / "ray-start.log", "wb")
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--object-store-memory={256 * 2**20}",
+         "--node-ip-address=127.0.0.1", f"--num-cpus={getattr(request.module, 'RAY_CPUS', 2)}", f"--object-store-memory={256 * 2**20}",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"

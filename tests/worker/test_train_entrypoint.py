@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from worker_helpers import (entrypoint_env, expected_cpu_bf16, job_config, run_entrypoint,
-                            start_entrypoint, wait_for)
+from worker_helpers import (STEPS, assert_learned, entrypoint_env, expected_cpu_bf16, job_config,
+                            kill_at_first_checkpoint, progress_at, run_entrypoint)
 from tuneserve_workers.contract import MANIFEST_FILE, AdapterManifest, Progress
-from tuneserve_workers.testing.tiny import TOY_QA, greedy_answer, write_toy_dataset
+from tuneserve_workers.testing.tiny import write_toy_dataset
 
 pytestmark = pytest.mark.worker
-STEPS = 40
 
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> str:
     return write_toy_dataset(str(tmp_path_factory.mktemp("toy") / "toy.jsonl"))
-
-
-def progress_at(ckpt_dir: Path) -> Progress:
-    return Progress.model_validate_json((ckpt_dir / "progress.json").read_text())
 
 
 @dataclass
@@ -59,39 +53,6 @@ def uninterrupted(ray_address, minio, tiny_model, toy_data, tmp_path_factory) ->
     return Finished(root, Progress.model_validate_json(fs.cat_file(f"{root}/ckpt/progress.json")),
                     AdapterManifest.model_validate_json(fs.cat_file(f"{root}/out/{MANIFEST_FILE}")),
                     tmp / "out", [p[len(root) + 1:] for p in fs.find(root)])
-
-
-def base_loss(tiny_model: str, dataset: str) -> float:
-    """Mean per-token loss of the untrained model on the toy task's answers."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from tuneserve_workers.contract import DatasetSpec
-    from tuneserve_workers.train.data import collate, prepare, read_dataset
-    from tuneserve_workers.train.fastpath import causal_lm_loss
-    from tuneserve_workers.train.model import load_tokenizer
-    spec = DatasetSpec(uri=dataset)
-    data = prepare(read_dataset(spec), spec, load_tokenizer(tiny_model), max_len=64, pack=True, seed=0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with torch.no_grad():
-        s, n = causal_lm_loss(model, collate(data.train, list(range(len(data.train.input_ids))),
-                                             data.info["pad_id"]))
-    return (s / n).item()
-
-
-def assert_learned(manifest: AdapterManifest, adapter_dir: Path, tiny_model: str, toy_data: str) -> None:
-    """The adapter answers every toy question; the base model answers none."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    assert manifest.final_step == STEPS and manifest.tokens_trained > 0
-    assert manifest.final_loss < base_loss(tiny_model, toy_data) / 5
-    assert manifest.final_eval_loss is not None and manifest.final_eval_loss < 1.0
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    base_answers = [greedy_answer(base, tok, q) for q, _ in TOY_QA]
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
-                                      str(adapter_dir)).eval()
-    assert [greedy_answer(tuned, tok, q) for q, _ in TOY_QA] == [a for _, a in TOY_QA]
-    assert not any(got == want for got, (_, want) in zip(base_answers, TOY_QA)), base_answers
 
 
 def assert_cpu_precision(progress: Progress, native_bf16: bool, via: str) -> None:
@@ -135,25 +96,13 @@ def test_the_other_cpu_precision_learns_too(ray_address, tiny_model, toy_data, t
 
 def test_killed_run_resumes_from_its_last_checkpoint(uninterrupted, ray_address, tiny_model,
                                                      toy_data, tmp_path):
-    import ray
     cfg = job_config(tmp_path, model=tiny_model, dataset=toy_data, max_steps=STEPS,
                      ckpt={"interval_steps": 5})
     env = entrypoint_env(ray_address, tmp_path)
     ckpt = tmp_path / "ckpt"
-    first = start_entrypoint(cfg, tmp_path, env, "first")
-    try:
-        wait_for(lambda: any(ckpt.glob("step-*/COMMITTED")) or first.poll() is not None, 180,
-                 "the first checkpoint", interval=0.05)
-        first.send_signal(signal.SIGKILL)
-    finally:
-        first.kill()
-        first.wait()
-    assert first.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
-    # Ray reaps the dead driver's workers; wait until their CPUs are free again.
-    wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 60, "the killed job's workers to exit")
+    newest = kill_at_first_checkpoint(cfg, tmp_path, env, 2, timeout=180)
     killed = progress_at(ckpt)
     assert killed.state != "Succeeded"
-    newest = max(int(p.parent.name.split("-")[1]) for p in ckpt.glob("step-*/COMMITTED"))
     assert 0 < newest < STEPS
 
     rc, log = run_entrypoint(cfg, tmp_path, env, "second")

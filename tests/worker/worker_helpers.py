@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 40                      # steps of the toy job in the training tests
 PYTHONPATH = os.pathsep.join([str(REPO / "workers"), str(REPO / "operator")])
 
 
@@ -101,3 +103,62 @@ def run_entrypoint(cfg: dict, tmp: Path, env: dict, name: str = "run", timeout: 
         raise AssertionError(f"entrypoint {name} did not finish in {timeout}s:\n"
                              + (tmp / f"{name}.log").read_text()[-4000:])
     return rc, (tmp / f"{name}.log").read_text()
+
+
+def progress_at(ckpt_dir: Path):
+    from tuneserve_workers.contract import Progress
+    return Progress.model_validate_json((ckpt_dir / "progress.json").read_text())
+
+
+def base_loss(tiny_model: str, dataset: str) -> float:
+    """Mean per-token loss of the untrained model on the toy task's answers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from tuneserve_workers.contract import DatasetSpec
+    from tuneserve_workers.train.data import collate, prepare, read_dataset
+    from tuneserve_workers.train.fastpath import causal_lm_loss
+    from tuneserve_workers.train.model import load_tokenizer
+    spec = DatasetSpec(uri=dataset)
+    data = prepare(read_dataset(spec), spec, load_tokenizer(tiny_model), max_len=64, pack=True, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        s, n = causal_lm_loss(model, collate(data.train, list(range(len(data.train.input_ids))),
+                                             data.info["pad_id"]))
+    return (s / n).item()
+
+
+def assert_learned(manifest, adapter_dir: Path, tiny_model: str, toy_data: str) -> None:
+    """The adapter answers every toy question; the base model answers none."""
+    from peft import PeftModel
+    from tuneserve_workers.testing.tiny import TOY_QA, greedy_answer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    assert manifest.final_step == STEPS and manifest.tokens_trained > 0
+    assert manifest.final_loss < base_loss(tiny_model, toy_data) / 5
+    assert manifest.final_eval_loss is not None and manifest.final_eval_loss < 1.0
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    base_answers = [greedy_answer(base, tok, q) for q, _ in TOY_QA]
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                      str(adapter_dir)).eval()
+    assert [greedy_answer(tuned, tok, q) for q, _ in TOY_QA] == [a for _, a in TOY_QA]
+    assert not any(got == want for got, (_, want) in zip(base_answers, TOY_QA)), base_answers
+
+
+
+
+def kill_at_first_checkpoint(cfg: dict, tmp: Path, env: dict, cpus: int, timeout: float = 300) -> int:
+    """Start the entrypoint, SIGKILL it once a checkpoint is committed, wait until Ray has reaped
+    its workers (``cpus`` free again); return the newest committed step."""
+    import ray
+    ckpt = Path(cfg["checkpoint"]["uri"])
+    first = start_entrypoint(cfg, tmp, env, "first")
+    try:
+        wait_for(lambda: any(ckpt.glob("step-*/COMMITTED")) or first.poll() is not None, timeout,
+                 "the first checkpoint", interval=0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == -signal.SIGKILL, (tmp / "first.log").read_text()[-3000:]
+    wait_for(lambda: ray.available_resources().get("CPU", 0) >= cpus, 60, "the killed job's workers to exit")
+    return max(int(p.parent.name.split("-")[1]) for p in ckpt.glob("step-*/COMMITTED"))
