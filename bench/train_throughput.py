@@ -221,12 +221,33 @@ def plain_runner(model, params, args, device, amp):
     return step, opt
 
 
-def worker_runner(TrainStep, model, params, args, device, amp, cuda_graphs=False):
+def worker_runner(TrainStep, model, params, args, device, amp, cuda_graphs=False, parallel=None):
+    if parallel is not None:   # the worker's data-parallel path (train/parallel.py), world size 1
+        from tuneserve_workers.contract import DataParallel
+        from tuneserve_workers.train.parallel import setup_parallel
+        ensure_process_group(device)
+        parallel = setup_parallel(model, DataParallel(parallel), device, param_dtype=amp, wrap_single=True)
+        params = [p for p in model.parameters() if p.requires_grad]   # FSDP2 replaced them
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     kw = {"cuda_graphs": True} if cuda_graphs else {}
+    if parallel is not None:
+        kw["parallel"] = parallel
     ts = TrainStep(model, opt, sched, grad_accum=1, clip=1.0, amp_dtype=amp, **kw)
     return (lambda b: ts(b)["loss"]), opt
+
+
+def ensure_process_group(device):
+    """A process group of one (NCCL on CUDA, gloo on CPU), as Ray Train sets up for one worker."""
+    import socket
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def nosync_runner(model, params, args, device, amp):
@@ -331,6 +352,15 @@ VARIANTS: dict = {
     "dropout": {"name": "worker b{b} fused+compile, dropout .05", "dropout": 0.05, "compare": False},
     "batch4": {"name": "worker b{b} fused+compile (default)", "batch": 4, "compare": False},
     "plain-again": {"name": "plain b{b} again (noise floor)"},
+    # The worker's data-parallel path at world size 1 (train/parallel.py): DDP around the default
+    # fast path, and FSDP2 per decoder layer on PEFT's layers (fused layers off in that mode, as
+    # the worker does). FSDP2 shards the model in place for good: keep dp-fsdp2 last.
+    "dp-ddp": {"name": "worker b{b} fused+compile in DDP (world 1)", "parallel": "replicated"},
+    "peft-eager": {"name": "worker b{b} PEFT layers, no compile", "opts": {"fuse_layers": False, "compile": False}},
+    "dp-fsdp2-compiled": {"name": "worker b{b} FSDP2 sharded (world 1), PEFT layers compiled",
+                          "opts": {"fuse_layers": False, "compile": True}, "parallel": "sharded"},
+    "dp-fsdp2": {"name": "worker b{b} FSDP2 sharded (world 1), PEFT layers",
+                 "opts": {"fuse_layers": False, "compile": False}, "parallel": "sharded"},
 }
 
 
@@ -509,7 +539,8 @@ def main():
                 elif graph:
                     step, opt = worker_runner(TrainStep, model, params, args, device, amp, cuda_graphs=True)
                 else:
-                    step, opt = worker_runner(TrainStep, model, params, args, device, amp)
+                    step, opt = worker_runner(TrainStep, model, params, args, device, amp,
+                                              parallel=spec.get("parallel"))
                 r = run(name, step, bb, args, device, bsz * args.seq, n_steps)
                 if packed:   # attention within documents only: count its FLOPs at the mean doc span
                     s_eff = effective_attention_len(bb)
