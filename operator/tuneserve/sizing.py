@@ -220,6 +220,7 @@ class MemoryPlan:
     world_size: int = 1                 # ranks: one per device
     ranks_per_pool: int = 1             # 1 per device; a worker-scoped pool holds the worker's ranks
     per: str = "per device"             # "per worker" for worker-scoped profiles
+    not_sharded: Optional[str] = None   # why sharding was not considered, when it was not
 
     def need_gib(self, estimate: MemoryEstimate) -> float:
         return estimate.total_gib * self.ranks_per_pool
@@ -260,10 +261,13 @@ def plan_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorPr
     runtime = AcceleratorRuntime(workers=workers, devices_per_worker=devices_per_worker)
     world = runtime.world_size
     replicated = estimate_memory(shape, spec, profile, catalog)
-    sharded = estimate_memory(shape, spec, profile, catalog, shards=world) if world > 1 else None
+    # The worker's 4-bit (bitsandbytes) weights are not FSDP2-shardable: QLoRA runs replicated.
+    qlora = spec.method == Method.qlora
+    sharded = estimate_memory(shape, spec, profile, catalog, shards=world) if world > 1 and not qlora else None
     pooled = profile.memory_scope == "worker"
     return MemoryPlan(replicated, sharded, profile.memory_for_model_gib(devices_per_worker), world,
-                      runtime.ranks_per_worker if pooled else 1, "per worker" if pooled else "per device")
+                      runtime.ranks_per_worker if pooled else 1, "per worker" if pooled else "per device",
+                      "QLoRA is not sharded: its 4-bit weights cannot be split by FSDP2" if qlora and world > 1 else None)
 
 
 def memory_shortfall(shape: ModelShape, plan: MemoryPlan, profile: AcceleratorProfile,
@@ -272,6 +276,8 @@ def memory_shortfall(shape: ModelShape, plan: MemoryPlan, profile: AcceleratorPr
     if plan.chosen is not None:
         return None
     needs = " or ".join(plan.describe(e) for e in (plan.replicated, plan.sharded) if e is not None)
+    if plan.not_sharded:
+        needs += f" ({plan.not_sharded}; use method lora to shard)"
     has = f"{plan.available_gib:g} GiB"
     if profile.memory_scope == "worker":
         has = f"{profile.memory_gib:g} GiB per device x {devices_per_worker} = {plan.available_gib:g} GiB per worker"

@@ -101,7 +101,7 @@ def test_70b_on_8_h100_says_why_sharded():
     assert why8 == "replicated (DDP over 8 ranks): needs 21.4 of 80 GiB per device"
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "qlora"])   # qlora: the formula; plan_memory never shards it
 def test_sharded_arithmetic_term_by_term(method):
     """Decoder layers and LoRA states / W, embedding + head whole, two layers gathered at full size,
     activations per device unchanged."""
@@ -189,3 +189,19 @@ def test_max_steps_tokens():
 
 def test_format_duration():
     assert [format_duration(s) for s in (5, 300, 4800, 200000)] == ["5s", "5m", "1h20m", "2d7h"]
+
+
+def test_qlora_is_never_sharded_and_the_refusal_says_so():
+    """A 70B QLoRA (~40 GiB at 4 bits) on 8x L4 24GB: sharding is not considered (the worker's
+    4-bit weights cannot be split by FSDP2), the message says so and points at method lora; on one
+    H100 80GB it fits replicated."""
+    spec = llama("70B", method="qlora")
+    shape = model_shape(spec.base_model)
+    l4, h100 = CATALOG.get("nvidia/l4"), CATALOG.get("nvidia/h100-80gb")
+    plan = plan_memory(shape, spec, l4, CATALOG, 1, 8)
+    assert plan.sharded is None and plan.chosen is None
+    msg = memory_shortfall(shape, plan, l4, 8)
+    assert "replicated" in msg and "sharded over" not in msg
+    assert "QLoRA is not sharded: its 4-bit weights cannot be split by FSDP2; use method lora to shard" in msg
+    fits = plan_memory(shape, spec, h100, CATALOG, 1, 8)
+    assert fits.data_parallel == DataParallel.replicated and fits.chosen is not None
