@@ -151,17 +151,28 @@ class Run:
         return self.counters.elapsed_s + time.monotonic() - self.t_start
 
 
-def _setup_process(cfg: TrainJobConfig) -> tuple[int, int, torch.device]:
+@dataclass(frozen=True)
+class Process:
+    """Where this training process sits: its rank, the world size, its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+
+def ray_process(cfg: TrainJobConfig) -> Process:
+    """This Ray Train worker's rank and device."""
     import ray.train
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(cfg.accelerator, ctx.get_local_rank())
+    return Process(ctx.get_world_rank(), ctx.get_world_size(),
+                   worker_device(cfg.accelerator, ctx.get_local_rank()))
+
+
+def _enter(process: Process, seed: int) -> None:
+    device = process.device
     mod = getattr(torch, device.type, None)
     if device.type != "cpu" and mod is not None and hasattr(mod, "set_device"):
         mod.set_device(device)
-    seed = cfg.training.seed
-    random.seed(seed + rank), np.random.seed(seed + rank), torch.manual_seed(seed)
-    return rank, world, device
+    random.seed(seed + process.rank), np.random.seed(seed + process.rank), torch.manual_seed(seed)
 
 
 def _load_checkpoint(run: Run) -> Optional[tuple[str, dict]]:
@@ -210,10 +221,14 @@ def _build_optimizer(run: Run) -> None:
                                   num_training_steps=run.n_steps)
 
 
-def setup(payload: dict) -> Run:
+def setup(payload: dict, process: Optional[Process] = None) -> Run:
+    """Everything before the first step. ``process``: given by callers outside Ray Train (a
+    process group already set up); else Ray Train's context."""
     t0 = time.monotonic()
     cfg = TrainJobConfig.model_validate(payload["config"])
-    rank, world, device = _setup_process(cfg)
+    process = process or ray_process(cfg)
+    _enter(process, cfg.training.seed)
+    rank, world, device = process.rank, process.world, process.device
     t_cfg = cfg.training
     model_dir = materialize_model(cfg.base_model.uri, cfg.base_model.revision)
     tokenizer = load_tokenizer(model_dir)
