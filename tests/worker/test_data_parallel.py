@@ -7,6 +7,7 @@ config a 2-pod placement renders; here all four processes run on the one Ray nod
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,16 @@ def test_the_sharded_base_fsdp2_trains_the_toy_task(ray_address, tiny_model, toy
     assert progress.state == "Succeeded" and progress.world_size == 2
     assert progress.data_parallel == "sharded" and "(sharded)" in log, log[-3000:]
     assert_learned(manifest, tmp_path / "out", tiny_model, toy_data)
+
+
+def test_a_sharded_checkpoint_resumes_in_replicated_mode_on_the_same_loss(tmp_path):
+    """bench/train_loop_modes.py on CPU: the worker's loop in FSDP2 mode, then resumed from its
+    step-20 checkpoint without sharding, ends on the uninterrupted run's loss (fp32: to 1e-4)."""
+    import subprocess
+    import sys
+    from worker_helpers import PYTHONPATH, REPO
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "train_loop_modes.py"), "--hidden", "128",
+                          "--layers", "2", "--tolerance", "1e-4"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": PYTHONPATH, "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "resumed from checkpoint step 20" in out.stdout and '"ok": true' in out.stdout
