@@ -165,6 +165,7 @@ def test_deleting_the_active_operator_pod_hands_over_within_30s(kube, helm_opera
                    "another replica to take the Lease")
     took = time.monotonic() - t0
     assert took < 30, f"handover took {took:.1f}s"
-    log = kube.core.read_namespaced_pod_log(new, story.RELEASE_NAMESPACE, container="operator")
-    assert "acquired leadership" in log
+    # The new holder writes the Lease, then logs it: wait for the line, not just the Lease.
+    wait_for(lambda: "acquired leadership" in kube.core.read_namespaced_pod_log(
+        new, story.RELEASE_NAMESPACE, container="operator"), 15, f"{new} to log its leadership")
     assert (condition(_ms(kube), "Ready") or {}).get("status") == "True"

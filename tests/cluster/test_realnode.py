@@ -79,6 +79,14 @@ def fetch(opener, url: str):
         raise
 
 
+def fetch_or_none(url: str):
+    """The body, or None while nothing routes to the address yet."""
+    try:
+        return fetch(NO_PROXY, url)
+    except (urllib.error.URLError, OSError):
+        return None
+
+
 def logs(cluster, namespace: str, name: str) -> str:
     return cluster.kubectl("logs", "-n", namespace, name).stdout
 
@@ -105,6 +113,11 @@ def test_services_resolve_and_answer_from_pods_and_the_host(kube, cluster, names
     kube.apply([pod, svc], namespace)
     wait_ready_endpoints(kube, namespace, "web")
     cluster_ip = kube.get("v1", "Service", "web", namespace)["spec"]["clusterIP"]
+    # Ready endpoints come before kube-proxy's rules for them: wait until the ClusterIP answers the
+    # host (the same sync programs the pods' path), else the client can meet "No route to host".
+    body = wait_for(lambda: fetch_or_none(f"http://{cluster_ip}:8080/index.html"), 60,
+                    f"kube-proxy to route {cluster_ip}")
+    assert "served-by-web" in body                 # host -> bridge -> ClusterIP
     # Debian's busybox-static wget segfaults (even on the host), so HTTP goes through nc, to the
     # ClusterIP from the Service environment variable; nslookup checks DNS.
     script = (f"nslookup web.{namespace}.svc.cluster.local; "
@@ -116,8 +129,6 @@ def test_services_resolve_and_answer_from_pods_and_the_host(kube, cluster, names
     assert cluster_ip in out, out                  # DNS: the Service name resolved to its ClusterIP
     assert "served-by-web" in out, out             # pod -> ClusterIP (kube-proxy) -> pod
     assert "outside-not-resolved" in out, out      # no upstream: nothing leaves the machine
-    body = fetch(NO_PROXY, f"http://{cluster_ip}:8080/index.html")
-    assert "served-by-web" in body                 # host -> bridge -> ClusterIP
 
 
 def test_pod_calls_the_apiserver_with_its_serviceaccount_token(kube, cluster, namespace, busybox):
