@@ -516,7 +516,7 @@ def check_operator_image(image_tar: Path, where: Path) -> str:
         config = image_config(where)
         bind(str(rootfs), rootfs, readonly=True)           # read-only root, like the pod
         return chroot_run(rootfs, dict(e.split("=", 1) for e in config["Env"]),
-                          "python3 -c 'import tuneserve.main, tuneserve.handlers; print(\"operator imports ok\")'"
+                          "python3 -c 'import tuneserve.main, tuneserve.controller.handlers; print(\"operator imports ok\")'"
                           " && command -v tuneserve-operator", user=NONROOT)
 
 

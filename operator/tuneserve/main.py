@@ -6,7 +6,7 @@ Watches FineTuneJobs and ModelServes in all namespaces, or in those listed by TU
 
 With TUNESERVE_LEADER_ELECTION=true (the Helm chart's default) the process first takes the Lease
 TUNESERVE_LEADER_ELECTION_NAMESPACE/TUNESERVE_LEADER_ELECTION_NAME as TUNESERVE_POD_NAME
-(tuneserve/leader.py), reconciles only while holding it, releases it on SIGTERM and exits when it
+(tuneserve/controller/leader.py), reconciles only while holding it, releases it on SIGTERM and exits when it
 loses it, so a second replica takes over. Without it the process reconciles at once (tests, local).
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import kopf
 from kubernetes import client, config
 
-import tuneserve.handlers  # noqa: F401  (registers the handlers)
-from tuneserve.leader import LeaderElector
+import tuneserve.controller.handlers  # noqa: F401  (registers the handlers)
+from tuneserve.controller.leader import LeaderElector
 
 log = logging.getLogger("tuneserve.main")
 

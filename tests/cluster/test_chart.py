@@ -50,7 +50,7 @@ PLURALS = {"ConfigMap": ("", "configmaps"), "ServiceAccount": ("", "serviceaccou
 # What the operator needs beyond watching and applying, and why (each is asserted, not assumed).
 EXTRA_GRANTS = {
     ("ray.io", "rayjobs"): {"delete"},                        # a fallback deletes the attempt it leaves
-    ("ray.io", "rayclusters"): {"patch"},                     # replica bounds (reconcile_serve.py)
+    ("ray.io", "rayclusters"): {"patch"},                     # replica bounds (modelserve/reconcile.py)
     ("", "configmaps"): {"update"},                           # granted onward in the per-job Roles
     ("tuneserve.dev", "finetunejobs"): {"patch"}, ("tuneserve.dev", "modelserves"): {"patch"},   # kopf's annotations
     ("tuneserve.dev", "finetunejobs/status"): {"get", "patch"}, ("tuneserve.dev", "modelserves/status"): {"get", "patch"},
@@ -74,7 +74,7 @@ def _needed() -> dict[tuple[str, str], set[str]]:
     """From the operator itself: kopf's registered watches need get/list/watch; every kind the
     builders render (the golden files) is server-side applied: create + patch."""
     import kopf
-    import tuneserve.handlers  # noqa: F401  (registers the handlers)
+    import tuneserve.controller.handlers  # noqa: F401  (registers the handlers)
     registry = kopf.get_default_registry()
     needed: dict[tuple[str, str], set[str]] = {}
     for sub in (registry._indexing, registry._watching, registry._spawning):

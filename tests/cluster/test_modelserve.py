@@ -199,7 +199,7 @@ def test_replicas_change_reaches_the_running_raycluster_without_a_new_cluster(ku
     assert [c["metadata"]["name"] for c in kube.list(*RC, namespace)] == [name]
 
     # A patch planned from a stale copy of the cluster fails its test op and writes nothing.
-    from tuneserve.kubeapi import KubeApi
+    from tuneserve.controller.kubeapi import KubeApi
     stale = [{"op": "test", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 6},
              {"op": "replace", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 9}]
     assert KubeApi(kube.api_client).json_patch(*RC, name, namespace, stale) is False

@@ -12,11 +12,14 @@ import yaml
 from helpers import load_example, merge_patch
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
-from tuneserve.builders import build_finetune_children, build_rayjob, build_worker_rbac
+from tuneserve.finetunejob.builders.children import build_finetune_children
+from tuneserve.finetunejob.builders.rayjob import build_rayjob
+from tuneserve.finetunejob.builders.rbac import build_worker_rbac
 from tuneserve.catalog import load_catalog
-from tuneserve.inventory import build_inventory
-from tuneserve.conditions import placement_status
-from tuneserve.placement import Outcome, candidate_from_status, decide_placement
+from tuneserve.core.scheduling.inventory import build_inventory
+from tuneserve.finetunejob.status import placement_status
+from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.finetunejob.placement import candidate_from_status, decide_placement
 from tuneserve_workers import contract
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -10,9 +10,9 @@ from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.status import ConditionReason, ConditionStatus, ConditionType, Phase, RejectionCode
 from tuneserve.catalog import load_catalog
-from tuneserve.conditions import Observed, derive_status, money, status_patch, timed_out_history
-from tuneserve.inventory import build_inventory
-from tuneserve.placement import decide_placement
+from tuneserve.finetunejob.status import Observed, derive_status, money, status_patch, timed_out_history
+from tuneserve.core.scheduling.inventory import build_inventory
+from tuneserve.finetunejob.placement import decide_placement
 from tuneserve_workers.contract import CheckpointRef, Progress
 
 CATALOG = load_catalog()

@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tuneserve.leader import Action, ElectionTiming, decide, lease_spec_for
+from tuneserve.controller.leader import Action, ElectionTiming, decide, lease_spec_for
 
 NOW = datetime(2026, 12, 2, 12, 0, 30, tzinfo=timezone.utc)
 ME, PEER = "tuneserve-operator-a", "tuneserve-operator-b"

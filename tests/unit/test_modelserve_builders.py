@@ -12,17 +12,18 @@ import yaml
 from helpers import load_example, merge_patch
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from test_builders import dump
-from tuneserve.adapters import resolve_adapters
+from tuneserve.modelserve.adapters import resolve_adapters
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.status import RejectionCode
-from tuneserve.builders import (
-    build_modelserve_children, build_rayservice, build_serve_rbac, endpoint_url, raycluster_scaling_patch,
-)
+from tuneserve.builders.rayservice import build_rayservice, raycluster_scaling_patch
+from tuneserve.modelserve.builders.children import build_modelserve_children
+from tuneserve.modelserve.builders.rbac import build_serve_rbac
+from tuneserve.modelserve.builders.serve import endpoint_url
 from tuneserve.catalog import load_catalog
-from tuneserve.inventory import build_inventory
-from tuneserve.placement import Outcome
-from tuneserve.serve_placement import decide_serve_placement
-from tuneserve.sizing import model_shape
+from tuneserve.core.scheduling.inventory import build_inventory
+from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.modelserve.placement import decide_serve_placement
+from tuneserve.core.sizing import model_shape
 from tuneserve_workers import contract
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -157,7 +158,7 @@ def test_vendor_plugin_and_ray_resources(name, plugin, plugins_env, resources):
 def test_neuron_plugin_from_catalog():
     profile = CATALOG.get("aws/inf2")
     assert profile.vllm_plugin == "neuron"
-    from tuneserve.placement import Candidate
+    from tuneserve.core.scheduling.fit import Candidate
     rs = build_rayservice(bank_serve(), Candidate(profile, 2, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
     assert app["deployments"][0]["ray_actor_options"]["resources"] == {"neuron_cores": 4}
@@ -251,7 +252,7 @@ def test_too_small_is_rejected_with_the_arithmetic():
 
 
 def test_fp8_halves_the_weights():
-    from tuneserve.sizing import estimate_serving_memory
+    from tuneserve.core.sizing import estimate_serving_memory
     shape = model_shape(bank_serve().spec.base_model)
     profile = CATALOG.get("nvidia/h100-80gb")
     plain = estimate_serving_memory(shape, bank_serve().spec.engine, profile, CATALOG, 1)
@@ -276,7 +277,7 @@ def test_engine_dtype_is_the_specs_else_the_accelerators(choice, engine, dtype):
 
 
 def test_float32_doubles_the_weights_and_kv_cache():
-    from tuneserve.sizing import estimate_serving_memory
+    from tuneserve.core.sizing import estimate_serving_memory
     shape = model_shape(bank_serve().spec.base_model)
     profile = CATALOG.get("nvidia/h100-80gb")
     half = estimate_serving_memory(shape, bank_serve().spec.engine, profile, CATALOG, 1)
@@ -337,7 +338,7 @@ def _pod_ray_resources(group: dict, profile) -> dict:
 def test_a_replica_uses_every_device_its_pod_reserves(key, tp):
     """tensorParallelSize = the devices the worker pod requests = the Ray resources the replica actor
     holds = the pod's Ray resources: nothing reserved sits idle, nothing is asked for twice."""
-    from tuneserve.placement import Candidate
+    from tuneserve.core.scheduling.fit import Candidate
     profile = CATALOG.get(key)
     rs = build_rayservice(bank_serve(), Candidate(profile, tp, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
@@ -352,7 +353,7 @@ def test_a_replica_uses_every_device_its_pod_reserves(key, tp):
 def test_a_cpu_replica_computes_on_every_core_its_pod_reserves():
     """Worker-scoped (CPU): the engine is not sharded (tensor_parallel_size 1) and the replica holds
     the pod's cores as Ray CPUs."""
-    from tuneserve.placement import Candidate
+    from tuneserve.core.scheduling.fit import Candidate
     cpu = CATALOG.get("cpu/cpu")
     rs = build_rayservice(bank_serve(), Candidate(cpu, 4, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]

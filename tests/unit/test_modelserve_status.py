@@ -6,10 +6,10 @@ from datetime import datetime, timedelta, timezone
 
 from helpers import merge_patch
 from test_modelserve_builders import CATALOG, INVENTORY, SUCCEEDED_FIN_V1, bank_serve
-from tuneserve.adapters import adapter_states, read_replica_reports, resolve_adapters
+from tuneserve.modelserve.adapters import adapter_states, read_replica_reports, resolve_adapters
 from tuneserve.api.modelserve_status import AdapterState, ServeConditionReason, ServeConditionType, ServePhase
-from tuneserve.serve_placement import decide_serve_placement
-from tuneserve.serve_status import ServeObserved, derive_modelserve_status, status_patch
+from tuneserve.modelserve.placement import decide_serve_placement
+from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status, status_patch
 from tuneserve_workers.contract import ReplicaAdapterReport, ServeReplicaReport, replica_report_key
 
 T0 = datetime(2026, 9, 1, 12, 0, tzinfo=timezone.utc)

@@ -10,10 +10,12 @@ from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.status import RejectionCode
 from tuneserve.catalog import load_catalog
-from tuneserve.inventory import build_inventory, parse_quantity, pod_requests
-from tuneserve.conditions import placement_status
-from tuneserve.placement import Outcome, candidate_from_status, decide_placement, fallback_verdict, unschedulable_since
-from tuneserve.sizing import ModelSizeUnknown
+from tuneserve.core.scheduling.inventory import build_inventory, parse_quantity, pod_requests
+from tuneserve.finetunejob.status import placement_status
+from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
+from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.finetunejob.placement import candidate_from_status, decide_placement
+from tuneserve.core.sizing import ModelSizeUnknown
 from tuneserve_workers.contract import DataParallel
 
 CATALOG = load_catalog()

@@ -7,10 +7,11 @@ import pytest
 from helpers import load_example, merge_patch
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.modelserve import ModelServe
-from tuneserve.builders import build_finetune_children, build_modelserve_children
+from tuneserve.finetunejob.builders.children import build_finetune_children
+from tuneserve.modelserve.builders.children import build_modelserve_children
 from tuneserve.builders.raycluster import host_volumes, pvc_volumes
 from tuneserve.catalog import load_catalog
-from tuneserve.placement import Candidate
+from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 from tuneserve_workers.contract import ServeAdapter
 from tuneserve_workers.train import storage

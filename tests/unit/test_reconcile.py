@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from helpers import fleet, load_example
 
 from tuneserve.catalog import load_catalog
-from tuneserve.reconcile import World, plan_finetunejob
+from tuneserve.finetunejob.reconcile import World, plan_finetunejob
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 CATALOG = load_catalog()

@@ -11,9 +11,10 @@ import yaml
 from helpers import REPO, load_example
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.modelserve import ModelServe
-from tuneserve.builders import build_finetune_children, build_modelserve_children
+from tuneserve.finetunejob.builders.children import build_finetune_children
+from tuneserve.modelserve.builders.children import build_modelserve_children
 from tuneserve.catalog import load_catalog
-from tuneserve.placement import Candidate
+from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 
 CATALOG = load_catalog()

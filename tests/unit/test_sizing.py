@@ -6,7 +6,7 @@ import pytest
 from helpers import llama_spec as llama, load_example, merge_patch
 from tuneserve.api.finetunejob import BaseModelSource, FineTuneJob
 from tuneserve.catalog import load_catalog
-from tuneserve.sizing import (
+from tuneserve.core.sizing import (
     GIB, ModelSizeUnknown, embedding_parameters, estimate_memory, estimate_run, format_duration, memory_choice,
     memory_shortfall, model_shape, parse_parameter_count, plan_memory, training_tokens,
 )

@@ -9,8 +9,8 @@ from typing import Any, Optional
 
 from tuneserve.api.workload import RayPodOptions
 from tuneserve.catalog import AcceleratorProfile
-from tuneserve.inventory import DEFAULT_POOL, POOL_LABEL
-from tuneserve.placement import pod_tolerations, user_tolerations
+from tuneserve.core.scheduling.inventory import DEFAULT_POOL, POOL_LABEL
+from tuneserve.core.scheduling.fit import pod_tolerations, user_tolerations
 from tuneserve_workers import contract
 
 RAY_VERSION = "2.60.0"

@@ -12,7 +12,7 @@ What changes what (the design's point):
   worker group's min/max. KubeRay leaves worker-group replicas, minReplicas and maxReplicas out of
   its cluster hash: no new cluster, but the RayCluster it already made keeps the old bounds. So
   the operator patches the RayClusters the RayService's status names (active, and pending during
-  an upgrade) with ``raycluster_scaling_patch`` (planned in reconcile_serve.py); their
+  an upgrade) with ``raycluster_scaling_patch`` (planned in modelserve/reconcile.py); their
   ``replicas`` stays the autoscaler's unless it falls outside the new bounds.
 * base model / engine / accelerator -> rayClusterConfig and the app args: KubeRay prepares a new
   cluster (``upgradeStrategy: NewCluster``) and switches the Service over once it serves.
@@ -38,10 +38,10 @@ from tuneserve.builders.raycluster import (
     RAY_VERSION, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec, pvc_volumes,
     ray_container, ray_start_resources, with_user_env, worker_node_selector,
 )
-from tuneserve.builders.rbac import serve_pod_service_account
-from tuneserve.builders.serve import build_serve_app_config
+from tuneserve.modelserve.builders.rbac import serve_pod_service_account
+from tuneserve.modelserve.builders.serve import build_serve_app_config
 from tuneserve.catalog import AcceleratorProfile, Catalog
-from tuneserve.placement import Candidate
+from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 
 ADAPTERS_VOLUME = "tuneserve-adapters"

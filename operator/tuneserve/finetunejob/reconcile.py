@@ -1,10 +1,10 @@
 """One FineTuneJob reconcile as a pure plan: what to apply, patch or delete, which status to write,
-which events to post. The kopf handlers (handlers.py) gather the inputs from their indexes and
+which events to post. The controller (controller/handlers.py) gathers the inputs from its indexes and
 carry the plan out; nothing here talks to the API, so it is tested without a cluster.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable, Mapping, Optional
 
@@ -12,24 +12,18 @@ from pydantic import ValidationError
 
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.status import TERMINAL_PHASES, ChoiceRejection, ConditionReason, FineTuneJobStatus, RejectionCode
-from tuneserve.builders import build_finetune_children
 from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
 from tuneserve.catalog import Catalog
-from tuneserve.conditions import Observed, derive_status, status_patch, timed_out_history
-from tuneserve.inventory import build_inventory
-from tuneserve.kubeapi import needs_apply, secret_refs, with_applied_hash
-from tuneserve.placement import Outcome, candidate_from_status, decide_placement, fallback_verdict, unschedulable_since
-from tuneserve.sizing import ModelSizeUnknown
+from tuneserve.core.hashing import needs_apply, with_applied_hash
+from tuneserve.core.plan import Event, Plan, finish, missing_secrets, readable
+from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
+from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.core.scheduling.inventory import build_inventory
+from tuneserve.core.sizing import ModelSizeUnknown
+from tuneserve.finetunejob.builders.children import build_finetune_children
+from tuneserve.finetunejob.placement import candidate_from_status, decide_placement
+from tuneserve.finetunejob.status import Observed, derive_status, status_patch, timed_out_history
 from tuneserve_workers.contract import PROGRESS_KEY, Progress
-
-# Reasons that mean "something needs a person's attention" (FineTuneJob and ModelServe alike).
-WARNING_REASONS = frozenset({"InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "TrainingFailed",
-                             "BackoffLimitExceeded", "SecretNotFound", "FellBack", "ApplicationFailed",
-                             "AdaptersFailed", "ReplicasUnavailable", "AdaptersUnavailable", "ApplicationUnhealthy",
-                             "ReplicaFailed"})
-# Initial "not yet" conditions: not worth an Event when they first appear.
-QUIET_INITIAL_REASONS = frozenset({"InProgress", "NotSuspended", "NotStarted", "NoCheckpointYet", "AsDesired",
-                                   "NoUpgrade", "NoAdapters", "NotPlaced", "Placing"})
 
 
 @dataclass(frozen=True)
@@ -44,43 +38,6 @@ class World:
     secret_keys: Callable[[str], Optional[set[str]]]   # secret name -> its keys, None if missing
 
 
-@dataclass
-class Event:
-    type: str          # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass
-class JsonPatch:
-    """A JSON patch of an object the operator does not render (e.g. a RayCluster KubeRay made).
-    Its ``test`` ops may fail when the object changed meanwhile; ``event`` is posted only when
-    the patch applied."""
-    api_version: str
-    kind: str
-    name: str
-    ops: list[dict[str, Any]]
-    event: Optional[Event] = None
-
-
-@dataclass
-class Plan:
-    apply: list[dict[str, Any]] = field(default_factory=list)
-    delete: list[tuple[str, str, str]] = field(default_factory=list)   # (apiVersion, kind, name)
-    patch: list[JsonPatch] = field(default_factory=list)
-    status: Optional[dict[str, Any]] = None
-    events: list[Event] = field(default_factory=list)
-    requeue_after: Optional[float] = None
-
-
-def readable(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-    return "; ".join(parts)
-
-
 def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:
     raw = ((cm or {}).get("data") or {}).get(PROGRESS_KEY)
     if not raw:
@@ -89,35 +46,6 @@ def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:
         return Progress.model_validate_json(raw)
     except ValidationError:
         return None   # a half-written or foreign document: ignore, the next update replaces it
-
-
-def missing_secrets(children: list[dict[str, Any]], lookup: Callable[[str], Optional[set[str]]]) -> Optional[str]:
-    problems, seen = [], {}
-    for name, key in sorted(set(secret_refs(children))):
-        if name not in seen:
-            seen[name] = lookup(name)
-        keys = seen[name]
-        if keys is None:
-            problems.append(f"Secret {name!r} not found")
-        elif key not in keys:
-            problems.append(f"Secret {name!r} has no key {key!r}")
-    return "; ".join(problems) or None
-
-
-def condition_events(previous: Any, new: Any) -> list[Event]:
-    """One Event per condition transition (status or reason changed), for any of our statuses."""
-    events = []
-    for cond in new.conditions:
-        before = previous.condition(cond.type) if previous else None
-        status, reason = cond.status.value, cond.reason.value
-        if before is not None and (before.status.value, before.reason.value) == (status, reason):
-            continue
-        if before is None and status != "True" and reason in QUIET_INITIAL_REASONS:
-            continue
-        warn = reason in WARNING_REASONS and not (cond.type.value == "Failed" and status != "True")
-        events.append(Event("Warning" if warn else "Normal", reason,
-                            f"{cond.type.value}={status}: {cond.message}"[:1024]))
-    return events
 
 
 def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, now: datetime) -> Plan:
@@ -207,14 +135,6 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
                         ray_job=ray_job, progress=_parse_progress(world.progress_configmap),
                         timed_out=tuple(timed_out), blocked=blocked)
     return _finish(plan, job, observed, previous, now)
-
-
-def finish(plan: Plan, status: Any, previous: Any, patch: Callable[[Any, Any], Optional[dict]]) -> Plan:
-    """Write the status only when it changed, with an Event per condition transition."""
-    plan.status = patch(previous.to_wire() if previous else None, status)
-    if plan.status is not None:
-        plan.events.extend(condition_events(previous, status))
-    return plan
 
 
 def _finish(plan: Plan, job: FineTuneJob, observed: Observed, previous: Optional[FineTuneJobStatus],

@@ -1,6 +1,6 @@
 """Placement of a ModelServe: which accelerator choice, how many devices per replica, which pool.
 
-The FineTuneJob rules, reused (``tuneserve.placement``): choices in the user's order; unknown
+The FineTuneJob rules, reused (``tuneserve.finetunejob.placement``): choices in the user's order; unknown
 accelerators, missing nodes and too little capacity are rejected with the same messages; the
 first choice that fits now wins, else the first that could fit waits. Serving adds two checks:
 the vendor must support the requested quantization (catalog ``servingQuantizations``) and one
@@ -18,9 +18,9 @@ from typing import Mapping, Optional
 from tuneserve.api.modelserve import ModelServeSpec, Quantization
 from tuneserve.api.status import RejectionCode
 from tuneserve.catalog import AcceleratorProfile, Catalog
-from tuneserve.inventory import Inventory
-from tuneserve.placement import Candidate, Outcome, Rejection, _fit, node_matches
-from tuneserve.sizing import (
+from tuneserve.core.scheduling.inventory import Inventory
+from tuneserve.core.scheduling.fit import Candidate, Outcome, Rejection, fit_candidate, node_matches
+from tuneserve.core.sizing import (
     ModelShape, ServingMemoryEstimate, auto_tensor_parallel_size, estimate_serving_memory, model_shape,
     serving_shortfall,
 )
@@ -105,7 +105,7 @@ def decide_serve_placement(spec: ModelServeSpec, catalog: Catalog, inventory: In
             if candidate.key in timed_out:
                 rejections.append(Rejection(candidate.key, RejectionCode.TimedOut, timed_out[candidate.key]))
                 continue
-            fit = _fit(candidate, spec, inventory)  # type: ignore[arg-type]  # needs only the pod options
+            fit = fit_candidate(candidate, spec, inventory)
             if fit.fits_now:
                 reason = (f"{label}: {profile.display_name} x{memory.tensor_parallel_size} per replica fits now in pool {fit.pool} "
                           f"(needs {memory.total_gib:.1f} of {memory.budget_gib:.1f} GiB per device; "

@@ -1,13 +1,12 @@
 """The operator's only way of writing to the cluster: server-side apply with one field manager,
 deletes, status writes, and guarded JSON patches of objects KubeRay owns. Reads come from kopf's
-indexes (handlers.py), not from here, except Secrets, which are looked up by name and never
+indexes (indexes.py), not from here, except Secrets, which are looked up by name and never
 cached or copied."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
@@ -15,35 +14,6 @@ from kubernetes.client.exceptions import ApiException
 from tuneserve import API_GROUP, API_VERSION, FIELD_MANAGER
 
 log = logging.getLogger(__name__)
-APPLIED_HASH_ANNOTATION = "tuneserve.dev/applied-hash"
-
-
-def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
-    """The object plus an annotation hashing its desired state, so an unchanged child is never
-    re-applied (no API write when nothing changed)."""
-    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-    meta = dict(obj["metadata"])
-    meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_HASH_ANNOTATION: digest}
-    return {**obj, "metadata": meta}
-
-
-def needs_apply(desired: Mapping[str, Any], live: Optional[Mapping[str, Any]]) -> bool:
-    if live is None:
-        return True
-    live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_HASH_ANNOTATION)
-    return live_hash != desired["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
-
-
-def secret_refs(objs: Iterable[Any]) -> Iterator[tuple[str, str]]:
-    """Every (secret name, key) that rendered objects reference through secretKeyRef."""
-    for obj in objs:
-        if isinstance(obj, Mapping):
-            ref = obj.get("secretKeyRef")
-            if isinstance(ref, Mapping):
-                yield ref["name"], ref["key"]
-            yield from secret_refs(obj.values())
-        elif isinstance(obj, list):
-            yield from secret_refs(obj)
 
 
 def _causes(exc: ApiException) -> list:

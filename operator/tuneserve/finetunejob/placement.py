@@ -11,61 +11,17 @@ Moving on after pods stay unschedulable is decided by ``fallback_verdict``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
-from decimal import Decimal
-from enum import Enum
-from typing import Any, Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
 from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec, Method
 from tuneserve.api.status import PlacementStatus, RejectionCode
-from tuneserve.catalog import AcceleratorProfile, Catalog
-from tuneserve.inventory import Inventory, NodeSnapshot, parse_quantity, tolerates
-from tuneserve.sizing import (
+from tuneserve.catalog import Catalog
+from tuneserve.core.scheduling.fit import Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches
+from tuneserve.core.scheduling.inventory import Inventory
+from tuneserve.core.sizing import (
     MemoryEstimate, MemoryPlan, ModelShape, RunEstimate, estimate_run, format_duration, memory_choice,
     memory_shortfall, model_shape, plan_memory,
 )
-from tuneserve_workers.contract import DataParallel
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A concrete choice: one catalog profile, with a worker layout."""
-    profile: AcceleratorProfile
-    devices_per_worker: int
-    workers: int
-    label: str  # "choice 2" or "auto"
-    # How the ranks share the model (FineTuneJob sizing decides; ModelServe: unused).
-    data_parallel: DataParallel = DataParallel.replicated
-
-    @property
-    def key(self) -> str:
-        return f"{self.profile.key} {self.workers}x{self.devices_per_worker}"
-
-    @property
-    def devices(self) -> int:
-        return self.workers * self.devices_per_worker
-
-    @property
-    def world_size(self) -> int:
-        """Training processes: one per device (``contract.AcceleratorRuntime.world_size``)."""
-        return self.workers * max(1, self.devices_per_worker)
-
-    @property
-    def display(self) -> str:
-        return f"{self.profile.display_name} x{self.devices}"
-
-
-@dataclass(frozen=True)
-class Rejection:
-    choice: str
-    code: RejectionCode
-    message: str
-
-
-class Outcome(str, Enum):
-    Placed = "Placed"            # fits now
-    Waiting = "Waiting"          # could fit; capacity busy
-    Unplaceable = "Unplaceable"  # no choice can run
 
 
 @dataclass(frozen=True)
@@ -78,82 +34,6 @@ class PlacementDecision:
     shape: Optional[ModelShape] = None
     memory: Optional[MemoryEstimate] = None   # the chosen arithmetic (replicated or sharded)
     run: Optional[RunEstimate] = None
-
-
-@dataclass(frozen=True)
-class _Fit:
-    pool: Optional[str]
-    fits_now: bool
-    could_fit: bool
-    message: str
-    code: Optional[RejectionCode] = None
-
-
-def user_tolerations(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    return [t.to_wire() for t in spec.tolerations or []]
-
-
-def pod_tolerations(profile: AcceleratorProfile, spec: FineTuneJobSpec) -> list[dict[str, Any]]:
-    """The accelerator's tolerations, then the user's (duplicates dropped)."""
-    out: list[dict[str, Any]] = []
-    for tol in [t.model_dump(exclude_none=True) for t in profile.tolerations] + user_tolerations(spec):
-        if tol not in out:
-            out.append(tol)
-    return out
-
-
-def node_matches(node: NodeSnapshot, profile: AcceleratorProfile, spec: FineTuneJobSpec) -> bool:
-    """Labels (catalog + user nodeSelector), label alternatives, taints, schedulability."""
-    if not node.schedulable:
-        return False
-    wanted = {**profile.node_labels, **(spec.node_selector or {})}
-    if any(node.labels.get(k) != v for k, v in wanted.items()):
-        return False
-    if any(node.labels.get(k) not in values for k, values in profile.node_labels_any_of.items()):
-        return False
-    if profile.resource_name and node.allocatable.get(profile.resource_name, Decimal(0)) <= 0:
-        return False
-    tolerations = pod_tolerations(profile, spec)
-    return all(tolerates(tolerations, taint) for taint in node.taints if taint.effect in ("NoSchedule", "NoExecute"))
-
-
-def _slots(amounts: Mapping[str, Decimal], request: Mapping[str, Decimal]) -> int:
-    return min((int(amounts.get(r, Decimal(0)) // q) for r, q in request.items() if q > 0), default=0)
-
-
-def _fit(candidate: Candidate, spec: FineTuneJobSpec, inventory: Inventory) -> _Fit:
-    profile = candidate.profile
-    request = {k: parse_quantity(v) for k, v in profile.worker_resources(candidate.devices_per_worker).items()}
-    device_resource = profile.resource_name or "cpu"
-    need = f"needs {candidate.workers} worker{'s' if candidate.workers > 1 else ''} x {request[device_resource]} {device_resource}"
-    nodes = [n for n in inventory.nodes if node_matches(n, profile, spec)]
-    if not nodes:
-        where = ", ".join([f"{k}={v}" for k, v in {**profile.node_labels, **(spec.node_selector or {})}.items()]
-                          + [f"{k} in ({'|'.join(v)})" for k, v in profile.node_labels_any_of.items()])
-        return _Fit(None, False, False, f"no schedulable node has {profile.display_name}"
-                    + (f" (labels {where}" + (f", resource {profile.resource_name})" if profile.resource_name else ")") if where else ""),
-                    RejectionCode.NoMatchingNodes)
-    pools: dict[str, list[NodeSnapshot]] = {}
-    for node in nodes:
-        pools.setdefault(node.pool, []).append(node)
-    busy_parts, could_pool = [], None
-    for pool in sorted(pools):
-        members = pools[pool]
-        free_slots = sum(_slots(n.free, request) for n in members)
-        idle_slots = sum(_slots(n.allocatable, request) for n in members)
-        if free_slots >= candidate.workers:
-            return _Fit(pool, True, True, f"{need}; pool {pool} has room for {free_slots}")
-        free_devices = [int(n.free.get(device_resource, 0)) for n in members]
-        prefix = f"pool {pool}: " if len(pools) > 1 else ""
-        busy_parts.append(f"{prefix}free per node: {free_devices}")
-        if idle_slots >= candidate.workers and could_pool is None:
-            could_pool = pool
-    detail = "; ".join(busy_parts)
-    if could_pool is not None:
-        return _Fit(could_pool, False, True, f"{need}, {detail}", RejectionCode.Busy)
-    alloc = [int(n.allocatable.get(device_resource, 0)) for n in nodes]
-    return _Fit(None, False, False, f"{need}, but even idle the matching nodes hold fewer (allocatable per node: {alloc})",
-                RejectionCode.InsufficientCapacity)
 
 
 def _choice_candidates(choice: AcceleratorChoice, index: int, catalog: Catalog) -> tuple[list[Candidate], Optional[Rejection]]:
@@ -219,7 +99,7 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
     else:
         candidates, rejections = _auto_candidates(spec, catalog, shape, inventory)
 
-    waiting: Optional[tuple[Candidate, _Fit, MemoryPlan]] = None
+    waiting: Optional[tuple[Candidate, Fit, MemoryPlan]] = None
     for candidate in candidates:
         profile = candidate.profile
         if candidate.key in timed_out:
@@ -235,7 +115,7 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
             rejections.append(Rejection(candidate.key, RejectionCode.InsufficientMemory, f"{candidate.label}: {shortfall}"))
             continue
         candidate = replace(candidate, data_parallel=plan.data_parallel)
-        fit = _fit(candidate, spec, inventory)
+        fit = fit_candidate(candidate, spec, inventory)
         if fit.fits_now:
             run = estimate_run(shape, spec, profile, catalog, candidate.devices)
             reason = _placed_reason(candidate, fit, plan, run, rejections)
@@ -256,7 +136,7 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
                              tuple(rejections), shape=shape)
 
 
-def _placed_reason(candidate: Candidate, fit: _Fit, plan: MemoryPlan, run: RunEstimate,
+def _placed_reason(candidate: Candidate, fit: Fit, plan: MemoryPlan, run: RunEstimate,
                    rejections: list[Rejection]) -> str:
     parts = [f"{candidate.label}: {candidate.display} fits now in pool {fit.pool}, {memory_choice(plan)}"]
     if run.duration_seconds is not None and run.cost_usd is not None:
@@ -265,46 +145,6 @@ def _placed_reason(candidate: Candidate, fit: _Fit, plan: MemoryPlan, run: RunEs
         parts.append(f"{len(rejections)} earlier choice{'s' if len(rejections) > 1 else ''} rejected")
     return "; ".join(parts)
 
-
-@dataclass(frozen=True)
-class FallbackVerdict:
-    move_on: bool
-    reason: Optional[str] = None
-    deadline: Optional[datetime] = None
-
-
-def fallback_verdict(candidate_key: str, unschedulable_since: Optional[datetime], timeout: timedelta,
-                     now: datetime) -> FallbackVerdict:
-    """Whether to give up on a placed choice whose pods have been unschedulable since
-    ``unschedulable_since`` (None: all pods scheduled). The reason is recorded in the history
-    (status.rejectedChoices, code TimedOut) and passed back to ``decide_placement``."""
-    if unschedulable_since is None:
-        return FallbackVerdict(False)
-    deadline = unschedulable_since + timeout
-    if now < deadline:
-        return FallbackVerdict(False, deadline=deadline)
-    waited = format_duration((now - unschedulable_since).total_seconds())
-    return FallbackVerdict(True, f"{candidate_key}: pods unschedulable for {waited} "
-                                 f"(since {unschedulable_since.isoformat()}, timeout {format_duration(timeout.total_seconds())}); "
-                                 "moved on to the next choice", deadline)
-
-
-def unschedulable_since(pods: Iterable[Mapping[str, Any]]) -> Optional[datetime]:
-    """Earliest time any pending pod was marked unschedulable (PodScheduled=False,
-    reason Unschedulable); None when no pod is unschedulable now."""
-    times = []
-    for pod in pods:
-        status = pod.get("status") or {}
-        if status.get("phase") not in (None, "Pending"):
-            continue
-        for cond in status.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
-                stamp = cond.get("lastTransitionTime")
-                if isinstance(stamp, str):
-                    stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-                if stamp is not None:
-                    times.append(stamp)
-    return min(times) if times else None
 
 
 def candidate_from_status(placement: PlacementStatus, catalog: Catalog) -> Candidate:

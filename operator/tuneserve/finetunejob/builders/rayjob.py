@@ -16,9 +16,9 @@ from tuneserve.builders.raycluster import (  # noqa: F401  (RAY_VERSION, RESERVE
     RAY_VERSION, RESERVED_ENV_PREFIX, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec,
     pvc_volumes, ray_container, ray_start_resources, submitter_pod_template, with_user_env, worker_node_selector,
 )
-from tuneserve.builders.rbac import pod_service_account
+from tuneserve.finetunejob.builders.rbac import pod_service_account
 from tuneserve.catalog import AcceleratorProfile, Catalog
-from tuneserve.placement import Candidate
+from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 
 # KubeRay deletes a finished job's RayCluster this long after the job ends: its accelerators are

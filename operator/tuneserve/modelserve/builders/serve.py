@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneserve.adapters import render_adapters_json
+from tuneserve.modelserve.adapters import render_adapters_json
 from tuneserve.api.modelserve import VLLM_QUANTIZATION, ModelServe
 from tuneserve.builders.common import (
     adapters_configmap_name, object_meta, openai_service_name, serve_status_configmap_name,
 )
-from tuneserve.placement import Candidate
+from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 
 

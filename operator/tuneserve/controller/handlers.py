@@ -1,6 +1,6 @@
-"""kopf wiring, kept thin: indexes of what the reconcile needs, and one reconcile entry point run
-on every FineTuneJob event and on a timer. The logic lives in reconcile.py (pure) and kubeapi.py
-(writes). Handlers return nothing and never sleep; they raise kopf.TemporaryError to retry.
+"""kopf wiring, kept thin: one reconcile entry point per kind, run on every event and on a timer.
+The logic lives in each kind's reconcile.py (pure), the reads in indexes.py, the writes in
+kubeapi.py. Handlers return nothing and never sleep; they raise kopf.TemporaryError to retry.
 """
 from __future__ import annotations
 
@@ -15,17 +15,16 @@ import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from tuneserve import API_GROUP, API_VERSION
-from tuneserve.builders.common import JOB_LABEL, MANAGED_BY, SERVE_LABEL, progress_configmap_name
+from tuneserve import API_GROUP
+from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap_name
 from tuneserve.catalog import Catalog, load_catalog
-from tuneserve.kubeapi import KubeApi
-from tuneserve.reconcile import Plan, World, plan_finetunejob
-from tuneserve.reconcile_serve import ServeWorld, plan_modelserve
+from tuneserve.controller.indexes import FTJ, MS, children, everything, of_kind
+from tuneserve.controller.kubeapi import KubeApi
+from tuneserve.core.plan import Plan
+from tuneserve.finetunejob.reconcile import World, plan_finetunejob
+from tuneserve.modelserve.reconcile import ServeWorld, plan_modelserve
 
 log = logging.getLogger(__name__)
-FTJ = (API_GROUP, API_VERSION, "finetunejobs")
-MS = (API_GROUP, API_VERSION, "modelserves")
-MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 RESYNC_SECONDS = float(os.environ.get("TUNESERVE_RESYNC_SECONDS", "3"))
 
 
@@ -75,103 +74,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     Runtime.catalog = _load_catalog()
 
 
-# ------------------------------------------------------------------------------------- indexes
-
-def _slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What placement and fallback need of a pod: no env, no volumes, no secrets."""
-    spec, status = body.get("spec") or {}, body.get("status") or {}
-    return {
-        "metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace"),
-                     "labels": dict(body["metadata"].get("labels") or {})},
-        "spec": {"nodeName": spec.get("nodeName"),
-                 "containers": [{"resources": c.get("resources") or {}} for c in spec.get("containers") or []],
-                 "initContainers": [{"resources": c.get("resources") or {}} for c in spec.get("initContainers") or []],
-                 "overhead": spec.get("overhead")},
-        "status": {"phase": status.get("phase"), "conditions": list(status.get("conditions") or [])},
-    }
-
-
-@kopf.index("nodes")
-def nodes_index(body: kopf.Body, **_: Any) -> dict:
-    return {None: {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
-
-
-@kopf.index("pods")
-def pods_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
-    slim = _slim_pod(body)
-    keys = {None: slim}
-    for owner_label in (JOB_LABEL, SERVE_LABEL):
-        if owner_label in labels:
-            keys[(owner_label, namespace, labels[owner_label])] = slim
-    return keys
-
-
-def _owner_keys(body: kopf.Body, namespace: str, labels: Mapping[str, str]) -> dict:
-    """Children are indexed under (owner label, namespace, owner name)."""
-    return {(owner_label, namespace, labels[owner_label]): dict(body)
-            for owner_label in (JOB_LABEL, SERVE_LABEL) if owner_label in labels}
-
-
-@kopf.index("ray.io", "v1", "rayjobs", labels=MANAGED)
-def rayjobs_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
-    return _owner_keys(body, namespace, labels)
-
-
-def _child_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
-    return _owner_keys(body, namespace, labels)
-
-
-def _slim_raycluster(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the replica-bounds patch needs of a RayCluster: its worker groups' names and counts."""
-    keep = ("groupName", "replicas", "minReplicas", "maxReplicas")
-    groups = (body.get("spec") or {}).get("workerGroupSpecs") or []
-    return {"metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace")},
-            "spec": {"workerGroupSpecs": [{k: g[k] for k in keep if k in g} for g in groups]}}
-
-
-@kopf.index("ray.io", "v1", "rayclusters", labels=MANAGED)
-def rayclusters_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
-    """RayClusters KubeRay made from a ModelServe's RayService (it copies the RayService's labels),
-    under the ModelServe's key. The FineTuneJobs' RayJob clusters are not needed."""
-    if SERVE_LABEL not in labels:
-        return {}
-    return {(SERVE_LABEL, namespace, labels[SERVE_LABEL]): _slim_raycluster(body)}
-
-
-for _resource in (("", "v1", "configmaps"), ("", "v1", "serviceaccounts"),
-                  ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"),
-                  ("ray.io", "v1", "rayservices")):
-    kopf.index(*_resource, labels=MANAGED, id=f"children_{_resource[2]}")(_child_index)
-
-
-@kopf.index(*FTJ)
-def finetunejobs_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-    """ModelServes read the FineTuneJobs their adapters come from (phase, artifact, base model)."""
-    return {(namespace, name): {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
-
-
 # ----------------------------------------------------------------------------------- reconcile
-
-def _all(index: kopf.Index, key: Any = None) -> list:
-    return list(index.get(key, []))
-
-
-CHILD_INDEXES = ("children_configmaps", "children_serviceaccounts", "children_roles", "children_rolebindings",
-                 "children_rayservices", "rayjobs_index")
-
-
-def _children(key: tuple, indexes: Mapping[str, kopf.Index]) -> dict:
-    return {(obj["kind"], obj["metadata"]["name"]): obj for idx in CHILD_INDEXES for obj in indexes[idx].get(key, [])}
-
 
 def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> World:
     key = (JOB_LABEL, namespace, name)
-    children = _children(key, indexes)
-    ray_jobs = {obj["metadata"]["name"]: obj for obj in indexes["rayjobs_index"].get(key, [])}
-    progress = children.get(("ConfigMap", progress_configmap_name(name)))
+    live = children(key, indexes)
+    progress = live.get(("ConfigMap", progress_configmap_name(name)))
     api = Runtime.api
-    return World(nodes=_all(indexes["nodes_index"]), pods=_all(indexes["pods_index"]),
-                 job_pods=_all(indexes["pods_index"], key), ray_jobs=ray_jobs, children=children,
+    return World(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
+                 job_pods=everything(indexes["pods_index"], key), ray_jobs=of_kind(live, "RayJob"), children=live,
                  progress_configmap=progress, secret_keys=lambda secret: api.secret_keys(namespace, secret))
 
 
@@ -210,8 +121,8 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
     jobs = {ref: next(iter(indexes["finetunejobs_index"].get((namespace, ref), [])), None) for ref in refs}
     ray_clusters = {obj["metadata"]["name"]: obj for obj in indexes["rayclusters_index"].get(key, [])}
     api = Runtime.api
-    return ServeWorld(nodes=_all(indexes["nodes_index"]), pods=_all(indexes["pods_index"]),
-                      serve_pods=_all(indexes["pods_index"], key), children=_children(key, indexes), jobs=jobs,
+    return ServeWorld(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
+                      serve_pods=everything(indexes["pods_index"], key), children=children(key, indexes), jobs=jobs,
                       secret_keys=lambda secret: api.secret_keys(namespace, secret), ray_clusters=ray_clusters)
 
 

@@ -1,4 +1,4 @@
-"""One ModelServe reconcile as a pure plan (see reconcile.py for the FineTuneJob one).
+"""One ModelServe reconcile as a pure plan (see finetunejob/reconcile.py for the FineTuneJob one).
 
 Placement is decided once and kept; it is decided again only when a field that rolls out a new
 Ray cluster changed (base model, engine, accelerators: not adapters or replicas) or when the
@@ -19,20 +19,21 @@ from typing import Any, Callable, Mapping, Optional
 
 from pydantic import ValidationError
 
-from tuneserve.adapters import read_replica_reports, resolve_adapters
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.modelserve_status import ModelServeStatus, ServeConditionReason
 from tuneserve.api.status import ChoiceRejection, RejectionCode
-from tuneserve.builders import build_modelserve_children, raycluster_scaling_patch
 from tuneserve.builders.common import rayservice_name
+from tuneserve.builders.rayservice import raycluster_scaling_patch
 from tuneserve.catalog import Catalog
-from tuneserve.inventory import build_inventory
-from tuneserve.kubeapi import needs_apply, with_applied_hash
-from tuneserve.placement import fallback_verdict, unschedulable_since
-from tuneserve.reconcile import Event, JsonPatch, Plan, finish, missing_secrets, readable
-from tuneserve.serve_placement import decide_serve_placement, serve_candidate
-from tuneserve.serve_status import ServeObserved, derive_modelserve_status, status_patch, timed_out_history
-from tuneserve.sizing import ModelSizeUnknown
+from tuneserve.core.hashing import needs_apply, with_applied_hash
+from tuneserve.core.plan import Event, JsonPatch, Plan, finish, missing_secrets, readable
+from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
+from tuneserve.core.scheduling.inventory import build_inventory
+from tuneserve.core.sizing import ModelSizeUnknown
+from tuneserve.modelserve.adapters import read_replica_reports, resolve_adapters
+from tuneserve.modelserve.builders.children import build_modelserve_children
+from tuneserve.modelserve.placement import decide_serve_placement, serve_candidate
+from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status, status_patch, timed_out_history
 
 ROLLOUT_ANNOTATION = "tuneserve.dev/rollout-fingerprint"
 IN_PLACE_FIELDS = ("adapters", "replicas")

@@ -8,7 +8,7 @@ from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.builders.common import (
     CONFIG_FILE, config_configmap_name, object_meta, progress_configmap_name,
 )
-from tuneserve.placement import Candidate
+from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 
 

@@ -19,8 +19,9 @@ from tuneserve.api.status import (
     RejectionCode, UsageStatus,
 )
 from tuneserve.builders.common import rayjob_name
-from tuneserve.placement import Outcome, PlacementDecision
-from tuneserve.sizing import format_duration
+from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.finetunejob.placement import PlacementDecision
+from tuneserve.core.sizing import format_duration
 from tuneserve_workers.contract import Progress
 
 R = ConditionReason

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Mapping, Optional
 
-from tuneserve.adapters import AdapterResolution, ReplicaReports, adapter_states
+from tuneserve.modelserve.adapters import AdapterResolution, ReplicaReports, adapter_states
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.modelserve_status import (
     AdapterState, AdapterStatus, ModelServeStatus, ReplicaStatus, ServeCondition, ServeConditionReason,
@@ -19,9 +19,9 @@ from tuneserve.api.modelserve_status import (
 )
 from tuneserve.api.status import ChoiceRejection, ConditionStatus, RejectionCode, StatusModel
 from tuneserve.builders.common import rayservice_name
-from tuneserve.builders.serve import endpoint_url
-from tuneserve.placement import Outcome
-from tuneserve.serve_placement import ServePlacementDecision
+from tuneserve.modelserve.builders.serve import endpoint_url
+from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.modelserve.placement import ServePlacementDecision
 from tuneserve_workers.contract import SERVE_FAILURE_REPORT_SECONDS
 
 R = ServeConditionReason

@@ -1,0 +1,125 @@
+"""kopf indexes: the operator's read side. Nodes and pods (slimmed) for placement, the FineTuneJobs
+ModelServes read their adapters from, RayClusters for the replica bounds, and every child kind the
+builders render, under (owner label, namespace, owner name). ``CHILD_KINDS`` is the one registry of
+those child kinds: it registers their indexes, and a unit test checks that every kind a builder
+returns is in it (a child without an index would be re-applied on every reconcile)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import kopf
+
+from tuneserve import API_GROUP, API_VERSION
+from tuneserve.builders.common import JOB_LABEL, MANAGED_BY, SERVE_LABEL
+
+FTJ = (API_GROUP, API_VERSION, "finetunejobs")
+MS = (API_GROUP, API_VERSION, "modelserves")
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+@dataclass(frozen=True)
+class ChildKind:
+    """A kind the operator renders and applies, indexed by owner."""
+    api_version: str   # "v1", "rbac.authorization.k8s.io/v1", ...
+    kind: str
+    plural: str
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    @property
+    def index_id(self) -> str:
+        return f"children_{self.plural}"
+
+
+CHILD_KINDS = (
+    ChildKind("v1", "ConfigMap", "configmaps"),
+    ChildKind("v1", "ServiceAccount", "serviceaccounts"),
+    ChildKind("rbac.authorization.k8s.io/v1", "Role", "roles"),
+    ChildKind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings"),
+    ChildKind("ray.io/v1", "RayJob", "rayjobs"),
+    ChildKind("ray.io/v1", "RayService", "rayservices"),
+)
+
+
+def _slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What placement and fallback need of a pod: no env, no volumes, no secrets."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    return {
+        "metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace"),
+                     "labels": dict(body["metadata"].get("labels") or {})},
+        "spec": {"nodeName": spec.get("nodeName"),
+                 "containers": [{"resources": c.get("resources") or {}} for c in spec.get("containers") or []],
+                 "initContainers": [{"resources": c.get("resources") or {}} for c in spec.get("initContainers") or []],
+                 "overhead": spec.get("overhead")},
+        "status": {"phase": status.get("phase"), "conditions": list(status.get("conditions") or [])},
+    }
+
+
+@kopf.index("nodes")
+def nodes_index(body: kopf.Body, **_: Any) -> dict:
+    return {None: {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
+
+
+@kopf.index("pods")
+def pods_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
+    slim = _slim_pod(body)
+    keys = {None: slim}
+    for owner_label in (JOB_LABEL, SERVE_LABEL):
+        if owner_label in labels:
+            keys[(owner_label, namespace, labels[owner_label])] = slim
+    return keys
+
+
+def _slim_raycluster(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the replica-bounds patch needs of a RayCluster: its worker groups' names and counts."""
+    keep = ("groupName", "replicas", "minReplicas", "maxReplicas")
+    groups = (body.get("spec") or {}).get("workerGroupSpecs") or []
+    return {"metadata": {"name": body["metadata"]["name"], "namespace": body["metadata"].get("namespace")},
+            "spec": {"workerGroupSpecs": [{k: g[k] for k in keep if k in g} for g in groups]}}
+
+
+@kopf.index("ray.io", "v1", "rayclusters", labels=MANAGED)
+def rayclusters_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
+    """RayClusters KubeRay made from a ModelServe's RayService (it copies the RayService's labels),
+    under the ModelServe's key. The FineTuneJobs' RayJob clusters are not needed."""
+    if SERVE_LABEL not in labels:
+        return {}
+    return {(SERVE_LABEL, namespace, labels[SERVE_LABEL]): _slim_raycluster(body)}
+
+
+@kopf.index(*FTJ)
+def finetunejobs_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+    """ModelServes read the FineTuneJobs their adapters come from (phase, artifact, base model)."""
+    return {(namespace, name): {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
+
+
+def _child_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
+    """Children are indexed under (owner label, namespace, owner name)."""
+    return {(owner_label, namespace, labels[owner_label]): dict(body)
+            for owner_label in (JOB_LABEL, SERVE_LABEL) if owner_label in labels}
+
+
+for _child in CHILD_KINDS:
+    kopf.index(_child.group, _child.version, _child.plural, labels=MANAGED, id=_child.index_id)(_child_index)
+
+
+def everything(index: kopf.Index, key: Any = None) -> list:
+    return list(index.get(key, []))
+
+
+def children(key: tuple, indexes: Mapping[str, kopf.Index]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """(kind, name) -> live child of the owner ``key``, over every child kind's index."""
+    return {(obj["kind"], obj["metadata"]["name"]): obj
+            for child in CHILD_KINDS for obj in indexes[child.index_id].get(key, [])}
+
+
+def of_kind(live: Mapping[tuple[str, str], Mapping[str, Any]], kind: str) -> dict[str, Mapping[str, Any]]:
+    """The live children of one kind, by name."""
+    return {name: obj for (k, name), obj in live.items() if k == kind}

@@ -1,0 +1,139 @@
+"""Does a candidate fit the cluster: node matching (labels, taints, resources) and free versus
+idle capacity per pool. Shared by both kinds' placement; typed on the pod options every Ray
+workload spec has (``api.workload.RayPodOptions``), so it knows neither kind."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from enum import Enum
+from typing import Any, Mapping, Optional, Protocol
+
+from tuneserve.api.common import Toleration
+from tuneserve.api.status import RejectionCode
+from tuneserve.catalog import AcceleratorProfile
+from tuneserve.core.scheduling.inventory import Inventory, NodeSnapshot, parse_quantity, tolerates
+from tuneserve_workers.contract import DataParallel
+
+
+class PodOptions(Protocol):
+    """What placement reads of a spec (FineTuneJobSpec and ModelServeSpec both have these)."""
+    tolerations: Optional[list[Toleration]]
+    node_selector: Optional[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A concrete choice: one catalog profile, with a worker layout."""
+    profile: AcceleratorProfile
+    devices_per_worker: int
+    workers: int
+    label: str  # "choice 2" or "auto"
+    # How the ranks share the model (FineTuneJob sizing decides; ModelServe: unused).
+    data_parallel: DataParallel = DataParallel.replicated
+
+    @property
+    def key(self) -> str:
+        return f"{self.profile.key} {self.workers}x{self.devices_per_worker}"
+
+    @property
+    def devices(self) -> int:
+        return self.workers * self.devices_per_worker
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: one per device (``contract.AcceleratorRuntime.world_size``)."""
+        return self.workers * max(1, self.devices_per_worker)
+
+    @property
+    def display(self) -> str:
+        return f"{self.profile.display_name} x{self.devices}"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    choice: str
+    code: RejectionCode
+    message: str
+
+
+class Outcome(str, Enum):
+    Placed = "Placed"            # fits now
+    Waiting = "Waiting"          # could fit; capacity busy
+    Unplaceable = "Unplaceable"  # no choice can run
+
+
+@dataclass(frozen=True)
+class Fit:
+    pool: Optional[str]
+    fits_now: bool
+    could_fit: bool
+    message: str
+    code: Optional[RejectionCode] = None
+
+
+def user_tolerations(spec: PodOptions) -> list[dict[str, Any]]:
+    return [t.to_wire() for t in spec.tolerations or []]
+
+
+def pod_tolerations(profile: AcceleratorProfile, spec: PodOptions) -> list[dict[str, Any]]:
+    """The accelerator's tolerations, then the user's (duplicates dropped)."""
+    out: list[dict[str, Any]] = []
+    for tol in [t.model_dump(exclude_none=True) for t in profile.tolerations] + user_tolerations(spec):
+        if tol not in out:
+            out.append(tol)
+    return out
+
+
+def node_matches(node: NodeSnapshot, profile: AcceleratorProfile, spec: PodOptions) -> bool:
+    """Labels (catalog + user nodeSelector), label alternatives, taints, schedulability."""
+    if not node.schedulable:
+        return False
+    wanted = {**profile.node_labels, **(spec.node_selector or {})}
+    if any(node.labels.get(k) != v for k, v in wanted.items()):
+        return False
+    if any(node.labels.get(k) not in values for k, values in profile.node_labels_any_of.items()):
+        return False
+    if profile.resource_name and node.allocatable.get(profile.resource_name, Decimal(0)) <= 0:
+        return False
+    tolerations = pod_tolerations(profile, spec)
+    return all(tolerates(tolerations, taint) for taint in node.taints if taint.effect in ("NoSchedule", "NoExecute"))
+
+
+def _slots(amounts: Mapping[str, Decimal], request: Mapping[str, Decimal]) -> int:
+    return min((int(amounts.get(r, Decimal(0)) // q) for r, q in request.items() if q > 0), default=0)
+
+
+def fit_candidate(candidate: Candidate, spec: PodOptions, inventory: Inventory) -> Fit:
+    profile = candidate.profile
+    request = {k: parse_quantity(v) for k, v in profile.worker_resources(candidate.devices_per_worker).items()}
+    device_resource = profile.resource_name or "cpu"
+    need = f"needs {candidate.workers} worker{'s' if candidate.workers > 1 else ''} x {request[device_resource]} {device_resource}"
+    nodes = [n for n in inventory.nodes if node_matches(n, profile, spec)]
+    if not nodes:
+        where = ", ".join([f"{k}={v}" for k, v in {**profile.node_labels, **(spec.node_selector or {})}.items()]
+                          + [f"{k} in ({'|'.join(v)})" for k, v in profile.node_labels_any_of.items()])
+        return Fit(None, False, False, f"no schedulable node has {profile.display_name}"
+                    + (f" (labels {where}" + (f", resource {profile.resource_name})" if profile.resource_name else ")") if where else ""),
+                    RejectionCode.NoMatchingNodes)
+    pools: dict[str, list[NodeSnapshot]] = {}
+    for node in nodes:
+        pools.setdefault(node.pool, []).append(node)
+    busy_parts, could_pool = [], None
+    for pool in sorted(pools):
+        members = pools[pool]
+        free_slots = sum(_slots(n.free, request) for n in members)
+        idle_slots = sum(_slots(n.allocatable, request) for n in members)
+        if free_slots >= candidate.workers:
+            return Fit(pool, True, True, f"{need}; pool {pool} has room for {free_slots}")
+        free_devices = [int(n.free.get(device_resource, 0)) for n in members]
+        prefix = f"pool {pool}: " if len(pools) > 1 else ""
+        busy_parts.append(f"{prefix}free per node: {free_devices}")
+        if idle_slots >= candidate.workers and could_pool is None:
+            could_pool = pool
+    detail = "; ".join(busy_parts)
+    if could_pool is not None:
+        return Fit(could_pool, False, True, f"{need}, {detail}", RejectionCode.Busy)
+    alloc = [int(n.allocatable.get(device_resource, 0)) for n in nodes]
+    return Fit(None, False, False, f"{need}, but even idle the matching nodes hold fewer (allocatable per node: {alloc})",
+                RejectionCode.InsufficientCapacity)
+
