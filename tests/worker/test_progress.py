@@ -53,6 +53,13 @@ def fake_apiserver(tmp_path):
             self.end_headers()
             self.wfile.write(b"{}")
 
+        def do_GET(self):
+            seen.append({"path": self.path, "headers": dict(self.headers), "body": None})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps({"data": {"adapters.json": "[]"}}).encode())
+
         def log_message(self, *args):
             pass
 
@@ -107,3 +114,28 @@ def test_reporting_failures_never_stop_training(fake_apiserver, tmp_path, monkey
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("x")
     Reporter(str(blocked / "ckpt"), min_interval_s=0).update(state="Running", step=5)  # must not raise
+
+
+def test_progress_and_serve_report_share_one_kube_client_and_its_service_account_override(
+        fake_apiserver, monkeypatch):
+    from tuneserve_workers import kube
+    from tuneserve_workers.serve.report import ConfigMapKeySink, ConfigMapKeySource
+    server, seen, sa = fake_apiserver
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.server_address[1]))
+    monkeypatch.setenv(kube.SA_DIR_ENV, str(sa))          # no sa_dir argument anywhere below
+    calls = []
+    real_call = kube.ConfigMap._call
+    monkeypatch.setattr(kube.ConfigMap, "_call",
+                        lambda self, *a: calls.append(type(self).__name__) or real_call(self, *a))
+
+    assert kube.in_cluster()
+    ConfigMapSink("team-a/job1-progress").write('{"step": 1}')
+    ConfigMapKeySink("team-a/ms-serve-status").write("replica.a.json", '{"state": "Ready"}')
+    assert ConfigMapKeySource("team-a/ms-adapters", "adapters.json").read() == b"[]"
+
+    assert calls == ["ConfigMapSink", "ConfigMapKeySink", "ConfigMapKeySource"]
+    assert [r["headers"]["Authorization"] for r in seen] == ["Bearer s3cr3t-token"] * 3
+    assert [r["path"].rsplit("/", 1)[1] for r in seen] == ["job1-progress", "ms-serve-status", "ms-adapters"]
+    assert seen[0]["body"] == {"data": {PROGRESS_KEY: '{"step": 1}'}}
+    assert seen[1]["body"] == {"data": {"replica.a.json": '{"state": "Ready"}'}}

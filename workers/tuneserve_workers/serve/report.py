@@ -1,8 +1,8 @@
 """Per-replica status report for the operator: a ``ServeReplicaReport`` (contract.py) written under
 key ``replica_report_key(replica_id)`` of the ConfigMap ``ServeAppConfig.status_configmap``
-(merge patch of that one key with the pod's service-account token, so replicas never conflict),
-on every adapter state change and every ``SERVE_HEARTBEAT_SECONDS`` (the operator ignores reports
-older than ``SERVE_REPORT_STALE_SECONDS``: a dead replica ages out).
+(a merge patch of that one key through kube.py, so replicas never conflict), on every adapter
+state change and every ``SERVE_HEARTBEAT_SECONDS`` (the operator ignores reports older than
+``SERVE_REPORT_STALE_SECONDS``: a dead replica ages out).
 
 ``TUNESERVE_SERVE_STATUS_DIR`` additionally (or, outside Kubernetes, only) writes the same
 documents as files ``<dir>/<key>``; the tests read those. Publishing never raises.
@@ -13,49 +13,23 @@ import asyncio
 import json
 import logging
 import os
-import ssl
-import urllib.request
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
-from .. import contract
+from .. import contract, kube
 
 log = logging.getLogger("tuneserve.serve.report")
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 STATUS_DIR_ENV = "TUNESERVE_SERVE_STATUS_DIR"
 
 
-class _ConfigMapAPI:
-    """One ConfigMap through the in-cluster API with the pod's service-account token."""
+class ConfigMapKeySink(kube.ConfigMap):
+    """Writes the replica's key of the status ConfigMap (a merge patch of that one key)."""
 
-    def __init__(self, ref: str, *, sa_dir: str = SA_DIR, timeout_s: float = 5.0):
-        self.namespace, _, self.name = ref.partition("/")
-        if not self.name:
-            raise ValueError(f"a ConfigMap reference must be '<namespace>/<name>', got {ref!r}")
-        host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        self.api, self.sa_dir, self.timeout_s = f"https://{host}:{port}", sa_dir, timeout_s
-
-    def _call(self, method: str, body: Optional[dict] = None) -> dict:
-        with open(os.path.join(self.sa_dir, "token")) as f:
-            token = f.read().strip()
-        ctx = ssl.create_default_context(cafile=os.path.join(self.sa_dir, "ca.crt"))
-        url = f"{self.api}/api/v1/namespaces/{self.namespace}/configmaps/{self.name}"
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/merge-patch+json"
-        req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                     method=method, headers=headers)
-        with urllib.request.urlopen(req, context=ctx, timeout=self.timeout_s) as resp:
-            return json.loads(resp.read() or b"{}")
-
-
-class ConfigMapKeySink(_ConfigMapAPI):
     def write(self, key: str, doc: str) -> None:
-        self._call("PATCH", {"data": {key: doc}})
+        self.patch_key(key, doc)
 
 
-class ConfigMapKeySource(_ConfigMapAPI):
+class ConfigMapKeySource(kube.ConfigMap):
     """Reads one key of a ConfigMap: the desired adapter set as the operator just wrote it, seconds
     earlier than the kubelet refreshes the mounted copy (up to a minute or more)."""
 
@@ -64,14 +38,7 @@ class ConfigMapKeySource(_ConfigMapAPI):
         self.key = key
 
     def read(self) -> bytes:
-        data = self._call("GET").get("data") or {}
-        if self.key not in data:
-            raise FileNotFoundError(f"ConfigMap {self.namespace}/{self.name} has no key {self.key!r}")
-        return data[self.key].encode()
-
-
-def in_cluster(sa_dir: str = SA_DIR) -> bool:
-    return os.path.exists(os.path.join(sa_dir, "token"))
+        return self.get_key(self.key)
 
 
 class FileSink:

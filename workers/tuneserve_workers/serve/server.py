@@ -20,12 +20,13 @@ import uuid
 from typing import Optional
 
 from ..contract import ADAPTERS_FILE_ENV, ADAPTERS_KEY, SERVE_STATUS_CONFIGMAP_ENV, ServeAppConfig
+from ..kube import in_cluster
 from .adapters import LOADED, AdapterReconciler
 from .engine_dtype import resolve_engine_dtype, stored_dtype
 from .engine_output import EngineOutput
 from .failure import failure_cause
 from .metrics import ServeMetrics
-from .report import ConfigMapKeySource, StatusPublisher, build_report, in_cluster
+from .report import ConfigMapKeySource, StatusPublisher, build_report
 
 log = logging.getLogger("tuneserve.serve")
 

@@ -2,54 +2,32 @@
 
 ``progress.json`` goes beside the checkpoints (durable); when ``TUNESERVE_PROGRESS_CONFIGMAP``
 ("<namespace>/<name>") is set, the same document is merge-patched into that ConfigMap with the
-pod's service-account token over plain HTTPS (urllib; no kubernetes client in the worker).
+pod's service-account token (kube.py, the workers' one in-cluster client).
 Reporting never stops training: every failure is logged and training goes on. Writes are
 throttled to one per ``min_interval_s`` except state changes and forced writes.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import ssl
 import time
-import urllib.request
 from datetime import datetime, timezone
 
+from .. import kube
 from ..contract import PROGRESS_CONFIGMAP_ENV, PROGRESS_FILE, PROGRESS_KEY, Progress
 from .storage import Location
 
 log = logging.getLogger(__name__)
-# Where the pod's service-account token and CA are; TUNESERVE_SERVICEACCOUNT_DIR overrides it for
-# a worker run outside a pod (the demo runs the real worker against the local control plane).
-SA_DIR = os.environ.get("TUNESERVE_SERVICEACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount")
 
 
-class ConfigMapSink:
-    """Merge-patches one key of one ConfigMap through the in-cluster API endpoint."""
+class ConfigMapSink(kube.ConfigMap):
+    """Merge-patches ``progress.json`` of the progress ConfigMap (kube.py: token, CA, override)."""
 
-    def __init__(self, ref: str, *, sa_dir: str = SA_DIR, api: str | None = None,
-                 timeout_s: float = 5.0):
-        self.namespace, _, self.name = ref.partition("/")
-        if not self.name:
-            raise ValueError(f"{PROGRESS_CONFIGMAP_ENV} must be '<namespace>/<name>', got {ref!r}")
-        host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
-        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-        self.api = api or f"https://{host}:{port}"
-        self.sa_dir, self.timeout_s = sa_dir, timeout_s
+    def __init__(self, ref: str, **kw):
+        super().__init__(ref, what=PROGRESS_CONFIGMAP_ENV, **kw)
 
     def write(self, doc: str) -> None:
-        with open(os.path.join(self.sa_dir, "token")) as f:
-            token = f.read().strip()
-        ctx = ssl.create_default_context(cafile=os.path.join(self.sa_dir, "ca.crt"))
-        url = f"{self.api}/api/v1/namespaces/{self.namespace}/configmaps/{self.name}"
-        body = json.dumps({"data": {PROGRESS_KEY: doc}}).encode()
-        req = urllib.request.Request(url, data=body, method="PATCH", headers={
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/merge-patch+json",
-            "Accept": "application/json"})
-        with urllib.request.urlopen(req, context=ctx, timeout=self.timeout_s) as resp:
-            resp.read()
+        self.patch_key(PROGRESS_KEY, doc)
 
 
 class Reporter:
