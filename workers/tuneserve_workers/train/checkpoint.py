@@ -12,6 +12,9 @@ directory renamed into place (atomic). On an object store, where rename is a cop
 uploaded to their final prefix and ``COMMITTED`` is uploaded last; a reader that sees the marker
 sees every file. Either way a checkpoint counts only if its marker parses and every file matches
 its digest, so a truncated or half-uploaded newest checkpoint is skipped for the previous one.
+
+The store publishes and finds checkpoint directories without looking inside their files; the
+format of ``state.pt`` (counters, optimizer, scheduler, RNG) is its sibling state.py.
 """
 from __future__ import annotations
 

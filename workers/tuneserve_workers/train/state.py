@@ -1,4 +1,6 @@
-"""What a checkpoint holds besides the adapter: counters, optimizer, scheduler, per-rank RNG.
+"""The checkpoint-state format: ``state.pt``, what a checkpoint holds besides the adapter
+(counters, optimizer, scheduler, per-rank RNG). checkpoint.py, its sibling, publishes the
+directories it lives in (atomic, digested, keep-last-K) and never reads it.
 
 ``state.pt`` is independent of the world size and of the data-parallel mode: the optimizer state
 is the whole state keyed by parameter name (parallel.Parallel.optimizer_state), the data position
