@@ -10,7 +10,6 @@ documents as files ``<dir>/<key>``; the tests read those. Publishing never raise
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from datetime import datetime, timezone
@@ -56,7 +55,7 @@ class FileSink:
 
 def build_report(replica_id: str, state: str, reconciler, message: Optional[str] = None, *,
                  dtype: Optional[str] = None) -> str:
-    """The ServeReplicaReport JSON (contract shape when the contract has it, same keys otherwise)."""
+    """The ServeReplicaReport JSON (contract.py)."""
     adapters = {}
     if reconciler is not None:
         for st in reconciler.adapters.values():
@@ -66,10 +65,7 @@ def build_report(replica_id: str, state: str, reconciler, message: Optional[str]
            "adapters_digest": reconciler.file_digest if reconciler is not None else None,
            "adapters_error": reconciler.file_error if reconciler is not None else None,
            "dtype": dtype, "message": message, "updated_at": datetime.now(timezone.utc).isoformat()}
-    model = getattr(contract, "ServeReplicaReport", None)
-    if model is not None:
-        return model.model_validate(doc).model_dump_json()
-    return json.dumps(doc)
+    return contract.ServeReplicaReport.model_validate(doc).model_dump_json()
 
 
 class StatusPublisher:
@@ -77,9 +73,8 @@ class StatusPublisher:
                  configmap: Optional[str] = None):
         self.replica_id = replica_id
         self.snapshot = snapshot
-        key_fn = getattr(contract, "replica_report_key", None)
-        self.key = key_fn(replica_id) if key_fn else f"replica.{replica_id}.json"
-        self.interval = float(getattr(contract, "SERVE_HEARTBEAT_SECONDS", 15))
+        self.key = contract.replica_report_key(replica_id)
+        self.interval = float(contract.SERVE_HEARTBEAT_SECONDS)
         self.sinks = []
         if configmap:
             try:

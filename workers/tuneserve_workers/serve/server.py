@@ -21,7 +21,7 @@ from typing import Optional
 
 from ..contract import ADAPTERS_FILE_ENV, ADAPTERS_KEY, SERVE_STATUS_CONFIGMAP_ENV, ServeAppConfig
 from ..kube import in_cluster
-from .adapters import LOADED, AdapterReconciler
+from .adapters import AdapterReconciler
 from .engine_dtype import resolve_engine_dtype, stored_dtype
 from .engine_output import EngineOutput
 from .failure import failure_cause

@@ -24,8 +24,6 @@ from ..cpu import CpuBf16
 from .errors import ConfigError, ResourceError
 
 _DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16, Precision.fp32: torch.float32}
-_ELEM_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)

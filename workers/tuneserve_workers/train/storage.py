@@ -52,10 +52,6 @@ def local_path(uri: str) -> str | None:
     return None
 
 
-def is_local(uri: str) -> bool:
-    return local_path(uri) is not None
-
-
 class Location:
     """A URI plus the fsspec filesystem and path it resolves to."""
 
