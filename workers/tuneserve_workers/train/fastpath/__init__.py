@@ -93,27 +93,39 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
     else:
         st.reason = "fuse_layers=False"
     if compile:
-        import torch._dynamo as dynamo
-        # One graph serves every layer (same shapes); leave headroom for the few variants
-        # (first layer's input needs no grad, train/eval).
-        for key in ("recompile_limit", "cache_size_limit"):
-            if hasattr(dynamo.config, key):
-                setattr(dynamo.config, key, max(getattr(dynamo.config, key), 64))
-        if not st.fused:
-            for layer in _decoder(_causal_lm(model)).layers:
-                layer.compile(dynamic=False)
-        st.ce_chunk_fn = torch.compile(_ce_chunk, dynamic=False)
+        _compile_unfused(model, st)
     if st.fused:
-        fns = {}
-        for p in st.layers:
-            meta = _layer_meta(p)
-            if meta not in fns:
-                fn = _make_layer_fn(st, meta)
-                fns[meta] = torch.compile(fn, dynamic=False) if compile else fn
-            st.layer_fns.append(fns[meta])
+        st.layer_fns = _layer_fns(st, compile)
     setattr(model, _STATE_ATTR, st)
     return model
 
+
+
+def _compile_unfused(model: nn.Module, st: _FastState) -> None:
+    """torch.compile what the fused layers do not cover: the CE chunk, PEFT's layers if unfused."""
+    import torch._dynamo as dynamo
+    # One graph serves every layer (same shapes); leave headroom for the few variants
+    # (first layer's input needs no grad, train/eval).
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, key):
+            setattr(dynamo.config, key, max(getattr(dynamo.config, key), 64))
+    if not st.fused:
+        for layer in _decoder(_causal_lm(model)).layers:
+            layer.compile(dynamic=False)
+    st.ce_chunk_fn = torch.compile(_ce_chunk, dynamic=False)
+
+
+def _layer_fns(st: _FastState, compile: bool) -> list:
+    """One layer function per fused layer; layers with equal _layer_meta share one (compiled)."""
+    fns: dict = {}
+    out = []
+    for p in st.layers:
+        meta = _layer_meta(p)
+        if meta not in fns:
+            fn = _make_layer_fn(st, meta)
+            fns[meta] = torch.compile(fn, dynamic=False) if compile else fn
+        out.append(fns[meta])
+    return out
 
 def reset_fastpath(model: nn.Module) -> None:
     """Forget what optimize_for_training set up (compiled graphs too); weights stay as they are.
