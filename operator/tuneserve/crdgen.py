@@ -22,7 +22,7 @@ from tuneserve import API_GROUP, API_VERSION
 from tuneserve.api import finetunejob as ftj
 from tuneserve.api import modelserve as ms
 from tuneserve.api.modelserve_status import ModelServeStatus
-from tuneserve.api.status import FineTuneJobStatus
+from tuneserve.api.finetunejob_status import FineTuneJobStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "crds"

@@ -8,9 +8,11 @@ import pytest
 from helpers import load_example
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
-from tuneserve.api.status import ConditionReason, ConditionStatus, ConditionType, Phase, RejectionCode
+from tuneserve.api.conditions import ConditionStatus, RejectionCode
+from tuneserve.api.finetunejob_status import ConditionReason, ConditionType, Phase
 from tuneserve.catalog import load_catalog
-from tuneserve.finetunejob.status import Observed, derive_status, money, status_patch, timed_out_history
+from tuneserve.core.status import status_patch, timed_out_history
+from tuneserve.finetunejob.status import Observed, derive_status, money
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.finetunejob.placement import decide_placement
 from tuneserve_workers.contract import CheckpointRef, Progress
@@ -108,7 +110,7 @@ def test_fallback_keeps_history_and_usage():
     s2 = derive_status(j, Observed(ray_job=ray_job("Initializing", start="2026-09-01T12:00:00Z")), T0 + timedelta(minutes=30), s1)
     history = {"nvidia/h100-80gb 1x8": "nvidia/h100-80gb 1x8: pods unschedulable for 16m; moved on"}
     decision = decide_placement(j.spec, CATALOG, INVENTORY, timed_out=history)
-    from tuneserve.api.status import ChoiceRejection
+    from tuneserve.api.conditions import ChoiceRejection
     timed_out = (ChoiceRejection(choice="nvidia/h100-80gb 1x8", code=RejectionCode.TimedOut, message=history["nvidia/h100-80gb 1x8"], at=T0),)
     s3 = derive_status(j, Observed(decision=decision, attempt=2, fallback_reason="H100 timed out", timed_out=timed_out),
                        T0 + timedelta(minutes=31), s2)

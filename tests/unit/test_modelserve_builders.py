@@ -14,7 +14,7 @@ from localcluster import HACK, build_fleet_nodes, load_fleet
 from test_builders import dump
 from tuneserve.modelserve.adapters import resolve_adapters
 from tuneserve.api.modelserve import ModelServe
-from tuneserve.api.status import RejectionCode
+from tuneserve.api.conditions import RejectionCode
 from tuneserve.builders.rayservice import build_rayservice, raycluster_scaling_patch
 from tuneserve.modelserve.builders.children import build_modelserve_children
 from tuneserve.modelserve.builders.rbac import build_serve_rbac

@@ -9,7 +9,8 @@ from test_modelserve_builders import CATALOG, INVENTORY, SUCCEEDED_FIN_V1, bank_
 from tuneserve.modelserve.adapters import adapter_states, read_replica_reports, resolve_adapters
 from tuneserve.api.modelserve_status import AdapterState, ServeConditionReason, ServeConditionType, ServePhase
 from tuneserve.modelserve.placement import decide_serve_placement
-from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status, status_patch
+from tuneserve.core.status import status_patch
+from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status
 from tuneserve_workers.contract import ReplicaAdapterReport, ServeReplicaReport, replica_report_key
 
 T0 = datetime(2026, 9, 1, 12, 0, tzinfo=timezone.utc)

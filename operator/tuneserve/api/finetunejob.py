@@ -24,7 +24,7 @@ from tuneserve.api.sources import (  # noqa: F401
     _STORAGE_WHAT, _VENDOR_PATTERN, DATASET_URI_PATTERN, MODEL_URI_PATTERN, STORAGE_URI_PATTERN,
     BaseModelSource, Credentials, ModelSizeHints, ObjectStoreCredentials,
 )
-from tuneserve.api.status import FineTuneJobStatus
+from tuneserve.api.finetunejob_status import FineTuneJobStatus
 from tuneserve.api.workload import AcceleratorSelector
 
 KIND = "FineTuneJob"

@@ -12,7 +12,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from tuneserve.api.status import ChoiceRejection, ConditionStatus, StatusModel
+from tuneserve.api.conditions import ChoiceRejection, KindCondition, Severity, StatusModel
 
 
 class ServePhase(str, Enum):
@@ -69,15 +69,31 @@ class ServeConditionReason(str, Enum):
     NoUpgrade = "NoUpgrade"
     NewClusterStarting = "NewClusterStarting"
 
+    @property
+    def severity(self) -> Severity:
+        return Severity.Warning if self in WARNING_REASONS else Severity.Normal
 
-class ServeCondition(StatusModel):
+    @property
+    def quiet_when_new(self) -> bool:
+        """An initial "not yet" condition: no Event when it first appears."""
+        return self in QUIET_INITIAL_REASONS
+
+
+# Reasons that need a person's attention: their Events are Warnings.
+WARNING_REASONS = frozenset({
+    ServeConditionReason.InvalidSpec, ServeConditionReason.ModelSizeUnknown, ServeConditionReason.NoAcceptableChoice,
+    ServeConditionReason.SecretNotFound, ServeConditionReason.FellBack, ServeConditionReason.ApplicationFailed,
+    ServeConditionReason.AdaptersFailed, ServeConditionReason.ReplicasUnavailable,
+    ServeConditionReason.AdaptersUnavailable, ServeConditionReason.ApplicationUnhealthy, ServeConditionReason.ReplicaFailed,
+})
+QUIET_INITIAL_REASONS = frozenset({
+    ServeConditionReason.AsDesired, ServeConditionReason.NoUpgrade, ServeConditionReason.NoAdapters,
+    ServeConditionReason.NotPlaced, ServeConditionReason.Placing,
+})
+
+
+class ServeCondition(KindCondition[ServeConditionType, ServeConditionReason]):
     """A metav1.Condition with ModelServe's types and reasons."""
-    type: ServeConditionType
-    status: ConditionStatus
-    reason: ServeConditionReason
-    message: str = ""
-    last_transition_time: datetime
-    observed_generation: Optional[int] = None
 
 
 class AdapterState(str, Enum):

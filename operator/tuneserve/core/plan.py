@@ -8,15 +8,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from pydantic import ValidationError
 
-# Reasons that mean "something needs a person's attention" (FineTuneJob and ModelServe alike).
-WARNING_REASONS = frozenset({"InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "TrainingFailed",
-                             "BackoffLimitExceeded", "SecretNotFound", "FellBack", "ApplicationFailed",
-                             "AdaptersFailed", "ReplicasUnavailable", "AdaptersUnavailable", "ApplicationUnhealthy",
-                             "ReplicaFailed"})
-# Initial "not yet" conditions: not worth an Event when they first appear.
-QUIET_INITIAL_REASONS = frozenset({"InProgress", "NotSuspended", "NotStarted", "NoCheckpointYet", "AsDesired",
-                                   "NoUpgrade", "NoAdapters", "NotPlaced", "Placing"})
-
 
 @dataclass
 class Event:
@@ -69,17 +60,17 @@ def missing_secrets(children: list[dict[str, Any]], lookup: Callable[[str], Opti
 
 
 def condition_events(previous: Any, new: Any) -> list[Event]:
-    """One Event per condition transition (status or reason changed), for any of our statuses."""
+    """One Event per condition transition (status or reason changed), for any of our statuses; its
+    type is the reason's severity (each kind's reason enum says which reasons are warnings)."""
     events = []
     for cond in new.conditions:
         before = previous.condition(cond.type) if previous else None
         status, reason = cond.status.value, cond.reason.value
         if before is not None and (before.status.value, before.reason.value) == (status, reason):
             continue
-        if before is None and status != "True" and reason in QUIET_INITIAL_REASONS:
+        if before is None and status != "True" and cond.reason.quiet_when_new:
             continue
-        warn = reason in WARNING_REASONS and not (cond.type.value == "Failed" and status != "True")
-        events.append(Event("Warning" if warn else "Normal", reason,
+        events.append(Event(cond.reason.severity.value, reason,
                             f"{cond.type.value}={status}: {cond.message}"[:1024]))
     return events
 

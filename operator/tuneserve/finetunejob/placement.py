@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
 from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec, Method
-from tuneserve.api.status import PlacementStatus, RejectionCode
+from tuneserve.api.conditions import RejectionCode
+from tuneserve.api.finetunejob_status import PlacementStatus
 from tuneserve.catalog import Catalog
 from tuneserve.core.scheduling.fit import Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches
 from tuneserve.core.scheduling.inventory import Inventory

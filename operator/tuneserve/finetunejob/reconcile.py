@@ -11,18 +11,20 @@ from typing import Any, Callable, Mapping, Optional
 from pydantic import ValidationError
 
 from tuneserve.api.finetunejob import FineTuneJob
-from tuneserve.api.status import TERMINAL_PHASES, ChoiceRejection, ConditionReason, FineTuneJobStatus, RejectionCode
+from tuneserve.api.conditions import ChoiceRejection, RejectionCode
+from tuneserve.api.finetunejob_status import TERMINAL_PHASES, ConditionReason, FineTuneJobStatus
 from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
 from tuneserve.catalog import Catalog
 from tuneserve.core.hashing import needs_apply, with_applied_hash
-from tuneserve.core.plan import Event, Plan, finish, missing_secrets, readable
+from tuneserve.core.plan import Plan, finish, missing_secrets, readable
 from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.sizing import ModelSizeUnknown
+from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.finetunejob.builders.children import build_finetune_children
 from tuneserve.finetunejob.placement import candidate_from_status, decide_placement
-from tuneserve.finetunejob.status import Observed, derive_status, status_patch, timed_out_history
+from tuneserve.finetunejob.status import Observed, derive_status
 from tuneserve_workers.contract import PROGRESS_KEY, Progress
 
 
@@ -58,16 +60,7 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
     try:
         job = FineTuneJob.from_body(body)
     except ValidationError as exc:
-        job = None
-        observed = Observed(spec_error=readable(exc))
-    if job is None:
-        # Status derivation needs a parsed job; report on the raw body instead.
-        status = {"phase": "Failed", "message": observed.spec_error, "observedGeneration": body["metadata"].get("generation"),
-                  "conditions": [{"type": "Accepted", "status": "False", "reason": "InvalidSpec",
-                                  "message": observed.spec_error, "lastTransitionTime": now.isoformat()}]}
-        plan.status = status
-        plan.events.append(Event("Warning", "InvalidSpec", observed.spec_error))
-        return plan
+        return invalid_spec(plan, body, readable(exc), now)   # no parsed job to derive a status from
 
     placement = previous.placement if previous else None
     attempt = placement.attempt if placement else 1

@@ -2,8 +2,9 @@
 
 ``derive_status`` never talks to the API; the operator gathers the inputs (the placement decision
 it just made, the live RayJob, the progress document) and writes the result only when
-``status_patch`` says it changed. Condition types and reasons are the closed enums in
-``tuneserve.api.status``; ``lastTransitionTime`` moves only when a condition's status flips.
+``core.status.status_patch`` says it changed. Each condition is one small function; types and
+reasons are the closed enums in ``tuneserve.api.finetunejob_status``; ``lastTransitionTime`` moves
+only when a condition's status flips.
 """
 from __future__ import annotations
 
@@ -13,22 +14,22 @@ from datetime import datetime
 from typing import Any, Mapping, Optional
 
 from tuneserve.api.finetunejob import FineTuneJob, FineTuneJobSpec
-from tuneserve.api.status import (
-    TERMINAL_PHASES, ArtifactStatus, CheckpointStatus, ChoiceRejection, Condition, ConditionReason,
-    ConditionStatus, ConditionType, Estimate, FineTuneJobStatus, Phase, PlacementStatus, ProgressStatus,
-    RejectionCode, UsageStatus,
+from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
+from tuneserve.api.finetunejob_status import (
+    TERMINAL_PHASES, ArtifactStatus, CheckpointStatus, Condition, ConditionReason, ConditionType, Estimate,
+    FineTuneJobStatus, Phase, PlacementStatus, ProgressStatus, UsageStatus,
 )
 from tuneserve.builders.common import rayjob_name
 from tuneserve.core.scheduling.fit import Outcome
-from tuneserve.finetunejob.placement import PlacementDecision
 from tuneserve.core.sizing import format_duration
+from tuneserve.core.status import (
+    ConditionSet, Verdict, accepted_condition, merge_rejections, permanent, placed_condition, unplaceable,
+)
+from tuneserve.finetunejob.placement import PlacementDecision
 from tuneserve_workers.contract import Progress
 
 R = ConditionReason
-# Rejections a bigger or emptier cluster cannot cure: when every choice fails with one of these,
-# the job fails instead of waiting for nodes.
-PERMANENT_REJECTIONS = frozenset({RejectionCode.UnknownAccelerator, RejectionCode.InsufficientMemory,
-                                  RejectionCode.Unsupported, RejectionCode.TimedOut, RejectionCode.Excluded})
+T, F = ConditionStatus.true, ConditionStatus.false
 
 
 @dataclass(frozen=True)
@@ -80,14 +81,6 @@ def _parse_time(value: Any) -> Optional[datetime]:
     if isinstance(value, str) and value:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     return None
-
-
-def _set(conditions: dict[ConditionType, Condition], previous: Optional[FineTuneJobStatus], type_: ConditionType,
-         status: ConditionStatus, reason: ConditionReason, message: str, now: datetime, generation: int) -> None:
-    before = previous.condition(type_) if previous else None
-    since = before.last_transition_time if before and before.status == status else now
-    conditions[type_] = Condition(type=type_, status=status, reason=reason, message=message,
-                                  last_transition_time=since, observed_generation=generation)
 
 
 def _progress_status(progress: Optional[Progress], estimate: Optional[Estimate],
@@ -194,188 +187,183 @@ def _usage(previous: Optional[FineTuneJobStatus], placement: Optional[PlacementS
                        projected_cost_usd=None if projected is None else round(projected, 4), cost=summary)
 
 
+@dataclass(frozen=True)
+class _RayJobView:
+    """What the status reads of the live RayJob's status."""
+    deployment: str
+    job_status: str
+    failed: int
+    message: Optional[str]
+    start_time: Optional[datetime]
+
+
+def _ray_job_view(ray_job: Optional[Mapping[str, Any]]) -> _RayJobView:
+    rj = (ray_job or {}).get("status") or {}
+    return _RayJobView(deployment=rj.get("jobDeploymentStatus", ""), job_status=rj.get("jobStatus", ""),
+                       failed=int(rj.get("failed") or 0), message=rj.get("message"),
+                       start_time=_parse_time(rj.get("startTime")))
+
+
+@dataclass(frozen=True)
+class _Placed:
+    placement: Optional[PlacementStatus]
+    estimate: Optional[Estimate]
+    rejected: list[ChoiceRejection]
+    new_attempt: bool
+
+
+def _placed(job: FineTuneJob, observed: Observed, previous: Optional[FineTuneJobStatus], now: datetime) -> _Placed:
+    """The placement, estimate and rejection history: the previous ones unless placement ran now."""
+    placement = previous.placement if previous else None
+    estimate = previous.estimate if previous else None
+    rejected = list(previous.rejected_choices) if previous else []
+    decision = observed.decision
+    if decision is None:
+        return _Placed(placement, estimate, rejected, False)
+    rejected = merge_rejections(rejected, decision.rejections, observed.timed_out, now)
+    if decision.candidate is None:
+        return _Placed(None, estimate, rejected, False)
+    new_attempt = placement is not None and placement.attempt != observed.attempt
+    return _Placed(placement_status(decision, observed.attempt, job.metadata.name, now), estimate_status(decision),
+                   rejected, new_attempt)
+
+
+def _succeeded(progress: Optional[Progress], rj: _RayJobView) -> bool:
+    return bool(progress is not None and progress.state == "Succeeded" and progress.artifact_uri) or \
+        (rj.deployment == "Complete" and rj.job_status == "SUCCEEDED")
+
+
+def _ray_job_failed(progress: Optional[Progress], rj: _RayJobView) -> bool:
+    return rj.deployment == "Failed" or (rj.deployment == "Complete" and rj.job_status in ("FAILED", "STOPPED")) or \
+        (progress is not None and progress.state == "Failed" and rj.deployment in ("Failed", "Complete"))
+
+
+def _phase(job: FineTuneJob, observed: Observed, placement: Optional[PlacementStatus], rj: _RayJobView,
+           restarts: int) -> tuple[Phase, Optional[ConditionReason], Optional[str]]:
+    """(phase, the Failed condition's reason, the status message) from what was observed."""
+    decision, progress = observed.decision, observed.progress
+    if observed.spec_error:
+        return Phase.Failed, observed.spec_error_reason, observed.spec_error
+    if unplaceable(decision):
+        assert decision is not None
+        return (Phase.Failed, R.NoAcceptableChoice, decision.reason) if permanent(decision) else \
+            (Phase.Pending, None, decision.reason)
+    if observed.blocked:
+        return Phase.Pending, None, observed.blocked
+    if _succeeded(progress, rj):
+        return Phase.Succeeded, None, None
+    if _ray_job_failed(progress, rj):
+        reason = R.BackoffLimitExceeded if restarts >= job.spec.backoff_limit > 0 else R.TrainingFailed
+        message = (progress.message if progress and progress.message else None) or rj.message or "the Ray job failed"
+        return Phase.Failed, reason, message
+    return _active_phase(job, placement, observed, rj), None, None
+
+
+def _active_phase(job: FineTuneJob, placement: Optional[PlacementStatus], observed: Observed, rj: _RayJobView) -> Phase:
+    """Neither failed nor finished: suspended, pending, waiting, starting or running."""
+    progress = observed.progress
+    if job.spec.suspend or rj.deployment in ("Suspending", "Suspended"):
+        return Phase.Suspended
+    if placement is None:
+        return Phase.Pending
+    if rj.deployment == "Running" and rj.job_status == "RUNNING" and progress is not None and \
+            progress.state in ("Running", "Checkpointing"):
+        return Phase.Running
+    if observed.ray_job is None:
+        return Phase.Waiting if placement.waiting else Phase.Pending
+    if placement.waiting and rj.deployment in ("", "Initializing"):
+        return Phase.Waiting
+    return Phase.Starting
+
+
+def _running(phase: Phase, placement: Optional[PlacementStatus], rj: _RayJobView) -> Verdict[ConditionReason]:
+    if phase == Phase.Running:
+        return Verdict(T, R.Training, f"training on {placement.accelerator if placement else '?'}")
+    if phase == Phase.Starting:
+        reason = R.Retrying if rj.deployment == "Retrying" else R.RayClusterStarting
+        return Verdict(F, reason, f"Ray job {rj.deployment or 'created'}, job status {rj.job_status or 'unknown'}")
+    if phase in TERMINAL_PHASES:
+        return Verdict(F, R.JobFinished, f"finished: {phase.value}")
+    return Verdict(F, R.NotStarted, f"phase {phase.value}")
+
+
+def _last_checkpoint(progress: Optional[Progress], previous: Optional[FineTuneJobStatus]) -> Optional[CheckpointStatus]:
+    if progress is not None and progress.last_checkpoint is not None:
+        ck = progress.last_checkpoint
+        return CheckpointStatus(uri=ck.uri, step=ck.step, time=ck.time)
+    return previous.last_checkpoint if previous else None
+
+
+def _checkpointed(last: Optional[CheckpointStatus]) -> Verdict[ConditionReason]:
+    if last:
+        return Verdict(T, R.CheckpointSaved, f"step {last.step} at {last.uri}")
+    return Verdict(F, R.NoCheckpointYet, "no checkpoint yet")
+
+
+def _suspended(phase: Phase) -> Verdict[ConditionReason]:
+    if phase == Phase.Suspended:
+        return Verdict(T, R.SuspendedByUser, "spec.suspend is true; checkpoints are kept")
+    return Verdict(F, R.NotSuspended, "")
+
+
+def _artifact(job: FineTuneJob, phase: Phase, progress: Optional[Progress],
+              previous: Optional[FineTuneJobStatus]) -> Optional[ArtifactStatus]:
+    if phase == Phase.Succeeded and progress is not None and progress.artifact_uri:
+        return ArtifactStatus(uri=progress.artifact_uri, base_model=job.spec.base_model.uri, method=job.spec.method.value,
+                              rank=job.spec.lora.rank, digest=progress.artifact_digest)
+    return previous.artifact if previous else None
+
+
+def _written(job: FineTuneJob, artifact: Optional[ArtifactStatus]) -> str:
+    return f"adapter written to {artifact.uri if artifact else job.spec.output.uri}"
+
+
+def _succeeded_condition(job: FineTuneJob, phase: Phase, artifact: Optional[ArtifactStatus]) -> Verdict[ConditionReason]:
+    if phase == Phase.Succeeded:
+        return Verdict(T, R.AdapterWritten, _written(job, artifact))
+    return Verdict(F, R.InProgress, "")
+
+
+def _failed_condition(phase: Phase, reason: Optional[ConditionReason], message: Optional[str]) -> Verdict[ConditionReason]:
+    if phase == Phase.Failed:
+        return Verdict(T, reason or R.TrainingFailed, message or "failed")
+    return Verdict(F, R.InProgress, "")
+
+
 def derive_status(job: FineTuneJob, observed: Observed, now: datetime,
                   previous: Optional[FineTuneJobStatus] = None) -> FineTuneJobStatus:
     """The whole status from this reconcile's observations. Terminal phases stay terminal."""
     gen = job.metadata.generation
     if previous and previous.phase in TERMINAL_PHASES:
         return previous.model_copy(update={"observed_generation": gen})
+    placed = _placed(job, observed, previous, now)
+    placement, progress, rj = placed.placement, observed.progress, _ray_job_view(observed.ray_job)
+    restarts = max(previous.restarts if previous else 0, rj.failed)
+    phase, failed_reason, message = _phase(job, observed, placement, rj, restarts)
+    last_ckpt = _last_checkpoint(progress, previous)
+    artifact = _artifact(job, phase, progress, previous)
 
-    conditions: dict[ConditionType, Condition] = {}
-    s = lambda t, st, r, m: _set(conditions, previous, t, st, r, m, now, gen)  # noqa: E731
-    T, F, U = ConditionStatus.true, ConditionStatus.false, ConditionStatus.unknown
-
-    placement = previous.placement if previous else None
-    estimate = previous.estimate if previous else None
-    rejected = list(previous.rejected_choices) if previous else []
-    decision = observed.decision
-    new_attempt = False
-    if decision is not None:
-        stamp = {(r.choice, r.code): r.at for r in rejected}
-        history = [r for r in rejected if r.code == RejectionCode.TimedOut] + list(observed.timed_out)
-        fresh = [ChoiceRejection(choice=r.choice, code=r.code, message=r.message, at=stamp.get((r.choice, r.code), now))
-                 for r in decision.rejections if r.code != RejectionCode.TimedOut]
-        rejected = _dedupe(history + fresh)
-        if decision.candidate is not None:
-            new_attempt = placement is not None and placement.attempt != observed.attempt
-            placement = placement_status(decision, observed.attempt, job.metadata.name, now)
-            estimate = estimate_status(decision)
-        else:
-            placement = None
-
-    progress = observed.progress
-    ray_job = observed.ray_job
-    rj = (ray_job or {}).get("status") or {}
-    deployment, job_status = rj.get("jobDeploymentStatus", ""), rj.get("jobStatus", "")
-    restarts = max(previous.restarts if previous else 0, int(rj.get("failed") or 0))
-    message: Optional[str] = None
-
-    # Accepted
-    if observed.spec_error:
-        s(ConditionType.Accepted, F, observed.spec_error_reason, observed.spec_error)
-    elif observed.blocked:
-        s(ConditionType.Accepted, F, R.SecretNotFound, observed.blocked)
-    else:
-        s(ConditionType.Accepted, T, R.SpecValid, "spec is valid and the model size is known")
-
-    # Placed
-    if observed.spec_error:
-        s(ConditionType.Placed, U, R.Placing, "not placed: the spec is not accepted")
-    elif decision is not None and decision.outcome == Outcome.Unplaceable:
-        s(ConditionType.Placed, F, R.NoAcceptableChoice, decision.reason)
-    elif placement is None:
-        s(ConditionType.Placed, U, R.Placing, "choosing an accelerator")
-    elif placement.waiting:
-        s(ConditionType.Placed, T, R.WaitingForCapacity, placement.reason)
-    elif placement.attempt > 1:
-        s(ConditionType.Placed, T, R.FellBack, (observed.fallback_reason or "fell back") + "; now: " + placement.reason)
-    else:
-        s(ConditionType.Placed, T, R.FitsNow, placement.reason)
-
-    # Phase
-    succeeded = (progress is not None and progress.state == "Succeeded" and progress.artifact_uri) or \
-        (deployment == "Complete" and job_status == "SUCCEEDED")
-    failed_reason: Optional[ConditionReason] = None
-    if observed.spec_error:
-        phase, failed_reason, message = Phase.Failed, observed.spec_error_reason, observed.spec_error
-    elif decision is not None and decision.outcome == Outcome.Unplaceable:
-        permanent = bool(decision.rejections) and all(r.code in PERMANENT_REJECTIONS for r in decision.rejections)
-        phase = Phase.Failed if permanent else Phase.Pending
-        failed_reason = R.NoAcceptableChoice if permanent else None
-        message = decision.reason
-    elif observed.blocked:
-        phase, message = Phase.Pending, observed.blocked
-    elif succeeded:
-        phase = Phase.Succeeded
-    elif deployment == "Failed" or (deployment == "Complete" and job_status in ("FAILED", "STOPPED")) or \
-            (progress is not None and progress.state == "Failed" and deployment in ("Failed", "Complete")):
-        phase = Phase.Failed
-        failed_reason = R.BackoffLimitExceeded if restarts >= job.spec.backoff_limit > 0 else R.TrainingFailed
-        message = (progress.message if progress and progress.message else None) or rj.get("message") or "the Ray job failed"
-    elif job.spec.suspend or deployment in ("Suspending", "Suspended"):
-        phase = Phase.Suspended
-    elif placement is None:
-        phase = Phase.Pending
-    elif deployment == "Running" and job_status == "RUNNING" and progress is not None and progress.state in ("Running", "Checkpointing"):
-        phase = Phase.Running
-    elif ray_job is None and placement.waiting:
-        phase = Phase.Waiting
-    elif ray_job is None:
-        phase = Phase.Pending
-    elif placement.waiting and deployment in ("", "Initializing"):
-        phase = Phase.Waiting
-    else:
-        phase = Phase.Starting
-
-    # Running
-    if phase == Phase.Running:
-        s(ConditionType.Running, T, R.Training, f"training on {placement.accelerator if placement else '?'}")
-    elif phase == Phase.Starting:
-        reason = R.Retrying if deployment == "Retrying" else R.RayClusterStarting
-        s(ConditionType.Running, F, reason, f"Ray job {deployment or 'created'}, job status {job_status or 'unknown'}")
-    elif phase in TERMINAL_PHASES:
-        s(ConditionType.Running, F, R.JobFinished, f"finished: {phase.value}")
-    else:
-        s(ConditionType.Running, F, R.NotStarted, f"phase {phase.value}")
-
-    # Checkpointed
-    last_ckpt = previous.last_checkpoint if previous else None
-    if progress is not None and progress.last_checkpoint is not None:
-        ck = progress.last_checkpoint
-        last_ckpt = CheckpointStatus(uri=ck.uri, step=ck.step, time=ck.time)
-    if last_ckpt:
-        s(ConditionType.Checkpointed, T, R.CheckpointSaved, f"step {last_ckpt.step} at {last_ckpt.uri}")
-    else:
-        s(ConditionType.Checkpointed, F, R.NoCheckpointYet, "no checkpoint yet")
-
-    # Suspended
-    if phase == Phase.Suspended:
-        s(ConditionType.Suspended, T, R.SuspendedByUser, "spec.suspend is true; checkpoints are kept")
-    else:
-        s(ConditionType.Suspended, F, R.NotSuspended, "")
-
-    # Succeeded / Failed
-    artifact = previous.artifact if previous else None
+    conditions = ConditionSet(Condition, previous, now, gen)
+    conditions.set(ConditionType.Accepted, accepted_condition(R, observed.spec_error, observed.spec_error_reason, observed.blocked))
+    conditions.set(ConditionType.Placed, placed_condition(R, observed.spec_error, observed.decision, placement,
+                                                          observed.fallback_reason))
+    conditions.set(ConditionType.Running, _running(phase, placement, rj))
+    conditions.set(ConditionType.Checkpointed, _checkpointed(last_ckpt))
+    conditions.set(ConditionType.Suspended, _suspended(phase))
+    conditions.set(ConditionType.Succeeded, _succeeded_condition(job, phase, artifact))
+    conditions.set(ConditionType.Failed, _failed_condition(phase, failed_reason, message))
     if phase == Phase.Succeeded:
-        if progress is not None and progress.artifact_uri:
-            artifact = ArtifactStatus(uri=progress.artifact_uri, base_model=job.spec.base_model.uri,
-                                      method=job.spec.method.value, rank=job.spec.lora.rank, digest=progress.artifact_digest)
-        s(ConditionType.Succeeded, T, R.AdapterWritten, f"adapter written to {artifact.uri if artifact else job.spec.output.uri}")
-        message = f"adapter written to {artifact.uri if artifact else job.spec.output.uri}"
-    else:
-        s(ConditionType.Succeeded, F, R.InProgress, "")
-    if phase == Phase.Failed:
-        s(ConditionType.Failed, T, failed_reason or R.TrainingFailed, message or "failed")
-    else:
-        s(ConditionType.Failed, F, R.InProgress, "")
-
+        message = _written(job, artifact)
     if message is None and placement is not None:
         message = placement.reason
 
-    start_time = previous.start_time if previous else None
-    if start_time is None and _parse_time(rj.get("startTime")):
-        start_time = _parse_time(rj.get("startTime"))
-    completion = now if phase in TERMINAL_PHASES else None
-
+    final = phase in TERMINAL_PHASES
     return FineTuneJobStatus(
-        phase=phase,
-        observed_generation=gen,
-        message=message,
-        conditions=[conditions[t] for t in ConditionType],
-        placement=placement,
-        rejected_choices=rejected,
-        estimate=estimate,
-        progress=_progress_status(progress, estimate, job.spec) or (previous.progress if previous else None),
-        last_checkpoint=last_ckpt,
-        artifact=artifact,
-        usage=_usage(previous, placement, new_attempt, observed, estimate, job.spec, phase in TERMINAL_PHASES, now),
-        start_time=start_time,
-        completion_time=completion,
-        restarts=restarts,
+        phase=phase, observed_generation=gen, message=message, conditions=conditions.ordered(ConditionType),
+        placement=placement, rejected_choices=placed.rejected, estimate=placed.estimate,
+        progress=_progress_status(progress, placed.estimate, job.spec) or (previous.progress if previous else None),
+        last_checkpoint=last_ckpt, artifact=artifact,
+        usage=_usage(previous, placement, placed.new_attempt, observed, placed.estimate, job.spec, final, now),
+        start_time=(previous.start_time if previous else None) or rj.start_time,
+        completion_time=now if final else None, restarts=restarts,
     )
-
-
-def _dedupe(items: list[ChoiceRejection]) -> list[ChoiceRejection]:
-    seen, out = set(), []
-    for item in items:
-        if (item.choice, item.code) not in seen:
-            seen.add((item.choice, item.code))
-            out.append(item)
-    return out
-
-
-def status_patch(previous: Optional[Mapping[str, Any]], new: FineTuneJobStatus) -> Optional[dict[str, Any]]:
-    """The status to write, or None when nothing changed (avoids write churn and event loops)."""
-    rendered = new.to_wire()
-    if previous:
-        before = FineTuneJobStatus.model_validate(dict(previous)).to_wire()
-        if before == rendered:
-            return None
-    return rendered
-
-
-def timed_out_history(status: Optional[FineTuneJobStatus]) -> dict[str, str]:
-    """Candidate keys that timed out before, for ``decide_placement(timed_out=...)``."""
-    if status is None:
-        return {}
-    return {r.choice: r.message for r in status.rejected_choices if r.code == RejectionCode.TimedOut}

@@ -21,7 +21,7 @@ from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.modelserve import AdapterSource, ModelServeSpec
 from tuneserve.api.modelserve_status import AdapterState
 from tuneserve.api.sources import BaseModelSource
-from tuneserve.api.status import Phase
+from tuneserve.api.finetunejob_status import Phase
 from tuneserve_workers.contract import (
     SERVE_FAILURE_REPORT_SECONDS, SERVE_REPORT_STALE_SECONDS, SERVE_STATUS_KEY_PREFIX, ServeAdapter,
     ServeReplicaReport,

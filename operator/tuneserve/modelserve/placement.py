@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Mapping, Optional
 
 from tuneserve.api.modelserve import ModelServeSpec, Quantization
-from tuneserve.api.status import RejectionCode
+from tuneserve.api.conditions import RejectionCode
 from tuneserve.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.inventory import Inventory
 from tuneserve.core.scheduling.fit import Candidate, Outcome, Rejection, fit_candidate, node_matches

@@ -21,19 +21,20 @@ from pydantic import ValidationError
 
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.modelserve_status import ModelServeStatus, ServeConditionReason
-from tuneserve.api.status import ChoiceRejection, RejectionCode
+from tuneserve.api.conditions import ChoiceRejection, RejectionCode
 from tuneserve.builders.common import rayservice_name
 from tuneserve.builders.rayservice import raycluster_scaling_patch
 from tuneserve.catalog import Catalog
 from tuneserve.core.hashing import needs_apply, with_applied_hash
 from tuneserve.core.plan import Event, JsonPatch, Plan, finish, missing_secrets, readable
+from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.sizing import ModelSizeUnknown
 from tuneserve.modelserve.adapters import read_replica_reports, resolve_adapters
 from tuneserve.modelserve.builders.children import build_modelserve_children
 from tuneserve.modelserve.placement import decide_serve_placement, serve_candidate
-from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status, status_patch, timed_out_history
+from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status
 
 ROLLOUT_ANNOTATION = "tuneserve.dev/rollout-fingerprint"
 IN_PLACE_FIELDS = ("adapters", "replicas")
@@ -66,12 +67,7 @@ def plan_modelserve(body: Mapping[str, Any], world: ServeWorld, catalog: Catalog
     try:
         serve = ModelServe.from_body(body)
     except ValidationError as exc:
-        message = readable(exc)
-        plan.status = {"phase": "Failed", "message": message, "observedGeneration": body["metadata"].get("generation"),
-                       "conditions": [{"type": "Accepted", "status": "False", "reason": "InvalidSpec",
-                                       "message": message, "lastTransitionTime": now.isoformat()}]}
-        plan.events.append(Event("Warning", "InvalidSpec", message))
-        return plan
+        return invalid_spec(plan, body, readable(exc), now)
 
     resolution = resolve_adapters(serve.spec, world.jobs)
     status_cm = world.children.get(("ConfigMap", f"{serve.metadata.name}-serve-status"))

@@ -2,8 +2,9 @@
 
 The operator gathers the inputs (the placement decision if it placed this time, the adapter
 resolution, the live RayService, the replicas' reports) and writes the result only when
-``status_patch`` says it changed. ``lastTransitionTime`` moves only when a condition's status
-flips; an adapter's ``since`` only when its state changes.
+``core.status.status_patch`` says it changed. Each condition is one small function;
+``lastTransitionTime`` moves only when a condition's status flips, an adapter's ``since`` only
+when its state changes.
 """
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ from tuneserve.api.modelserve_status import (
     AdapterState, AdapterStatus, ModelServeStatus, ReplicaStatus, ServeCondition, ServeConditionReason,
     ServeConditionType, ServePhase, ServePlacementStatus,
 )
-from tuneserve.api.status import ChoiceRejection, ConditionStatus, RejectionCode, StatusModel
+from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
 from tuneserve.builders.common import rayservice_name
 from tuneserve.modelserve.builders.serve import endpoint_url
 from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.core.status import (
+    ConditionSet, Verdict, accepted_condition, merge_rejections, permanent, placed_condition, unplaceable,
+)
 from tuneserve.modelserve.placement import ServePlacementDecision
 from tuneserve_workers.contract import SERVE_FAILURE_REPORT_SECONDS
 
 R = ServeConditionReason
-T, F, U = ConditionStatus.true, ConditionStatus.false, ConditionStatus.unknown
-PERMANENT_REJECTIONS = frozenset({RejectionCode.UnknownAccelerator, RejectionCode.InsufficientMemory,
-                                  RejectionCode.Unsupported, RejectionCode.TimedOut})
+T, F = ConditionStatus.true, ConditionStatus.false
 
 
 @dataclass(frozen=True)
@@ -80,178 +82,185 @@ def _ray_service_view(ray_service: Optional[Mapping[str, Any]]) -> tuple[bool, b
     return ready, upgrading, app.get("status", ""), message
 
 
-def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: datetime,
-                             previous: Optional[ModelServeStatus] = None) -> ModelServeStatus:
-    """The whole status from this reconcile's observations."""
-    gen = serve.metadata.generation
-    spec = serve.spec
-    conditions: dict[ServeConditionType, ServeCondition] = {}
-
-    def s(type_: ServeConditionType, status: ConditionStatus, reason: ServeConditionReason, message: str) -> None:
-        before = previous.condition(type_) if previous else None
-        since = before.last_transition_time if before and before.status == status else now
-        conditions[type_] = ServeCondition(type=type_, status=status, reason=reason, message=message,
-                                           last_transition_time=since, observed_generation=gen)
-
-    # Placement (kept from the previous status unless placement ran now).
+def _placement(serve: ModelServe, observed: ServeObserved, previous: Optional[ModelServeStatus],
+               now: datetime) -> tuple[Optional[ServePlacementStatus], list[ChoiceRejection]]:
+    """The placement and rejection history: the previous ones unless placement ran now. A decision
+    for the same choice and waiting state keeps the placement's ``since``."""
     placement = previous.placement if previous else None
     rejected = list(previous.rejected_choices) if previous else []
     decision = observed.decision
-    if decision is not None:
-        stamp = {(r.choice, r.code): r.at for r in rejected}
-        history = [r for r in rejected if r.code == RejectionCode.TimedOut] + list(observed.timed_out)
-        fresh = [ChoiceRejection(choice=r.choice, code=r.code, message=r.message, at=stamp.get((r.choice, r.code), now))
-                 for r in decision.rejections if r.code != RejectionCode.TimedOut]
-        seen, rejected = set(), []
-        for r in history + fresh:
-            if (r.choice, r.code) not in seen:
-                seen.add((r.choice, r.code))
-                rejected.append(r)
-        if decision.candidate is not None:
-            same = placement is not None and placement.choice == decision.candidate.key and placement.waiting == (decision.outcome == Outcome.Waiting)
-            new = serve_placement_status(serve, decision, observed.attempt, now)
-            placement = new.model_copy(update={"since": placement.since}) if same and placement else new
-        else:
-            placement = None
+    if decision is None:
+        return placement, rejected
+    rejected = merge_rejections(rejected, decision.rejections, observed.timed_out, now)
+    if decision.candidate is None:
+        return None, rejected
+    same = placement is not None and placement.choice == decision.candidate.key and \
+        placement.waiting == (decision.outcome == Outcome.Waiting)
+    new = serve_placement_status(serve, decision, observed.attempt, now)
+    return (new.model_copy(update={"since": placement.since}) if same and placement else new), rejected
 
-    # Accepted / Placed
-    unplaceable = decision is not None and decision.outcome == Outcome.Unplaceable
-    if observed.spec_error:
-        s(ServeConditionType.Accepted, F, observed.spec_error_reason, observed.spec_error)
-        s(ServeConditionType.Placed, U, R.Placing, "not placed: the spec is not accepted")
-    else:
-        if observed.blocked:
-            s(ServeConditionType.Accepted, F, R.SecretNotFound, observed.blocked)
-        else:
-            s(ServeConditionType.Accepted, T, R.SpecValid, "spec is valid and the model size is known")
-        if unplaceable:
-            s(ServeConditionType.Placed, F, R.NoAcceptableChoice, decision.reason)
-        elif placement is None:
-            s(ServeConditionType.Placed, U, R.Placing, "choosing an accelerator")
-        elif placement.waiting:
-            s(ServeConditionType.Placed, T, R.WaitingForCapacity, placement.reason)
-        elif placement.attempt > 1:
-            s(ServeConditionType.Placed, T, R.FellBack, (observed.fallback_reason or "fell back") + "; now: " + placement.reason)
-        else:
-            s(ServeConditionType.Placed, T, R.FitsNow, placement.reason)
 
-    # Replicas
-    reports = observed.reports
-    ready_replicas = len(reports.ready) if reports else 0
+def _replicas(serve: ModelServe, reports: Optional[ReplicaReports]) -> tuple[ReplicaStatus, int]:
+    """The replica counts, and how many replicas report at all (ready or not)."""
+    spec = serve.spec
+    ready = len(reports.ready) if reports else 0
     live = len(reports.fresh) if reports else 0
     target = reports.target_replicas() if reports else None
     desired = min(spec.replicas.max, max(spec.replicas.min, target if target is not None else live))
-    replicas = ReplicaStatus(ready=ready_replicas, desired=desired, min=spec.replicas.min, max=spec.replicas.max,
-                             summary=f"{ready_replicas}/{desired}")
+    return ReplicaStatus(ready=ready, desired=desired, min=spec.replicas.min, max=spec.replicas.max,
+                         summary=f"{ready}/{desired}"), live
 
-    # Adapters
-    prev_adapters = {a.name: a for a in previous.adapters} if previous else {}
-    adapters: list[AdapterStatus] = []
-    if observed.resolution is not None:
-        verdicts = adapter_states(observed.resolution, reports or ReplicaReports((), (), ()))
-        for v in verdicts:
-            before = prev_adapters.get(v.name)
-            since = before.since if before and before.state == v.state and before.since else now
-            adapters.append(AdapterStatus(name=v.name, source=v.source, uri=v.uri, state=v.state, message=v.message, since=since))
-    elif previous:
-        adapters = list(previous.adapters)
-    listed = len(spec.adapters)
-    loaded = sum(1 for a in adapters if a.state == AdapterState.Loaded)
-    failed = [a for a in adapters if a.state == AdapterState.Failed]
-    pending = [a for a in adapters if a.state == AdapterState.Pending]
-    loading = [a for a in adapters if a.state == AdapterState.Loading]
 
-    # Ready
-    rs_ready, upgrading, app_status, rs_message = _ray_service_view(observed.ray_service)
-    serving = rs_ready and ready_replicas > 0
-    failure = replica_failure(reports)
-    message: Optional[str] = None
-    if observed.spec_error or unplaceable:
-        phase = ServePhase.Failed if observed.spec_error or _permanent(decision) else ServePhase.Pending
+def _adapters(observed: ServeObserved, previous: Optional[ModelServeStatus], now: datetime) -> list[AdapterStatus]:
+    """Each listed adapter's state; ``since`` moves only when the state changes."""
+    if observed.resolution is None:
+        return list(previous.adapters) if previous else []
+    before = {a.name: a for a in previous.adapters} if previous else {}
+    out = []
+    for v in adapter_states(observed.resolution, observed.reports or ReplicaReports((), (), ())):
+        old = before.get(v.name)
+        since = old.since if old and old.state == v.state and old.since else now
+        out.append(AdapterStatus(name=v.name, source=v.source, uri=v.uri, state=v.state, message=v.message, since=since))
+    return out
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """What Ready and Degraded read: the RayService's view and the replicas' reports."""
+    rs_ready: bool
+    upgrading: bool
+    app_status: str
+    rs_message: str
+    ready_replicas: int
+    live: int
+    failure: Optional[str]
+
+    @property
+    def serving(self) -> bool:
+        return self.rs_ready and self.ready_replicas > 0
+
+
+def _not_placed(observed: ServeObserved, placement: Optional[ServePlacementStatus]
+                ) -> Optional[tuple[ServePhase, Verdict[ServeConditionReason], Optional[str]]]:
+    """Ready while nothing can run yet: invalid spec, unplaceable, blocked, or still placing."""
+    decision = observed.decision
+    if observed.spec_error or unplaceable(decision):
+        phase = ServePhase.Failed if observed.spec_error or permanent(decision) else ServePhase.Pending
         message = observed.spec_error or (decision.reason if decision else None)
-        s(ServeConditionType.Ready, F, R.NotPlaced, message or "")
-    elif observed.blocked:
-        phase, message = ServePhase.Pending, observed.blocked
-        s(ServeConditionType.Ready, F, R.NotPlaced, observed.blocked)
-    elif placement is None:
-        phase = ServePhase.Pending
-        s(ServeConditionType.Ready, F, R.NotPlaced, "choosing an accelerator")
-    elif app_status == "DEPLOY_FAILED" and not rs_ready:
-        why = failure or rs_message
-        phase, message = ServePhase.Failed, f"the serve application failed to deploy: {why}".rstrip(": ")
-        s(ServeConditionType.Ready, F, R.ApplicationFailed, message)
-    elif not serving and failure:
-        phase, message = ServePhase.Failed, failure
-        s(ServeConditionType.Ready, F, R.ReplicaFailed, message)
-    elif serving:
-        phase = ServePhase.Ready
-        s(ServeConditionType.Ready, T, R.Serving, f"{ready_replicas} replica{'s' if ready_replicas != 1 else ''} serving {spec.model_name()} at {endpoint_url(serve)}")
-    elif rs_ready and spec.replicas.min == 0 and live == 0:
-        phase = ServePhase.Ready
-        s(ServeConditionType.Ready, T, R.ScaledToZero, "scaled to zero; the first request starts a replica")
-    elif observed.ray_service is None and placement.waiting:
-        phase = ServePhase.Waiting
-        s(ServeConditionType.Ready, F, R.RayServiceStarting, placement.reason)
-    elif rs_ready:
-        phase = ServePhase.Deploying
-        s(ServeConditionType.Ready, F, R.NoReadyReplicas, "the application is up but no replica reports ready yet")
-    elif app_status in ("DEPLOYING", "UNHEALTHY"):
-        phase = ServePhase.Deploying
-        s(ServeConditionType.Ready, F, R.ApplicationDeploying, f"serve application {app_status}" + (f": {rs_message}" if rs_message else ""))
-    else:
-        phase = ServePhase.Waiting if placement.waiting else ServePhase.Deploying
-        s(ServeConditionType.Ready, F, R.RayServiceStarting, rs_message or "Ray cluster starting")
+        return phase, Verdict(F, R.NotPlaced, message or ""), message
+    if observed.blocked:
+        return ServePhase.Pending, Verdict(F, R.NotPlaced, observed.blocked), observed.blocked
+    if placement is None:
+        return ServePhase.Pending, Verdict(F, R.NotPlaced, "choosing an accelerator"), None
+    return None
 
-    # AdaptersReady
+
+def _ready(serve: ModelServe, observed: ServeObserved, placement: Optional[ServePlacementStatus],
+           view: _Serving) -> tuple[ServePhase, Verdict[ServeConditionReason], Optional[str]]:
+    """(phase, the Ready condition, the status message when it is not Ready's message)."""
+    early = _not_placed(observed, placement)
+    if early is not None:
+        return early
+    assert placement is not None
+    if view.app_status == "DEPLOY_FAILED" and not view.rs_ready:
+        message = f"the serve application failed to deploy: {view.failure or view.rs_message}".rstrip(": ")
+        return ServePhase.Failed, Verdict(F, R.ApplicationFailed, message), message
+    if not view.serving and view.failure:
+        return ServePhase.Failed, Verdict(F, R.ReplicaFailed, view.failure), view.failure
+    if view.serving:
+        n = view.ready_replicas
+        return ServePhase.Ready, Verdict(T, R.Serving, f"{n} replica{'s' if n != 1 else ''} serving "
+                                                        f"{serve.spec.model_name()} at {endpoint_url(serve)}"), None
+    if view.rs_ready and serve.spec.replicas.min == 0 and view.live == 0:
+        return ServePhase.Ready, Verdict(T, R.ScaledToZero, "scaled to zero; the first request starts a replica"), None
+    if observed.ray_service is None and placement.waiting:
+        return ServePhase.Waiting, Verdict(F, R.RayServiceStarting, placement.reason), None
+    if view.rs_ready:
+        return ServePhase.Deploying, Verdict(F, R.NoReadyReplicas, "the application is up but no replica reports ready yet"), None
+    if view.app_status in ("DEPLOYING", "UNHEALTHY"):
+        detail = f": {view.rs_message}" if view.rs_message else ""
+        return ServePhase.Deploying, Verdict(F, R.ApplicationDeploying, f"serve application {view.app_status}{detail}"), None
+    phase = ServePhase.Waiting if placement.waiting else ServePhase.Deploying
+    return phase, Verdict(F, R.RayServiceStarting, view.rs_message or "Ray cluster starting"), None
+
+
+def _adapters_ready(listed: int, adapters: list[AdapterStatus]) -> Verdict[ServeConditionReason]:
+    failed = [a for a in adapters if a.state == AdapterState.Failed]
+    loading = [a for a in adapters if a.state == AdapterState.Loading]
+    pending = [a for a in adapters if a.state == AdapterState.Pending]
+    loaded = sum(1 for a in adapters if a.state == AdapterState.Loaded)
     if listed == 0:
-        s(ServeConditionType.AdaptersReady, T, R.NoAdapters, "no adapters listed; serving the base model")
-    elif failed:
-        s(ServeConditionType.AdaptersReady, F, R.AdaptersFailed, "; ".join(f"{a.name}: {a.message}" for a in failed))
-    elif loaded == listed:
-        s(ServeConditionType.AdaptersReady, T, R.AllAdaptersLoaded, f"{loaded}/{listed} adapters loaded")
-    elif loading:
-        s(ServeConditionType.AdaptersReady, F, R.AdaptersLoading, ", ".join(a.name for a in loading) + " loading")
-    else:
-        s(ServeConditionType.AdaptersReady, F, R.AdaptersPending, "; ".join(f"{a.name}: {a.message}" for a in pending) or "waiting for replicas")
+        return Verdict(T, R.NoAdapters, "no adapters listed; serving the base model")
+    if failed:
+        return Verdict(F, R.AdaptersFailed, "; ".join(f"{a.name}: {a.message}" for a in failed))
+    if loaded == listed:
+        return Verdict(T, R.AllAdaptersLoaded, f"{loaded}/{listed} adapters loaded")
+    if loading:
+        return Verdict(F, R.AdaptersLoading, ", ".join(a.name for a in loading) + " loading")
+    return Verdict(F, R.AdaptersPending, "; ".join(f"{a.name}: {a.message}" for a in pending) or "waiting for replicas")
 
-    # Degraded: serving, but less than wanted.
-    if phase == ServePhase.Ready and failed:
-        s(ServeConditionType.Degraded, T, R.AdaptersUnavailable, f"{len(failed)} adapter{'s' if len(failed) > 1 else ''} failed: " + ", ".join(a.name for a in failed))
-        phase = ServePhase.Degraded
-    elif phase == ServePhase.Ready and app_status == "UNHEALTHY":
-        s(ServeConditionType.Degraded, T, R.ApplicationUnhealthy, rs_message or "serve application UNHEALTHY")
-        phase = ServePhase.Degraded
-    elif phase == ServePhase.Ready and ready_replicas < spec.replicas.min:
-        s(ServeConditionType.Degraded, T, R.ReplicasUnavailable, f"{ready_replicas} of at least {spec.replicas.min} replicas ready"
-          + (f"; {failure}" if failure else ""))
-        phase = ServePhase.Degraded
-    else:
-        s(ServeConditionType.Degraded, F, R.AsDesired, "")
 
-    # Upgrading
-    if upgrading:
-        s(ServeConditionType.Upgrading, T, R.NewClusterStarting, "a new Ray cluster is starting with the changed base model/engine; the current one keeps serving")
-    else:
-        s(ServeConditionType.Upgrading, F, R.NoUpgrade, "")
+def _degraded(serve: ModelServe, phase: ServePhase, adapters: list[AdapterStatus], view: _Serving
+              ) -> Verdict[ServeConditionReason]:
+    """Serving, but less than wanted: a failed adapter, an unhealthy app, too few ready replicas."""
+    failed = [a for a in adapters if a.state == AdapterState.Failed]
+    if phase != ServePhase.Ready:
+        return Verdict(F, R.AsDesired, "")
+    if failed:
+        return Verdict(T, R.AdaptersUnavailable, f"{len(failed)} adapter{'s' if len(failed) > 1 else ''} failed: "
+                       + ", ".join(a.name for a in failed))
+    if view.app_status == "UNHEALTHY":
+        return Verdict(T, R.ApplicationUnhealthy, view.rs_message or "serve application UNHEALTHY")
+    if view.ready_replicas < serve.spec.replicas.min:
+        return Verdict(T, R.ReplicasUnavailable, f"{view.ready_replicas} of at least {serve.spec.replicas.min} replicas ready"
+                       + (f"; {view.failure}" if view.failure else ""))
+    return Verdict(F, R.AsDesired, "")
 
-    if message is None:
-        message = conditions[ServeConditionType.Ready].message
-    running = max(ready_replicas, live)
-    hourly = cost_per_hour(running, placement)
+
+def _upgrading(view: _Serving) -> Verdict[ServeConditionReason]:
+    if view.upgrading:
+        return Verdict(T, R.NewClusterStarting,
+                       "a new Ray cluster is starting with the changed base model/engine; the current one keeps serving")
+    return Verdict(F, R.NoUpgrade, "")
+
+
+def _serving(observed: ServeObserved, ready_replicas: int, live: int) -> _Serving:
+    rs_ready, upgrading, app_status, rs_message = _ray_service_view(observed.ray_service)
+    return _Serving(rs_ready, upgrading, app_status, rs_message, ready_replicas, live, replica_failure(observed.reports))
+
+
+def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: datetime,
+                             previous: Optional[ModelServeStatus] = None) -> ModelServeStatus:
+    """The whole status from this reconcile's observations."""
+    spec = serve.spec
+    placement, rejected = _placement(serve, observed, previous, now)
+    replicas, live = _replicas(serve, observed.reports)
+    adapters = _adapters(observed, previous, now)
+    view = _serving(observed, replicas.ready, live)
+    phase, ready, message = _ready(serve, observed, placement, view)
+    degraded = _degraded(serve, phase, adapters, view)
+    if degraded.status == T:
+        phase = ServePhase.Degraded
+
+    conditions = ConditionSet(ServeCondition, previous, now, serve.metadata.generation)
+    conditions.set(ServeConditionType.Accepted, accepted_condition(R, observed.spec_error, observed.spec_error_reason,
+                                                                   observed.blocked))
+    conditions.set(ServeConditionType.Placed, placed_condition(R, observed.spec_error, observed.decision, placement,
+                                                               observed.fallback_reason))
+    conditions.set(ServeConditionType.Ready, ready)
+    conditions.set(ServeConditionType.AdaptersReady, _adapters_ready(len(spec.adapters), adapters))
+    conditions.set(ServeConditionType.Degraded, degraded)
+    conditions.set(ServeConditionType.Upgrading, _upgrading(view))
+
+    hourly = cost_per_hour(max(replicas.ready, live), placement)
+    loaded = sum(1 for a in adapters if a.state == AdapterState.Loaded)
     return ModelServeStatus(
-        phase=phase,
-        observed_generation=gen,
-        message=message,
-        endpoint=endpoint_url(serve) if placement is not None else None,
-        served_model_name=spec.model_name(),
-        conditions=[conditions[t] for t in ServeConditionType],
-        replicas=replicas,
-        adapters=adapters,
-        adapter_summary=f"{loaded}/{listed}",
-        placement=placement,
-        rejected_choices=rejected,
-        cost_per_hour_usd=hourly,
-        cost=f"${hourly:,.2f}/h",
+        phase=phase, observed_generation=serve.metadata.generation,
+        message=message if message is not None else ready.message,
+        endpoint=endpoint_url(serve) if placement is not None else None, served_model_name=spec.model_name(),
+        conditions=conditions.ordered(ServeConditionType), replicas=replicas, adapters=adapters,
+        adapter_summary=f"{loaded}/{len(spec.adapters)}", placement=placement, rejected_choices=rejected,
+        cost_per_hour_usd=hourly, cost=f"${hourly:,.2f}/h",
     )
 
 
@@ -265,23 +274,3 @@ def replica_failure(reports: Optional[ReplicaReports]) -> Optional[str]:
     times = f" ({count} replicas in the last {SERVE_FAILURE_REPORT_SECONDS // 60}m)" if count > 1 else ""
     retry = "; Ray Serve is starting another" if any(r.updated_at > newest.updated_at for r in reports.fresh) else ""
     return f"replica {newest.replica_id} failed{times}: {newest.message or 'no cause reported'}{retry}"
-
-
-def _permanent(decision: Optional[ServePlacementDecision]) -> bool:
-    return decision is not None and bool(decision.rejections) and all(r.code in PERMANENT_REJECTIONS for r in decision.rejections)
-
-
-def status_patch(previous: Optional[Mapping[str, Any]], new: StatusModel) -> Optional[dict[str, Any]]:
-    """The status to write, or None when nothing changed (avoids write churn and event loops).
-    The FineTuneJob's ``conditions.status_patch`` with the status type taken from ``new``."""
-    rendered = new.to_wire()
-    if previous and type(new).model_validate(dict(previous)).to_wire() == rendered:
-        return None
-    return rendered
-
-
-def timed_out_history(status: Optional[ModelServeStatus]) -> dict[str, str]:
-    """Candidate keys that timed out before, for ``decide_serve_placement(timed_out=...)``."""
-    if status is None:
-        return {}
-    return {r.choice: r.message for r in status.rejected_choices if r.code == RejectionCode.TimedOut}

@@ -9,7 +9,7 @@ from enum import Enum
 from typing import Any, Mapping, Optional, Protocol
 
 from tuneserve.api.common import Toleration
-from tuneserve.api.status import RejectionCode
+from tuneserve.api.conditions import RejectionCode
 from tuneserve.catalog import AcceleratorProfile
 from tuneserve.core.scheduling.inventory import Inventory, NodeSnapshot, parse_quantity, tolerates
 from tuneserve_workers.contract import DataParallel

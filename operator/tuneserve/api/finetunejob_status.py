@@ -10,18 +10,10 @@ from datetime import datetime
 from enum import Enum
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import Field
 
+from tuneserve.api.conditions import ChoiceRejection, KindCondition, Severity, StatusModel
 from tuneserve_workers.contract import DataParallel, Precision
-
-
-class StatusModel(BaseModel):
-    """Status types: camelCase; unknown fields ignored so an older status never breaks parsing."""
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
-
-    def to_wire(self) -> dict:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 class Phase(str, Enum):
@@ -45,6 +37,7 @@ class ConditionType(str, Enum):
     Succeeded = "Succeeded"
     Failed = "Failed"
     Suspended = "Suspended"
+
 
 
 class ConditionReason(str, Enum):
@@ -77,40 +70,30 @@ class ConditionReason(str, Enum):
     SuspendedByUser = "SuspendedByUser"
     NotSuspended = "NotSuspended"
 
+    @property
+    def severity(self) -> Severity:
+        return Severity.Warning if self in WARNING_REASONS else Severity.Normal
 
-class ConditionStatus(str, Enum):
-    true = "True"
-    false = "False"
-    unknown = "Unknown"
+    @property
+    def quiet_when_new(self) -> bool:
+        """An initial "not yet" condition: no Event when it first appears."""
+        return self in QUIET_INITIAL_REASONS
 
 
-class Condition(StatusModel):
+# Reasons that need a person's attention: their Events are Warnings.
+WARNING_REASONS = frozenset({
+    ConditionReason.InvalidSpec, ConditionReason.ModelSizeUnknown, ConditionReason.NoAcceptableChoice,
+    ConditionReason.TrainingFailed, ConditionReason.BackoffLimitExceeded, ConditionReason.SecretNotFound,
+    ConditionReason.FellBack,
+})
+QUIET_INITIAL_REASONS = frozenset({
+    ConditionReason.InProgress, ConditionReason.NotSuspended, ConditionReason.NotStarted,
+    ConditionReason.NoCheckpointYet, ConditionReason.Placing,
+})
+
+
+class Condition(KindCondition[ConditionType, ConditionReason]):
     """A metav1.Condition."""
-    type: ConditionType
-    status: ConditionStatus
-    reason: ConditionReason
-    message: str = ""
-    last_transition_time: datetime
-    observed_generation: Optional[int] = None
-
-
-class RejectionCode(str, Enum):
-    UnknownAccelerator = "UnknownAccelerator"
-    InsufficientMemory = "InsufficientMemory"
-    Unsupported = "Unsupported"              # e.g. qlora where 4-bit is not supported
-    NoMatchingNodes = "NoMatchingNodes"
-    InsufficientCapacity = "InsufficientCapacity"  # not even when the cluster is idle
-    Busy = "Busy"                            # capacity exists, not free now
-    TimedOut = "TimedOut"                    # pods stayed unschedulable past the timeout
-    Excluded = "Excluded"                    # auto request: filtered by vendors/min memory
-
-
-class ChoiceRejection(StatusModel):
-    """Why a choice was not used."""
-    choice: str = Field(description="The choice, e.g. 'nvidia/h100-80gb 1x8'.")
-    code: RejectionCode
-    message: str
-    at: Optional[datetime] = None
 
 
 class PlacementStatus(StatusModel):
