@@ -54,7 +54,6 @@ EXTRA_GRANTS = {
     ("", "configmaps"): {"update"},                           # granted onward in the per-job Roles
     ("tuneserve.dev", "finetunejobs"): {"patch"}, ("tuneserve.dev", "modelserves"): {"patch"},   # kopf's annotations
     ("tuneserve.dev", "finetunejobs/status"): {"get", "patch"}, ("tuneserve.dev", "modelserves/status"): {"get", "patch"},
-    ("", "secrets"): {"get"},                                 # "is the referenced Secret there", by name
     ("", "events"): {"create", "patch"}, ("events.k8s.io", "events"): {"create", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},   # kopf's discovery
     ("", "namespaces"): {"get", "list", "watch"},             # kopf, when watching namespace patterns

@@ -33,3 +33,11 @@ def test_every_rendered_child_kind_has_an_index():
 def test_the_check_fails_for_an_unregistered_kind():
     rendered = {(o["apiVersion"], o["kind"]) for o in _rendered()} | {("v1", "Service")}
     assert rendered - REGISTERED == {("v1", "Service")}
+
+
+def test_the_secrets_index_keeps_key_names_never_values():
+    from tuneserve.controller.indexes import secrets_index
+    body = {"metadata": {"name": "hf-token"}, "data": {"token": "c2VjcmV0"}, "stringData": {"extra": "plain"}}
+    indexed = secrets_index(body=body, namespace="bank", name="hf-token")
+    assert indexed == {"bank": ("hf-token", frozenset({"token", "extra"}))}
+    assert "c2VjcmV0" not in repr(indexed) and "plain" not in repr(indexed)

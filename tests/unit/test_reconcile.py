@@ -24,7 +24,7 @@ def world(children=None, ray_jobs=None, job_pods=(), secrets=("hf-token", "bank-
     keys = {"hf-token": {"token"}, "bank-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}}
     return World(nodes=fleet(), pods=[], job_pods=list(job_pods), ray_jobs=ray_jobs or {},
                  children=children or {}, progress_configmap=progress,
-                 secret_keys=lambda name: keys[name] if name in secrets else None)
+                 secrets={name: frozenset(keys[name]) for name in secrets})
 
 
 def live(plan):

@@ -32,7 +32,7 @@ def raycluster(name, low=1, high=4, replicas=1):
 def world(children=None, ray_clusters=()):
     keys = {"hf-token": {"token"}, "bank-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}}
     return ServeWorld(nodes=fleet(), pods=[], serve_pods=[], children=children or {}, jobs={"fin-v1": None},
-                      secret_keys=keys.get, ray_clusters={c["metadata"]["name"]: c for c in ray_clusters})
+                      secrets={k: frozenset(v) for k, v in keys.items()}, ray_clusters={c["metadata"]["name"]: c for c in ray_clusters})
 
 
 def running(plan, active=ACTIVE, pending=None):

@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from tuneserve import API_GROUP
 from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap_name
 from tuneserve.catalog import Catalog, load_catalog
-from tuneserve.controller.indexes import FTJ, MS, children, everything, of_kind
+from tuneserve.controller.indexes import FTJ, MS, children, everything, of_kind, secret_keys
 from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.core.plan import Plan
 from tuneserve.finetunejob.reconcile import World, plan_finetunejob
@@ -80,10 +80,9 @@ def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> Worl
     key = (JOB_LABEL, namespace, name)
     live = children(key, indexes)
     progress = live.get(("ConfigMap", progress_configmap_name(name)))
-    api = Runtime.api
     return World(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
                  job_pods=everything(indexes["pods_index"], key), ray_jobs=of_kind(live, "RayJob"), children=live,
-                 progress_configmap=progress, secret_keys=lambda secret: api.secret_keys(namespace, secret))
+                 progress_configmap=progress, secrets=secret_keys(namespace, indexes))
 
 
 def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str) -> None:
@@ -120,10 +119,9 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
     refs = {a.get("fineTuneJobRef", {}).get("name") for a in (body.spec.get("adapters") or [])} - {None}
     jobs = {ref: next(iter(indexes["finetunejobs_index"].get((namespace, ref), [])), None) for ref in refs}
     ray_clusters = {obj["metadata"]["name"]: obj for obj in indexes["rayclusters_index"].get(key, [])}
-    api = Runtime.api
     return ServeWorld(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
                       serve_pods=everything(indexes["pods_index"], key), children=children(key, indexes), jobs=jobs,
-                      secret_keys=lambda secret: api.secret_keys(namespace, secret), ray_clusters=ray_clusters)
+                      secrets=secret_keys(namespace, indexes), ray_clusters=ray_clusters)
 
 
 def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:

@@ -1,5 +1,5 @@
 """kopf indexes: the operator's read side. Nodes and pods (slimmed) for placement, the FineTuneJobs
-ModelServes read their adapters from, RayClusters for the replica bounds, and every child kind the
+ModelServes read their adapters from, RayClusters for the replica bounds, Secrets' key names, and every child kind the
 builders render, under (owner label, namespace, owner name). ``CHILD_KINDS`` is the one registry of
 those child kinds: it registers their indexes, and a unit test checks that every kind a builder
 returns is in it (a child without an index would be re-applied on every reconcile)."""
@@ -94,6 +94,14 @@ def rayclusters_index(body: kopf.Body, namespace: str, labels: Mapping[str, str]
     return {(SERVE_LABEL, namespace, labels[SERVE_LABEL]): _slim_raycluster(body)}
 
 
+@kopf.index("", "v1", "secrets")
+def secrets_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+    """Secret key names per namespace, never values: the planners check the children's
+    secretKeyRefs against them (no Secret GET per reconcile)."""
+    keys = frozenset((body.get("data") or {}).keys()) | frozenset((body.get("stringData") or {}).keys())
+    return {namespace: (name, keys)}
+
+
 @kopf.index(*FTJ)
 def finetunejobs_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
     """ModelServes read the FineTuneJobs their adapters come from (phase, artifact, base model)."""
@@ -118,6 +126,11 @@ def children(key: tuple, indexes: Mapping[str, kopf.Index]) -> dict[tuple[str, s
     """(kind, name) -> live child of the owner ``key``, over every child kind's index."""
     return {(obj["kind"], obj["metadata"]["name"]): obj
             for child in CHILD_KINDS for obj in indexes[child.index_id].get(key, [])}
+
+
+def secret_keys(namespace: str, indexes: Mapping[str, kopf.Index]) -> dict[str, frozenset[str]]:
+    """The namespace's Secrets: name -> key names."""
+    return dict(indexes["secrets_index"].get(namespace, []))
 
 
 def of_kind(live: Mapping[tuple[str, str], Mapping[str, Any]], kind: str) -> dict[str, Mapping[str, Any]]:

@@ -1,12 +1,11 @@
 """The operator's only way of writing to the cluster: server-side apply with one field manager,
 deletes, status writes, and guarded JSON patches of objects KubeRay owns. Reads come from kopf's
-indexes (indexes.py), not from here, except Secrets, which are looked up by name and never
-cached or copied."""
+indexes (indexes.py), not from here; of Secrets only the key names are indexed, never values."""
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
@@ -69,13 +68,3 @@ class KubeApi:
             API_GROUP, API_VERSION, namespace, plural, name,
             body=[{"op": "add", "path": "/status", "value": status}],
             _content_type="application/json-patch+json")
-
-    def secret_keys(self, namespace: str, name: str) -> Optional[set[str]]:
-        """The key names of a Secret, or None when it does not exist. Values are not kept."""
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return set((secret.data or {}).keys()) | set((secret.string_data or {}).keys())

@@ -46,12 +46,12 @@ def readable(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def missing_secrets(children: list[dict[str, Any]], lookup: Callable[[str], Optional[set[str]]]) -> Optional[str]:
-    problems, seen = [], {}
+def missing_secrets(children: list[dict[str, Any]], secrets: Mapping[str, frozenset[str]]) -> Optional[str]:
+    """What is wrong with the Secrets the children reference (``secrets``: the namespace's Secrets'
+    key names, from the index), or None when every referenced key exists."""
+    problems = []
     for name, key in sorted(set(secret_refs(children))):
-        if name not in seen:
-            seen[name] = lookup(name)
-        keys = seen[name]
+        keys = secrets.get(name)
         if keys is None:
             problems.append(f"Secret {name!r} not found")
         elif key not in keys:

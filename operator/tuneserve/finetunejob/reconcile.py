@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from pydantic import ValidationError
 
@@ -37,7 +37,7 @@ class World:
     ray_jobs: dict[str, Mapping[str, Any]]        # this job's RayJobs by name
     children: dict[tuple[str, str], Mapping[str, Any]]  # (kind, name) -> live child, for the hash check
     progress_configmap: Optional[Mapping[str, Any]]
-    secret_keys: Callable[[str], Optional[set[str]]]   # secret name -> its keys, None if missing
+    secrets: Mapping[str, frozenset[str]]             # the namespace's Secrets: name -> key names (never values)
 
 
 def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:
@@ -109,7 +109,7 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
     blocked = None
     if candidate is not None:
         children = build_finetune_children(job, candidate, pool, attempt, catalog)
-        blocked = missing_secrets(children, world.secret_keys)
+        blocked = missing_secrets(children, world.secrets)
         if blocked is None:
             for child in children:
                 desired = with_applied_hash(child)

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from pydantic import ValidationError
 
@@ -49,7 +49,7 @@ class ServeWorld:
     serve_pods: list[Mapping[str, Any]]
     children: dict[tuple[str, str], Mapping[str, Any]]
     jobs: Mapping[str, Optional[Mapping[str, Any]]]        # referenced FineTuneJobs (None: not found)
-    secret_keys: Callable[[str], Optional[set[str]]]
+    secrets: Mapping[str, frozenset[str]]              # the namespace's Secrets: name -> key names
     # RayClusters KubeRay made from this ModelServe's RayService, by name (worker groups' bounds).
     ray_clusters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -113,7 +113,7 @@ def plan_modelserve(body: Mapping[str, Any], world: ServeWorld, catalog: Catalog
     blocked = None
     if candidate is not None:
         children = build_modelserve_children(serve, candidate, pool, resolution.desired, catalog)
-        blocked = missing_secrets(children, world.secret_keys)
+        blocked = missing_secrets(children, world.secrets)
         if blocked is None:
             for child in children:
                 if child["kind"] == "RayService":
