@@ -7,9 +7,9 @@ Parse a CR body once with ``FineTuneJob.from_body`` and pass the typed object ar
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, ClassVar, Literal, Mapping, Optional
+from typing import ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tuneserve import API_GROUP, API_VERSION
 # The values the worker understands, from the one shared contract (no second copy to drift).
@@ -17,7 +17,7 @@ from tuneserve_workers.contract import DatasetFormat, Method, Precision  # noqa:
 from tuneserve.api.common import (
     name_rule,
     CustomResource, ObjectMeta,
-    LABEL_NAME_PATTERN, NAME_MAX, SHORT_MAX, URI_MAX, ApiModel, EnvVar, Rule, Toleration, uri_rule,
+    SHORT_MAX, URI_MAX, ApiModel, Rule, uri_rule,
 )
 # Shared with ModelServe; re-exported here because FineTuneJob code and tests import them from here.
 from tuneserve.api.sources import (  # noqa: F401
@@ -25,7 +25,7 @@ from tuneserve.api.sources import (  # noqa: F401
     BaseModelSource, Credentials, ModelSizeHints, ObjectStoreCredentials,
 )
 from tuneserve.api.finetunejob_status import FineTuneJobStatus
-from tuneserve.api.workload import AcceleratorSelector
+from tuneserve.api.workload import AcceleratorSelector, RayPodOptions
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -168,8 +168,8 @@ def _immutability_rules(fields: list[str]) -> tuple[Rule, ...]:
     )
 
 
-class FineTuneJobSpec(ApiModel):
-    """Fine-tune an open model with LoRA/QLoRA on the first acceptable accelerator."""
+class FineTuneRequest(ApiModel):
+    """What to fine-tune, how, on which accelerators, and where the adapter goes."""
     base_model: BaseModelSource = Field(description="The model to adapt.")
     dataset: DatasetSource = Field(description="Training data.")
     method: Method = Field(Method.lora, description="lora (base weights in training precision) or qlora (4-bit base weights).")
@@ -178,17 +178,15 @@ class FineTuneJobSpec(ApiModel):
     accelerators: AcceleratorRequest = Field(description="Acceptable accelerators, in order of preference, or an automatic request.")
     checkpoint: Optional[CheckpointConfig] = Field(None, description="Checkpointing (default: every 10 minutes to <output.uri>/checkpoints, keep 3).")
     output: OutputConfig = Field(description="Where the adapter goes.")
-    tolerations: Optional[list[Toleration]] = Field(None, max_length=32, json_schema_extra={"x-kubernetes-list-type": "atomic"}, description="Added to the accelerator's own tolerations on every Ray pod.")
-    node_selector: Optional[dict[str, str]] = Field(
-        None, max_length=32, json_schema_extra={"additionalProperties": {"type": "string", "maxLength": SHORT_MAX}},
-        description="Added to the accelerator's node labels on every Ray pod.")
-    priority_class_name: Optional[str] = Field(None, max_length=NAME_MAX, pattern=LABEL_NAME_PATTERN.replace("([-a-z0-9]", "([-.a-z0-9]"), description="PriorityClass of the Ray pods.")
-    service_account_name: Optional[str] = Field(None, max_length=NAME_MAX, pattern=LABEL_NAME_PATTERN.replace("([-a-z0-9]", "([-.a-z0-9]"), description="Service account of the Ray pods (e.g. for workload identity); default: one the operator creates.")
-    image_overrides: Optional[dict[str, str]] = Field(
-        None, max_length=16, json_schema_extra={"additionalProperties": {"type": "string", "minLength": 1, "maxLength": 512}},
-        description="Training image per catalog vendor, e.g. {nvidia: registry/train:cu128}.")
-    env: Optional[list[EnvVar]] = Field(None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description="Extra plain env vars for the training containers.")
-    credentials: Optional[Credentials] = Field(None, description="Secret references for the model hub and object store.")
+
+class FineTuneJobSpec(RayPodOptions, FineTuneRequest):
+    """Fine-tune an open model with LoRA/QLoRA on the first acceptable accelerator."""
+    # The Ray pod options, worded for training (pydantic orders the fields: the request's, the pod
+    # options, then these).
+    pod_option_descriptions: ClassVar[dict[str, str]] = {
+        "image_overrides": "Training image per catalog vendor, e.g. {nvidia: registry/train:cu128}.",
+        "env": "Extra plain env vars for the training containers.",
+    }
     backoff_limit: int = Field(2, ge=0, le=10, description="Restarts of the Ray job (each resumes from the last checkpoint) before the job fails.")
     suspend: bool = Field(False, description="Suspend (delete the Ray cluster, keep checkpoints) or resume; the only mutable field.")
 

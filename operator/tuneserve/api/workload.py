@@ -3,7 +3,7 @@
 """
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from pydantic import Field
 
@@ -44,3 +44,15 @@ class RayPodOptions(ApiModel):
         description="Container image per catalog vendor, e.g. {nvidia: registry/serve:cu128}.")
     env: Optional[list[EnvVar]] = Field(None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description="Extra plain env vars for the Ray containers (names starting with TUNESERVE_ are reserved).")
     credentials: Optional[Credentials] = Field(None, description="Secret references for the model hub and object store.")
+
+    # A workload may word these fields for itself (field name -> description); the CRD shows it.
+    pod_option_descriptions: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        worded = cls.__dict__.get("pod_option_descriptions") or {}
+        for name, description in worded.items():
+            cls.model_fields[name].description = description
+        if worded:
+            cls.model_rebuild(force=True)

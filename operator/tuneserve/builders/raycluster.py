@@ -70,7 +70,7 @@ def pod_spec(spec: RayPodOptions, profile: AcceleratorProfile, service_account: 
         "serviceAccountName": service_account,
         "containers": [container],
         "volumes": volumes,
-        "tolerations": tolerations,  # type: ignore[arg-type]  # needs only the pod options
+        "tolerations": tolerations,
     }
     if node_selector:
         out["nodeSelector"] = dict(sorted(node_selector.items()))

@@ -23,3 +23,13 @@ def needs_apply(desired: Mapping[str, Any], live: Optional[Mapping[str, Any]]) -
         return True
     live_hash = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_HASH_ANNOTATION)
     return live_hash != desired["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+
+
+def to_apply(children: list[dict[str, Any]], live: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rendered children, hashed, whose live copy (by kind and name) is missing or differs."""
+    out = []
+    for child in children:
+        desired = with_applied_hash(child)
+        if needs_apply(desired, live.get((child["kind"], child["metadata"]["name"]))):
+            out.append(desired)
+    return out

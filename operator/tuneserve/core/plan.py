@@ -8,6 +8,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 from pydantic import ValidationError
 
+# A referenced Secret or key is missing: plan again this soon (it may be created any moment).
+BLOCKED_REQUEUE_SECONDS = 10.0
+
 
 @dataclass
 class Event:

@@ -11,19 +11,20 @@ from typing import Any, Mapping, Optional
 from pydantic import ValidationError
 
 from tuneserve.api.finetunejob import FineTuneJob
-from tuneserve.api.conditions import ChoiceRejection, RejectionCode
-from tuneserve.api.finetunejob_status import TERMINAL_PHASES, ConditionReason, FineTuneJobStatus
+from tuneserve.api.finetunejob_status import TERMINAL_PHASES, ConditionReason, FineTuneJobStatus, PlacementStatus
 from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
 from tuneserve.catalog import Catalog
-from tuneserve.core.hashing import needs_apply, with_applied_hash
-from tuneserve.core.plan import Plan, finish, missing_secrets, readable
-from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
+from tuneserve.core.hashing import to_apply
+from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Plan, finish, missing_secrets, readable
+from tuneserve.core.scheduling.fallback import (
+    Placing, fallback_verdict, requeue_until, timed_out_rejection, unschedulable_since,
+)
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.sizing import ModelSizeUnknown
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.finetunejob.builders.children import build_finetune_children
-from tuneserve.finetunejob.placement import candidate_from_status, decide_placement
+from tuneserve.finetunejob.placement import PlacementDecision, candidate_from_status, decide_placement
 from tuneserve.finetunejob.status import Observed, derive_status
 from tuneserve_workers.contract import PROGRESS_KEY, Progress
 
@@ -56,78 +57,80 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
     previous = FineTuneJobStatus.model_validate(previous_raw) if previous_raw else None
     if previous and previous.phase in TERMINAL_PHASES:
         return plan   # finished: children stay until the job is deleted (owner references)
-
     try:
         job = FineTuneJob.from_body(body)
     except ValidationError as exc:
         return invalid_spec(plan, body, readable(exc), now)   # no parsed job to derive a status from
-
-    placement = previous.placement if previous else None
-    attempt = placement.attempt if placement else 1
-    decision = None
-    fallback_reason = None
-    timed_out: list[ChoiceRejection] = []
     try:
-        if placement is None:
-            inventory = build_inventory(world.nodes, world.pods)
-            decision = decide_placement(job.spec, catalog, inventory, timed_out_history(previous))
-        else:
-            attempt_pods = [p for p in world.job_pods
-                            if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(placement.attempt)]
-            since = unschedulable_since(attempt_pods)
-            verdict = fallback_verdict(placement.choice, since,
-                                       timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now)
-            if verdict.move_on:
-                history = {**timed_out_history(previous), placement.choice: verdict.reason}
-                inventory = build_inventory(world.nodes, world.pods)
-                decision = decide_placement(job.spec, catalog, inventory, history)
-                timed_out = [ChoiceRejection(choice=placement.choice, code=RejectionCode.TimedOut,
-                                             message=verdict.reason, at=now)]
-                fallback_reason = verdict.reason
-                attempt = placement.attempt + 1
-            elif verdict.deadline is not None:
-                plan.requeue_after = max(1.0, (verdict.deadline - now).total_seconds())
-            elif placement.waiting and not any((p.get("spec") or {}).get("nodeName") for p in attempt_pods):
-                # Waiting for capacity and nothing bound yet: a choice may fit now.
-                inventory = build_inventory(world.nodes, world.pods)
-                fresh = decide_placement(job.spec, catalog, inventory, timed_out_history(previous))
-                if fresh.outcome == Outcome.Placed:
-                    decision = fresh
-                    if fresh.candidate.key != placement.choice:
-                        attempt = placement.attempt + 1
-                        fallback_reason = f"{fresh.candidate.key} fits now while {placement.choice} is still busy"
+        placing = _place(job, world, catalog, previous, now)
     except ModelSizeUnknown as exc:
         observed = Observed(spec_error=str(exc), spec_error_reason=ConditionReason.ModelSizeUnknown)
         return _finish(plan, job, observed, previous, now)
+    plan.requeue_after = placing.requeue_after
+    blocked = _render(plan, job, world, catalog, placing, previous)
+    ray_job = world.ray_jobs.get(rayjob_name(job.metadata.name, placing.attempt))
+    observed = Observed(decision=placing.decision, attempt=placing.attempt, fallback_reason=placing.fallback_reason,
+                        ray_job=ray_job, progress=_parse_progress(world.progress_configmap),
+                        timed_out=placing.timed_out, blocked=blocked)
+    return _finish(plan, job, observed, previous, now)
 
-    candidate, pool = None, None
+
+def _place(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[FineTuneJobStatus],
+           now: datetime) -> Placing[PlacementDecision]:
+    """First placement; a fallback when the attempt's pods stayed unschedulable past the timeout;
+    a sooner choice while waiting for capacity. Raises ModelSizeUnknown."""
+    placement = previous.placement if previous else None
+    if placement is None:
+        inventory = build_inventory(world.nodes, world.pods)
+        return Placing(1, decide_placement(job.spec, catalog, inventory, timed_out_history(previous)))
+    attempt_pods = [p for p in world.job_pods
+                    if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(placement.attempt)]
+    verdict = fallback_verdict(placement.choice, unschedulable_since(attempt_pods),
+                               timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now)
+    if verdict.move_on:
+        assert verdict.reason is not None
+        history = {**timed_out_history(previous), placement.choice: verdict.reason}
+        decision = decide_placement(job.spec, catalog, build_inventory(world.nodes, world.pods), history)
+        return Placing(placement.attempt + 1, decision, verdict.reason, (timed_out_rejection(placement.choice, verdict, now),))
+    if verdict.deadline is not None:
+        return requeue_until(placement.attempt, verdict, now)
+    if placement.waiting and not any((p.get("spec") or {}).get("nodeName") for p in attempt_pods):
+        return _sooner(job, world, catalog, previous, placement)
+    return Placing(placement.attempt)
+
+
+def _sooner(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[FineTuneJobStatus],
+            placement: PlacementStatus) -> Placing[PlacementDecision]:
+    """Waiting for capacity and nothing bound yet: a choice may fit now."""
+    fresh = decide_placement(job.spec, catalog, build_inventory(world.nodes, world.pods), timed_out_history(previous))
+    if fresh.outcome != Outcome.Placed or fresh.candidate is None:
+        return Placing(placement.attempt)
+    if fresh.candidate.key == placement.choice:
+        return Placing(placement.attempt, fresh)
+    return Placing(placement.attempt + 1, fresh, f"{fresh.candidate.key} fits now while {placement.choice} is still busy")
+
+
+def _render(plan: Plan, job: FineTuneJob, world: World, catalog: Catalog, placing: Placing[PlacementDecision],
+            previous: Optional[FineTuneJobStatus]) -> Optional[str]:
+    """Plan the children of the current attempt (unless a referenced Secret is missing: returned)
+    and the deletion of earlier attempts' RayJobs."""
+    placement = previous.placement if previous else None
+    decision = placing.decision
     if decision is not None and decision.candidate is not None:
         candidate, pool = decision.candidate, decision.pool
     elif decision is None and placement is not None:
         candidate, pool = candidate_from_status(placement, catalog), placement.pool
-
-    blocked = None
-    if candidate is not None:
-        children = build_finetune_children(job, candidate, pool, attempt, catalog)
-        blocked = missing_secrets(children, world.secrets)
-        if blocked is None:
-            for child in children:
-                desired = with_applied_hash(child)
-                live = world.children.get((child["kind"], child["metadata"]["name"]))
-                if needs_apply(desired, live):
-                    plan.apply.append(desired)
-        current = rayjob_name(job.metadata.name, attempt)
-        for name in sorted(world.ray_jobs):
-            if name != current:
-                plan.delete.append(("ray.io/v1", "RayJob", name))
-    if blocked:
-        plan.requeue_after = 10.0
-
-    ray_job = world.ray_jobs.get(rayjob_name(job.metadata.name, attempt))
-    observed = Observed(decision=decision, attempt=attempt, fallback_reason=fallback_reason,
-                        ray_job=ray_job, progress=_parse_progress(world.progress_configmap),
-                        timed_out=tuple(timed_out), blocked=blocked)
-    return _finish(plan, job, observed, previous, now)
+    else:
+        return None
+    children = build_finetune_children(job, candidate, pool, placing.attempt, catalog)
+    blocked = missing_secrets(children, world.secrets)
+    if blocked is None:
+        plan.apply.extend(to_apply(children, world.children))
+    else:
+        plan.requeue_after = BLOCKED_REQUEUE_SECONDS
+    current = rayjob_name(job.metadata.name, placing.attempt)
+    plan.delete.extend(("ray.io/v1", "RayJob", name) for name in sorted(world.ray_jobs) if name != current)
+    return blocked
 
 
 def _finish(plan: Plan, job: FineTuneJob, observed: Observed, previous: Optional[FineTuneJobStatus],

@@ -60,6 +60,28 @@ def quantization_rejection(spec: ModelServeSpec, profile: AcceleratorProfile, la
                      f"{label}: {profile.display_name} does not support {quant.value} quantization for serving (supports: {supported})")
 
 
+def _replica_memory(spec: ModelServeSpec, shape: ModelShape, profile: AcceleratorProfile, catalog: Catalog,
+                    inventory: Inventory) -> tuple[Optional[ServingMemoryEstimate], Optional[str], bool]:
+    """(memory of one replica, why it does not fit, tensorParallelSize chosen automatically)."""
+    if spec.engine.tensor_parallel_size:
+        memory = estimate_serving_memory(shape, spec.engine, profile, catalog, spec.engine.tensor_parallel_size)
+        utilization = profile.memory_utilization(spec.engine.gpu_memory_utilization)
+        return memory, serving_shortfall(shape, memory, profile, utilization), False
+    found, why = auto_tensor_parallel_size(shape, spec.engine, profile, catalog,
+                                           _max_devices_per_node(profile, spec, inventory))
+    return found, (None if found else why), True
+
+
+def _placed_reason(label: str, profile: AcceleratorProfile, memory: ServingMemoryEstimate, pool: Optional[str],
+                   rejected: int) -> str:
+    reason = (f"{label}: {profile.display_name} x{memory.tensor_parallel_size} per replica fits now in pool {pool} "
+              f"(needs {memory.total_gib:.1f} of {memory.budget_gib:.1f} GiB per device; "
+              f"KV cache room ~{memory.kv_room_tokens} tokens per replica)")
+    if rejected:
+        reason += f"; {rejected} earlier choice{'s' if rejected > 1 else ''} rejected"
+    return reason
+
+
 def decide_serve_placement(spec: ModelServeSpec, catalog: Catalog, inventory: Inventory,
                            timed_out: Optional[Mapping[str, str]] = None) -> ServePlacementDecision:
     """Pick the first acceptable choice that fits now (else the first that could, waiting).
@@ -90,14 +112,7 @@ def decide_serve_placement(spec: ModelServeSpec, catalog: Catalog, inventory: In
             if rejection:
                 rejections.append(rejection)
                 continue
-            if spec.engine.tensor_parallel_size:
-                memory = estimate_serving_memory(shape, spec.engine, profile, catalog, spec.engine.tensor_parallel_size)
-                shortfall = serving_shortfall(shape, memory, profile, profile.memory_utilization(spec.engine.gpu_memory_utilization))
-                auto = False
-            else:
-                found, why = auto_tensor_parallel_size(shape, spec.engine, profile, catalog,
-                                                       _max_devices_per_node(profile, spec, inventory))
-                memory, shortfall, auto = found, (None if found else why), True
+            memory, shortfall, auto = _replica_memory(spec, shape, profile, catalog, inventory)
             if shortfall or memory is None:
                 rejections.append(Rejection(profile.key, RejectionCode.InsufficientMemory, f"{label}: {shortfall}"))
                 continue
@@ -107,11 +122,7 @@ def decide_serve_placement(spec: ModelServeSpec, catalog: Catalog, inventory: In
                 continue
             fit = fit_candidate(candidate, spec, inventory)
             if fit.fits_now:
-                reason = (f"{label}: {profile.display_name} x{memory.tensor_parallel_size} per replica fits now in pool {fit.pool} "
-                          f"(needs {memory.total_gib:.1f} of {memory.budget_gib:.1f} GiB per device; "
-                          f"KV cache room ~{memory.kv_room_tokens} tokens per replica)")
-                if rejections:
-                    reason += f"; {len(rejections)} earlier choice{'s' if len(rejections) > 1 else ''} rejected"
+                reason = _placed_reason(label, profile, memory, fit.pool, len(rejections))
                 return ServePlacementDecision(Outcome.Placed, reason, tuple(rejections), candidate, fit.pool, shape, memory, auto)
             rejections.append(Rejection(candidate.key, fit.code or RejectionCode.Busy, f"{label}: {profile.display_name}: {fit.message}"))
             if fit.could_fit and waiting is None:

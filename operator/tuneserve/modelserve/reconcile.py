@@ -21,19 +21,20 @@ from pydantic import ValidationError
 
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.modelserve_status import ModelServeStatus, ServeConditionReason
-from tuneserve.api.conditions import ChoiceRejection, RejectionCode
-from tuneserve.builders.common import rayservice_name
+from tuneserve.builders.common import rayservice_name, serve_status_configmap_name
 from tuneserve.builders.rayservice import raycluster_scaling_patch
 from tuneserve.catalog import Catalog
-from tuneserve.core.hashing import needs_apply, with_applied_hash
-from tuneserve.core.plan import Event, JsonPatch, Plan, finish, missing_secrets, readable
+from tuneserve.core.hashing import to_apply
+from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Event, JsonPatch, Plan, finish, missing_secrets, readable
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
-from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
+from tuneserve.core.scheduling.fallback import (
+    Placing, fallback_verdict, requeue_until, timed_out_rejection, unschedulable_since,
+)
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.sizing import ModelSizeUnknown
-from tuneserve.modelserve.adapters import read_replica_reports, resolve_adapters
+from tuneserve.modelserve.adapters import AdapterResolution, read_replica_reports, resolve_adapters
 from tuneserve.modelserve.builders.children import build_modelserve_children
-from tuneserve.modelserve.placement import decide_serve_placement, serve_candidate
+from tuneserve.modelserve.placement import ServePlacementDecision, decide_serve_placement, serve_candidate
 from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status
 
 ROLLOUT_ANNOTATION = "tuneserve.dev/rollout-fingerprint"
@@ -70,65 +71,75 @@ def plan_modelserve(body: Mapping[str, Any], world: ServeWorld, catalog: Catalog
         return invalid_spec(plan, body, readable(exc), now)
 
     resolution = resolve_adapters(serve.spec, world.jobs)
-    status_cm = world.children.get(("ConfigMap", f"{serve.metadata.name}-serve-status"))
+    status_cm = world.children.get(("ConfigMap", serve_status_configmap_name(serve.metadata.name)))
     reports = read_replica_reports((status_cm or {}).get("data"), now)
     live_rs = world.children.get(("RayService", rayservice_name(serve.metadata.name)))
-    fingerprint = rollout_fingerprint(serve)
-    live_fingerprint = ((live_rs or {}).get("metadata", {}).get("annotations") or {}).get(ROLLOUT_ANNOTATION)
-
-    placement = previous.placement if previous else None
-    attempt = placement.attempt if placement else 1
-    decision, fallback_reason, timed_out = None, None, []
     try:
-        if placement is None or (live_fingerprint is not None and live_fingerprint != fingerprint):
-            decision = decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods),
-                                              timed_out_history(previous))
-            if placement is not None and decision.candidate is not None and decision.candidate.key != placement.choice:
-                attempt = placement.attempt + 1
-                fallback_reason = f"spec changed: now {decision.candidate.key}"
-        else:
-            since = unschedulable_since(world.serve_pods)
-            verdict = fallback_verdict(placement.choice, since,
-                                       timedelta(minutes=serve.spec.accelerators.fallback_after_minutes), now)
-            if verdict.move_on:
-                history = {**timed_out_history(previous), placement.choice: verdict.reason}
-                decision = decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods), history)
-                timed_out = [ChoiceRejection(choice=placement.choice, code=RejectionCode.TimedOut,
-                                             message=verdict.reason, at=now)]
-                fallback_reason, attempt = verdict.reason, placement.attempt + 1
-            elif verdict.deadline is not None:
-                plan.requeue_after = max(1.0, (verdict.deadline - now).total_seconds())
+        placing = _place(serve, world, catalog, previous, live_rs, now)
     except ModelSizeUnknown as exc:
         return _finish(plan, serve, ServeObserved(spec_error=str(exc), spec_error_reason=ServeConditionReason.ModelSizeUnknown,
                                                   resolution=resolution, reports=reports), previous, now)
+    plan.requeue_after = placing.requeue_after
+    blocked = _render(plan, serve, world, catalog, placing, previous, resolution)
+    plan.patch.extend(replica_bounds_patches(serve, live_rs, world.ray_clusters))
+    observed = ServeObserved(blocked=blocked, decision=placing.decision, attempt=placing.attempt,
+                             fallback_reason=placing.fallback_reason, timed_out=placing.timed_out,
+                             resolution=resolution, reports=reports, ray_service=live_rs)
+    return _finish(plan, serve, observed, previous, now)
 
-    candidate, pool = None, None
+
+def _place(serve: ModelServe, world: ServeWorld, catalog: Catalog, previous: Optional[ModelServeStatus],
+           live_rs: Optional[Mapping[str, Any]], now: datetime) -> Placing[ServePlacementDecision]:
+    """First placement; placement again when a rollout field changed; a fallback when the pods stayed
+    unschedulable past the timeout. Raises ModelSizeUnknown."""
+    placement = previous.placement if previous else None
+    live_fingerprint = ((live_rs or {}).get("metadata", {}).get("annotations") or {}).get(ROLLOUT_ANNOTATION)
+    if placement is None or (live_fingerprint is not None and live_fingerprint != rollout_fingerprint(serve)):
+        decision = decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods), timed_out_history(previous))
+        if placement is None:
+            return Placing(1, decision)
+        if decision.candidate is not None and decision.candidate.key != placement.choice:
+            return Placing(placement.attempt + 1, decision, f"spec changed: now {decision.candidate.key}")
+        return Placing(placement.attempt, decision)
+    verdict = fallback_verdict(placement.choice, unschedulable_since(world.serve_pods),
+                               timedelta(minutes=serve.spec.accelerators.fallback_after_minutes), now)
+    if verdict.move_on:
+        assert verdict.reason is not None
+        history = {**timed_out_history(previous), placement.choice: verdict.reason}
+        decision = decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods), history)
+        return Placing(placement.attempt + 1, decision, verdict.reason, (timed_out_rejection(placement.choice, verdict, now),))
+    if verdict.deadline is not None:
+        return requeue_until(placement.attempt, verdict, now)
+    return Placing(placement.attempt)
+
+
+def _render(plan: Plan, serve: ModelServe, world: ServeWorld, catalog: Catalog,
+            placing: Placing[ServePlacementDecision], previous: Optional[ModelServeStatus],
+            resolution: AdapterResolution) -> Optional[str]:
+    """Plan the children (the RayService annotated with the rollout fingerprint), unless a
+    referenced Secret is missing: that is returned."""
+    placement = previous.placement if previous else None
+    decision = placing.decision
     if decision is not None and decision.candidate is not None:
         candidate, pool = decision.candidate, decision.pool
     elif decision is None and placement is not None:
         candidate = serve_candidate(catalog.get(f"{placement.vendor}/{placement.product}"),
                                     placement.tensor_parallel_size, serve.spec.replicas.min)
         pool = placement.pool
-
-    blocked = None
-    if candidate is not None:
-        children = build_modelserve_children(serve, candidate, pool, resolution.desired, catalog)
-        blocked = missing_secrets(children, world.secrets)
-        if blocked is None:
-            for child in children:
-                if child["kind"] == "RayService":
-                    child = {**child, "metadata": {**child["metadata"], "annotations": {
-                        **(child["metadata"].get("annotations") or {}), ROLLOUT_ANNOTATION: fingerprint}}}
-                desired = with_applied_hash(child)
-                if needs_apply(desired, world.children.get((child["kind"], child["metadata"]["name"]))):
-                    plan.apply.append(desired)
-        else:
-            plan.requeue_after = 10.0
-    plan.patch.extend(replica_bounds_patches(serve, live_rs, world.ray_clusters))
-
-    observed = ServeObserved(blocked=blocked, decision=decision, attempt=attempt, fallback_reason=fallback_reason,
-                             timed_out=tuple(timed_out), resolution=resolution, reports=reports, ray_service=live_rs)
-    return _finish(plan, serve, observed, previous, now)
+    else:
+        return None
+    children = build_modelserve_children(serve, candidate, pool, resolution.desired, catalog)
+    blocked = missing_secrets(children, world.secrets)
+    if blocked is not None:
+        plan.requeue_after = BLOCKED_REQUEUE_SECONDS
+        return blocked
+    fingerprint = rollout_fingerprint(serve)
+    for i, child in enumerate(children):
+        if child["kind"] == "RayService":
+            children[i] = {**child, "metadata": {**child["metadata"], "annotations": {
+                **(child["metadata"].get("annotations") or {}), ROLLOUT_ANNOTATION: fingerprint}}}
+    plan.apply.extend(to_apply(children, world.children))
+    return None
 
 
 def live_cluster_names(ray_service: Optional[Mapping[str, Any]]) -> list[str]:

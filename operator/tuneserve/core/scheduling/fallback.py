@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Generic, Iterable, Mapping, Optional, TypeVar
 
+from tuneserve.api.conditions import ChoiceRejection, RejectionCode
 from tuneserve.core.sizing import format_duration
+
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,25 @@ def unschedulable_since(pods: Iterable[Mapping[str, Any]]) -> Optional[datetime]
                 if stamp is not None:
                     times.append(stamp)
     return min(times) if times else None
+
+
+@dataclass(frozen=True)
+class Placing(Generic[D]):
+    """What placement decided in one reconcile, for either kind (``decision`` None: the recorded
+    placement stands)."""
+    attempt: int
+    decision: Optional[D] = None
+    fallback_reason: Optional[str] = None
+    timed_out: tuple[ChoiceRejection, ...] = ()
+    requeue_after: Optional[float] = None
+
+
+def timed_out_rejection(choice: str, verdict: FallbackVerdict, now: datetime) -> ChoiceRejection:
+    """The history entry of a choice given up on (status.rejectedChoices, code TimedOut)."""
+    return ChoiceRejection(choice=choice, code=RejectionCode.TimedOut, message=verdict.reason or "", at=now)
+
+
+def requeue_until(attempt: int, verdict: FallbackVerdict, now: datetime) -> Placing:
+    """No fallback yet, but one is due at the verdict's deadline: keep the attempt, plan again then."""
+    assert verdict.deadline is not None
+    return Placing(attempt, requeue_after=max(1.0, (verdict.deadline - now).total_seconds()))

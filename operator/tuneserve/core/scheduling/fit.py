@@ -1,24 +1,19 @@
 """Does a candidate fit the cluster: node matching (labels, taints, resources) and free versus
-idle capacity per pool. Shared by both kinds' placement; typed on the pod options every Ray
-workload spec has (``api.workload.RayPodOptions``), so it knows neither kind."""
+idle capacity per pool. Shared by both kinds' placement; typed on the pod options both specs
+inherit (``api.workload.RayPodOptions``), so it knows neither kind."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional
 
-from tuneserve.api.common import Toleration
 from tuneserve.api.conditions import RejectionCode
+from tuneserve.api.workload import RayPodOptions
 from tuneserve.catalog import AcceleratorProfile
 from tuneserve.core.scheduling.inventory import Inventory, NodeSnapshot, parse_quantity, tolerates
 from tuneserve_workers.contract import DataParallel
 
-
-class PodOptions(Protocol):
-    """What placement reads of a spec (FineTuneJobSpec and ModelServeSpec both have these)."""
-    tolerations: Optional[list[Toleration]]
-    node_selector: Optional[dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -71,11 +66,11 @@ class Fit:
     code: Optional[RejectionCode] = None
 
 
-def user_tolerations(spec: PodOptions) -> list[dict[str, Any]]:
+def user_tolerations(spec: RayPodOptions) -> list[dict[str, Any]]:
     return [t.to_wire() for t in spec.tolerations or []]
 
 
-def pod_tolerations(profile: AcceleratorProfile, spec: PodOptions) -> list[dict[str, Any]]:
+def pod_tolerations(profile: AcceleratorProfile, spec: RayPodOptions) -> list[dict[str, Any]]:
     """The accelerator's tolerations, then the user's (duplicates dropped)."""
     out: list[dict[str, Any]] = []
     for tol in [t.model_dump(exclude_none=True) for t in profile.tolerations] + user_tolerations(spec):
@@ -84,7 +79,7 @@ def pod_tolerations(profile: AcceleratorProfile, spec: PodOptions) -> list[dict[
     return out
 
 
-def node_matches(node: NodeSnapshot, profile: AcceleratorProfile, spec: PodOptions) -> bool:
+def node_matches(node: NodeSnapshot, profile: AcceleratorProfile, spec: RayPodOptions) -> bool:
     """Labels (catalog + user nodeSelector), label alternatives, taints, schedulability."""
     if not node.schedulable:
         return False
@@ -103,7 +98,7 @@ def _slots(amounts: Mapping[str, Decimal], request: Mapping[str, Decimal]) -> in
     return min((int(amounts.get(r, Decimal(0)) // q) for r, q in request.items() if q > 0), default=0)
 
 
-def fit_candidate(candidate: Candidate, spec: PodOptions, inventory: Inventory) -> Fit:
+def fit_candidate(candidate: Candidate, spec: RayPodOptions, inventory: Inventory) -> Fit:
     profile = candidate.profile
     request = {k: parse_quantity(v) for k, v in profile.worker_resources(candidate.devices_per_worker).items()}
     device_resource = profile.resource_name or "cpu"
