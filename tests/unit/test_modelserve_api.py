@@ -8,7 +8,8 @@ from pydantic import ValidationError
 
 from helpers import INVALID_MODELSERVES_FILE, MODELSERVE_EXAMPLES, invalid_cases, load_example, merge_patch
 from tuneserve.api import finetunejob, modelserve
-from tuneserve.api.modelserve import NAME_RULE, ModelServe, Quantization, rollout_fields_changed
+from tuneserve.api.modelserve import NAME_RULE, ModelServe, Quantization
+from tuneserve.modelserve.reconcile import rollout_fingerprint
 
 CASES = invalid_cases(INVALID_MODELSERVES_FILE)
 
@@ -89,11 +90,11 @@ def test_name_rule_mirrors_cel():
 
 def test_adapter_and_replica_changes_do_not_roll_out():
     base = load_example("modelserve-qwen-bank.yaml")
-    old = ModelServe.from_body(base).spec
-    changed = ModelServe.from_body(merge_patch(base, {"spec": {"adapters": [{"name": "x", "uri": "s3://ads/x"}], "replicas": {"max": 8}}})).spec
-    assert rollout_fields_changed(old, changed) == []
-    engine = ModelServe.from_body(merge_patch(base, {"spec": {"engine": {"maxModelLen": 8192}}})).spec
-    assert rollout_fields_changed(old, engine) == ["spec.engine"]
+    old = rollout_fingerprint(ModelServe.from_body(base))
+    changed = ModelServe.from_body(merge_patch(base, {"spec": {"adapters": [{"name": "x", "uri": "s3://ads/x"}], "replicas": {"max": 8}}}))
+    assert rollout_fingerprint(changed) == old
+    engine = ModelServe.from_body(merge_patch(base, {"spec": {"engine": {"maxModelLen": 8192}}}))
+    assert rollout_fingerprint(engine) != old
 
 
 def test_every_quantization_is_a_method_of_the_installed_vllm():

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import llama_spec as llama, load_example, merge_patch
-from tuneserve.api.finetunejob import BaseModelSource, FineTuneJob
+from tuneserve.api.finetunejob import FineTuneJob
+from tuneserve.api.sources import BaseModelSource
 from tuneserve.catalog import load_catalog
 from tuneserve.core.sizing import (
     GIB, ModelSizeUnknown, embedding_parameters, estimate_memory, estimate_run, format_duration, memory_choice,

@@ -4,8 +4,8 @@ and the small Kubernetes types (tolerations, env, secret references) the specs p
 A ``Rule`` is written once and used twice: the CRD generator emits it as an
 ``x-kubernetes-validations`` entry (the apiserver enforces it at admission), and the model's
 validator runs the Python mirror (``check``), so the operator and unit tests reject the same specs
-with the same message. Transition rules (those using ``oldSelf``) have no Python mirror here;
-see ``tuneserve.api.finetunejob.immutable_fields_changed``.
+with the same message. Transition rules (those using ``oldSelf``) have no Python mirror: only the apiserver sees the
+old object (tests/unit/test_api.py checks that every immutable field has one).
 """
 from __future__ import annotations
 

@@ -13,17 +13,13 @@ from pydantic import Field
 
 from tuneserve import API_GROUP, API_VERSION
 # The values the worker understands, from the one shared contract (no second copy to drift).
-from tuneserve_workers.contract import DatasetFormat, Method, Precision  # noqa: F401  (re-exported)
+from tuneserve_workers.contract import DatasetFormat, Method, Precision
 from tuneserve.api.common import (
     name_rule,
     CustomResource, ObjectMeta,
     SHORT_MAX, URI_MAX, ApiModel, Rule, uri_rule,
 )
-# Shared with ModelServe; re-exported here because FineTuneJob code and tests import them from here.
-from tuneserve.api.sources import (  # noqa: F401
-    _STORAGE_WHAT, _VENDOR_PATTERN, DATASET_URI_PATTERN, MODEL_URI_PATTERN, STORAGE_URI_PATTERN,
-    BaseModelSource, Credentials, ModelSizeHints, ObjectStoreCredentials,
-)
+from tuneserve.api.sources import _STORAGE_WHAT, _VENDOR_PATTERN, DATASET_URI_PATTERN, STORAGE_URI_PATTERN, BaseModelSource
 from tuneserve.api.finetunejob_status import FineTuneJobStatus
 from tuneserve.api.workload import AcceleratorSelector, RayPodOptions
 
@@ -209,13 +205,6 @@ class FineTuneJobSpec(RayPodOptions, FineTuneRequest):
 FineTuneJobSpec.rules = FineTuneJobSpec.rules + _immutability_rules(
     [info.alias for name, info in FineTuneJobSpec.model_fields.items() if info.alias not in MUTABLE_SPEC_FIELDS]
 )
-
-
-def immutable_fields_changed(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list[str]:
-    """Python mirror of the spec's transition rules: the spec fields that changed but may not."""
-    old_wire, new_wire = old.to_wire(), new.to_wire()
-    keys = sorted((set(old_wire) | set(new_wire)) - MUTABLE_SPEC_FIELDS)
-    return [f"spec.{k}" for k in keys if old_wire.get(k) != new_wire.get(k)]
 
 
 class FineTuneJob(CustomResource):

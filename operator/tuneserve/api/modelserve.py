@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Any, ClassVar, Literal, Mapping, Optional
+from typing import ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tuneserve import API_GROUP, API_VERSION
 from tuneserve.api.common import LABEL_NAME_PATTERN, name_rule, CustomResource, ObjectMeta, SHORT_MAX, URI_MAX, ApiModel, Rule, uri_rule
@@ -30,8 +30,6 @@ SHORT_NAMES = ("ms",)
 # characters (its RayCluster is "<name>-<5 random>", at most 53); "<ms>-openai" stays under 63.
 MAX_NAME_LENGTH = 47
 MAX_ADAPTERS = 32
-# vLLM accepts only these LoRA ranks as max_lora_rank (vllm LoRAConfig.possible_max_ranks).
-LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # Engine arguments the operator sets itself; extraEngineArgs may not override them.
 MANAGED_ENGINE_ARGS = (
     "model", "served-model-name", "tensor-parallel-size", "pipeline-parallel-size", "max-model-len",
@@ -188,14 +186,4 @@ class ModelServe(CustomResource):
     status: Optional[ModelServeStatus] = None
 
 
-
 NAME_RULE = name_rule(MAX_NAME_LENGTH, "the RayService is")
-
-
-def rollout_fields_changed(old: ModelServeSpec, new: ModelServeSpec) -> list[str]:
-    """Spec fields whose change rolls out a new Ray cluster (everything but adapters and
-    replicas); empty when the change applies in place."""
-    in_place = {"adapters", "replicas"}
-    old_wire, new_wire = old.to_wire(), new.to_wire()
-    keys = sorted((set(old_wire) | set(new_wire)) - in_place)
-    return [f"spec.{k}" for k in keys if old_wire.get(k) != new_wire.get(k)]

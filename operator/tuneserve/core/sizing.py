@@ -42,9 +42,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from tuneserve.api.finetunejob import BaseModelSource, FineTuneJobSpec, Method, Precision
+from tuneserve.api.finetunejob import FineTuneJobSpec
+from tuneserve.api.sources import BaseModelSource
 from tuneserve.catalog import AcceleratorProfile, Catalog
-from tuneserve_workers.contract import AcceleratorRuntime, DataParallel
+from tuneserve_workers.contract import AcceleratorRuntime, DataParallel, Method, Precision
 
 if TYPE_CHECKING:  # the serving estimate takes a ModelServe engine config
     from tuneserve.api.modelserve import EngineConfig

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional
 
-from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec, Method
+from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec
 from tuneserve.api.conditions import RejectionCode
 from tuneserve.api.finetunejob_status import PlacementStatus
 from tuneserve.catalog import Catalog
@@ -23,6 +23,7 @@ from tuneserve.core.sizing import (
     MemoryEstimate, MemoryPlan, ModelShape, RunEstimate, estimate_run, format_duration, memory_choice,
     memory_shortfall, model_shape, plan_memory,
 )
+from tuneserve_workers.contract import Method
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,6 @@ class AdapterResolution:
         """The set the replicas load, in spec order."""
         return [ServeAdapter(name=v.name, uri=v.uri) for v in self.verdicts if v.uri is not None]
 
-    def referenced_jobs(self) -> list[str]:
-        return sorted({v.source.split(" ", 1)[1] for v in self.verdicts if v.source.startswith("FineTuneJob ")})
-
 
 def same_base_model(trained_on: str, served: BaseModelSource) -> bool:
     """Same location; revisions must agree only when both name one (as the serve app checks)."""

@@ -57,9 +57,6 @@ class NodeSnapshot:
 class Inventory:
     nodes: tuple[NodeSnapshot, ...]
 
-    def pools(self) -> list[str]:
-        return sorted({n.pool for n in self.nodes})
-
 
 _TERMINATED = {"Succeeded", "Failed"}
 

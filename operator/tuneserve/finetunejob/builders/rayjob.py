@@ -12,8 +12,8 @@ from tuneserve.builders.common import (
     CHOICE_ANNOTATION, CONFIG_DIR, CONFIG_FILE, TRAIN_ENTRYPOINT, config_configmap_name, dns_label, labels,
     object_meta, progress_configmap_name, rayjob_name,
 )
-from tuneserve.builders.raycluster import (  # noqa: F401  (RAY_VERSION, RESERVED_ENV_PREFIX: public here before)
-    RAY_VERSION, RESERVED_ENV_PREFIX, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec,
+from tuneserve.builders.raycluster import (
+    RAY_VERSION, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec,
     pvc_volumes, ray_container, ray_start_resources, submitter_pod_template, with_user_env, worker_node_selector,
 )
 from tuneserve.finetunejob.builders.rbac import pod_service_account
