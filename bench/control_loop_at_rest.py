@@ -81,6 +81,26 @@ def settled(kube: Kube, namespace: str, n: int, last: dict) -> bool:
     return same
 
 
+def statuses(kube: Kube, namespace: str) -> dict:
+    return {j["metadata"]["name"]: j.get("status") or {} for j in kube.list("tuneserve.dev/v1alpha1", "FineTuneJob", namespace)}
+
+
+def first_change(before: dict, after: dict) -> str:
+    """What moved in the first job whose status changed in the window (the cause of the writes)."""
+    def flat(d, prefix=""):
+        if isinstance(d, dict):
+            return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}.{k}" if prefix else k).items()}
+        if isinstance(d, list):
+            return {k2: v2 for i, v in enumerate(d) for k2, v2 in flat(v, f"{prefix}[{i}]").items()}
+        return {prefix: d}
+    for name in sorted(after):
+        a, b = flat(before.get(name, {})), flat(after[name])
+        moved = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+        if moved:
+            return f"{name}: " + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(moved.items()))
+    return "no status changed"
+
+
 def operator_usage(pid: int) -> tuple[float, float]:
     """(RSS MiB, CPU seconds) of the operator process."""
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -137,10 +157,11 @@ def main() -> int:
         wait_for(lambda: settled(kube, "bank", args.jobs, last), args.settle_timeout,
                  "every FineTuneJob's status to stop changing", interval=10)
         print(f"settled {time.monotonic() - t0:.0f}s after creating {args.jobs} jobs", flush=True)
-        before, (_, cpu0) = request_counts(cluster), operator_usage(op.proc.pid)
+        before, (_, cpu0), seen = request_counts(cluster), operator_usage(op.proc.pid), statuses(kube, "bank")
         time.sleep(args.quiet_s)     # the measurement window itself: nothing is changed in it
         after, (rss, cpu1) = request_counts(cluster), operator_usage(op.proc.pid)
         text = report(after - before, args.quiet_s, args.jobs, rss, cpu1 - cpu0)
+        text += "\nfirst status change in the window: " + first_change(seen, statuses(kube, "bank"))
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
