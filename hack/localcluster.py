@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,6 +36,9 @@ import yaml
 
 HACK = Path(__file__).resolve().parent
 REPO = HACK.parent
+sys.path.insert(0, str(REPO / "tests"))   # tests/waiting.py: the one polling loop, shared with the tests
+from waiting import wait_for  # noqa: E402
+
 DEFAULT_DIR = REPO / ".tuneserve" / "cluster"
 CACHE = Path(os.environ.get("TUNESERVE_CACHE", Path.home() / ".cache" / "tuneserve"))
 BIN = CACHE / "current"
@@ -55,22 +59,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2,
-               on_timeout: Callable[[], str] = lambda: "") -> None:
-    """Polls ``check`` until it holds; raises with ``what`` (and extra context) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last_exc: Optional[Exception] = None
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except ClusterError:
-            raise             # e.g. the component exited: waiting longer cannot help
-        except Exception as exc:  # the thing we wait on may not answer yet
-            last_exc = exc
-        time.sleep(interval)
-    raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}"
-                       + (f" (last error: {last_exc})" if last_exc else "") + on_timeout())
+# The one polling loop (tests/waiting.py): a component that exited (ClusterError) ends the wait at
+# once; anything else it raises means "not answering yet".
+wait_until = partial(wait_for, interval=0.2, retry=(Exception,), fatal=(ClusterError,), error=ClusterError)
 
 
 def _set_pdeathsig() -> None:

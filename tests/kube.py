@@ -1,7 +1,6 @@
 """Test helpers over the real API server: apply YAML, read objects, wait on conditions."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -9,30 +8,14 @@ import yaml
 from kubernetes import client, config, dynamic
 from kubernetes.client.exceptions import ApiException
 
+import waiting
+
 FIELD_MANAGER = "tuneserve-tests"
 
 
-class WaitTimeout(AssertionError):
-    pass
-
-
 def wait_for(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    """Polls ``fn`` until it returns something truthy, and returns that; fails after ``timeout``.
-
-    The last exception or falsy value is included in the failure, so a timeout says what was seen.
-    """
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-            if value:
-                return value
-            last = value
-        except ApiException as exc:
-            last = f"{exc.status} {exc.reason}"
-        time.sleep(interval)
-    raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+    """``waiting.wait_for`` where an API error (e.g. 404 before the object exists) means "not yet"."""
+    return waiting.wait_for(fn, timeout, what, interval, retry=(ApiException,))
 
 
 def condition(obj: dict, ctype: str) -> Optional[dict]:

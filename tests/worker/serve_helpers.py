@@ -19,7 +19,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
+
+import waiting
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHONPATH = os.pathsep.join([str(REPO / "workers"), str(REPO / "operator")])
@@ -166,17 +169,5 @@ def ask(base_url: str, model: str, question: str = QUESTION, route: str = "chat"
     return status, text, headers.get("x-tuneserve-replica")
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            got = cond()
-        except Exception as e:  # transient (proxy not routing yet): keep polling
-            got, last = None, e
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
-                                 + (f" (last error: {last})" if last else ""))
-        time.sleep(interval)
+# The one polling loop (tests/waiting.py); any exception means "not yet" (proxy not routing yet).
+wait_for = partial(waiting.wait_for, interval=0.5, retry=(Exception,))

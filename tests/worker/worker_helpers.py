@@ -15,16 +15,7 @@ STEPS = 40                      # steps of the toy job in the training tests
 PYTHONPATH = os.pathsep.join([str(REPO / "workers"), str(REPO / "operator")])
 
 
-def wait_for(cond, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+from waiting import wait_for  # noqa: E402,F401  (the one polling loop: tests/waiting.py)
 
 
 def cpu_flags() -> set[str]:
