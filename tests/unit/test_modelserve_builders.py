@@ -21,10 +21,11 @@ from tuneserve.modelserve.builders.rbac import build_serve_rbac
 from tuneserve.modelserve.builders.serve import endpoint_url
 from tuneserve.catalog import load_catalog
 from tuneserve.core.scheduling.inventory import build_inventory
-from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.core.scheduling.fit import Candidate, Outcome
 from tuneserve.modelserve.placement import decide_serve_placement
 from tuneserve.core.sizing import model_shape
 from tuneserve_workers import contract
+from tuneserve_workers.contract import ServeAdapter
 
 GOLDEN = Path(__file__).parent / "golden"
 CATALOG = load_catalog()
@@ -60,9 +61,17 @@ def render(serve: ModelServe) -> list[dict]:
     return build_modelserve_children(serve, decision.candidate, decision.pool, desired, CATALOG)
 
 
-@pytest.mark.parametrize("name", sorted(CHOICES))
+# Goldens render from literal inputs: one device per replica of each vendor (the pool is named after it), the two
+# adapters the example lists (the FineTuneJob one resolved); not through placement or the fleet.
+GOLDEN_PROFILES = {"h100": "nvidia/h100-80gb", "mi300x": "amd/mi300x", "ascend910b": "huawei/ascend910b", "gaudi2": "intel/gaudi2"}
+GOLDEN_ADAPTERS = [ServeAdapter(name="fin-v1", uri="s3://bank/adapters/fin-v1"),
+                   ServeAdapter(name="support-v3", uri="s3://bank/adapters/support-v3")]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_PROFILES))
 def test_golden(name):
-    rendered = dump(render(bank_serve(CHOICES[name])))
+    candidate = Candidate(CATALOG.get(GOLDEN_PROFILES[name]), 1, 1, "choice 1")
+    rendered = dump(build_modelserve_children(bank_serve(CHOICES[name]), candidate, name, GOLDEN_ADAPTERS, CATALOG))
     path = GOLDEN / f"modelserve-{name}.yaml"
     if os.environ.get("UPDATE_GOLDEN") == "1":
         path.write_text(rendered)
@@ -158,7 +167,6 @@ def test_vendor_plugin_and_ray_resources(name, plugin, plugins_env, resources):
 def test_neuron_plugin_from_catalog():
     profile = CATALOG.get("aws/inf2")
     assert profile.vllm_plugin == "neuron"
-    from tuneserve.core.scheduling.fit import Candidate
     rs = build_rayservice(bank_serve(), Candidate(profile, 2, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
     assert app["deployments"][0]["ray_actor_options"]["resources"] == {"neuron_cores": 4}
@@ -217,10 +225,6 @@ def test_scaling_patch_clamps_replicas_only_outside_the_new_bounds():
 def test_scaling_patch_adds_bounds_the_live_group_lacks():
     patch = raycluster_scaling_patch(bank_serve(), {"spec": {"workerGroupSpecs": [{"groupName": "g", "replicas": 1}]}})
     assert ops(patch, "add") == {"minReplicas": 1, "maxReplicas": 4} and ops(patch, "test") == {"groupName": "g"}
-
-
-def test_same_spec_renders_byte_identical():
-    assert dump(render(bank_serve())) == dump(render(bank_serve()))
 
 
 # --- placement and sizing ------------------------------------------------------------------
@@ -338,7 +342,6 @@ def _pod_ray_resources(group: dict, profile) -> dict:
 def test_a_replica_uses_every_device_its_pod_reserves(key, tp):
     """tensorParallelSize = the devices the worker pod requests = the Ray resources the replica actor
     holds = the pod's Ray resources: nothing reserved sits idle, nothing is asked for twice."""
-    from tuneserve.core.scheduling.fit import Candidate
     profile = CATALOG.get(key)
     rs = build_rayservice(bank_serve(), Candidate(profile, tp, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
@@ -353,7 +356,6 @@ def test_a_replica_uses_every_device_its_pod_reserves(key, tp):
 def test_a_cpu_replica_computes_on_every_core_its_pod_reserves():
     """Worker-scoped (CPU): the engine is not sharded (tensor_parallel_size 1) and the replica holds
     the pod's cores as Ray CPUs."""
-    from tuneserve.core.scheduling.fit import Candidate
     cpu = CATALOG.get("cpu/cpu")
     rs = build_rayservice(bank_serve(), Candidate(cpu, 4, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
