@@ -1,4 +1,5 @@
-"""kopf wiring, kept thin: one reconcile entry point per kind, run on every event and on a timer.
+"""kopf wiring, kept thin: one reconcile entry point per kind, run on every event and when the
+schedule (schedule.py: the plan's requeue, else the resync) says the object is due.
 The logic lives in each kind's reconcile.py (pure), the reads in indexes.py, the writes in
 kubeapi.py. Handlers return nothing and never sleep; they raise kopf.TemporaryError to retry.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -20,12 +22,14 @@ from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap
 from tuneserve.catalog import Catalog, load_catalog
 from tuneserve.controller.indexes import FTJ, MS, children, everything, of_kind, secret_keys
 from tuneserve.controller.kubeapi import KubeApi
+from tuneserve.controller.schedule import Schedule
 from tuneserve.core.plan import Plan
 from tuneserve.finetunejob.reconcile import World, plan_finetunejob
 from tuneserve.modelserve.reconcile import ServeWorld, plan_modelserve
 
 log = logging.getLogger(__name__)
 RESYNC_SECONDS = float(os.environ.get("TUNESERVE_RESYNC_SECONDS", "3"))
+SCHEDULE = Schedule(RESYNC_SECONDS)
 
 
 class Runtime:
@@ -111,6 +115,7 @@ def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, 
     with Runtime.lock(uid):
         plan = plan_finetunejob(Runtime.with_latest_status(body, uid), _world(namespace, name, indexes),
                                 Runtime.catalog, datetime.now(timezone.utc))
+        SCHEDULE.planned(uid, time.monotonic(), plan.requeue_after)
         _carry_out(plan, body, "finetunejobs", namespace, name, uid)
 
 
@@ -128,6 +133,7 @@ def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, i
     with Runtime.lock(uid):
         plan = plan_modelserve(Runtime.with_latest_status(body, uid), _serve_world(body, namespace, name, indexes),
                                Runtime.catalog, datetime.now(timezone.utc))
+        SCHEDULE.planned(uid, time.monotonic(), plan.requeue_after)
         _carry_out(plan, body, "modelserves", namespace, name, uid)
 
 
@@ -139,13 +145,14 @@ def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
 def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
         Runtime.written.pop(uid, None)
+        SCHEDULE.forget(uid)
         return   # children go through owner references; artifacts and checkpoints are never touched
     reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
 
 
-@kopf.timer(*FTJ, interval=RESYNC_SECONDS, idle=None)
+@kopf.timer(*FTJ, interval=SCHEDULE.tick, idle=None)
 def finetunejob_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if body.metadata.get("deletionTimestamp"):
+    if body.metadata.get("deletionTimestamp") or not SCHEDULE.due(uid, time.monotonic()):
         return
     reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
 
@@ -154,12 +161,13 @@ def finetunejob_resync(body: kopf.Body, namespace: str, name: str, uid: str, **k
 def modelserve_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if type == "DELETED" or body.metadata.get("deletionTimestamp"):
         Runtime.written.pop(uid, None)
+        SCHEDULE.forget(uid)
         return
     reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
 
 
-@kopf.timer(*MS, interval=RESYNC_SECONDS, idle=None)
+@kopf.timer(*MS, interval=SCHEDULE.tick, idle=None)
 def modelserve_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if body.metadata.get("deletionTimestamp"):
+    if body.metadata.get("deletionTimestamp") or not SCHEDULE.due(uid, time.monotonic()):
         return
     reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))

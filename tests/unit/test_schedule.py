@@ -1,0 +1,53 @@
+"""When the operator plans an object again without an event (controller/schedule.py), and that a
+fleet of FineTuneJobs at rest plans no writes at all (the planner reads Secrets from the index:
+no Secret GETs either)."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from test_reconcile import CATALOG, NOW, body, live, world
+from tuneserve.controller.schedule import Schedule
+from tuneserve.finetunejob.reconcile import plan_finetunejob
+
+
+def test_a_new_object_is_due_then_waits_for_the_resync():
+    schedule = Schedule(resync_seconds=30)
+    assert schedule.tick == 1.0 and schedule.due("a", 0.0)
+    schedule.planned("a", 100.0, None)
+    assert not schedule.due("a", 129.0) and schedule.due("a", 130.0)
+
+
+def test_a_requeue_sooner_than_the_resync_is_honoured_and_a_later_one_capped():
+    schedule = Schedule(resync_seconds=30)
+    schedule.planned("a", 100.0, 10.0)
+    assert not schedule.due("a", 109.9) and schedule.due("a", 110.0)
+    schedule.planned("a", 100.0, 600.0)
+    assert not schedule.due("a", 129.0) and schedule.due("a", 130.0)
+
+
+def test_forgotten_objects_are_due_again_and_the_tick_never_exceeds_the_resync():
+    schedule = Schedule(resync_seconds=0.5)
+    schedule.planned("a", 100.0, None)
+    schedule.forget("a")
+    assert schedule.due("a", 100.0) and schedule.tick == 0.5
+
+
+def test_200_finetunejobs_at_rest_plan_no_writes():
+    bodies, lives = [], []
+    for i in range(200):
+        b = body(f"fin-{i}")
+        b["metadata"]["uid"] = f"uid-{i}"
+        first = plan_finetunejob(b, world(), CATALOG, NOW)
+        b["status"] = first.status
+        bodies.append(b)
+        lives.append(live(first))
+    for rnd in (1, 2, 3):
+        writes = 0
+        for b, children in zip(bodies, lives):
+            ray_jobs = {k[1]: v for k, v in children.items() if k[0] == "RayJob"}
+            plan = plan_finetunejob(b, world(children=children, ray_jobs=ray_jobs), CATALOG, NOW + timedelta(minutes=rnd))
+            writes += len(plan.apply) + len(plan.delete) + len(plan.patch) + (plan.status is not None)
+            if plan.status is not None:
+                b["status"] = plan.status
+        if rnd > 1:
+            assert writes == 0, f"round {rnd}: {writes} writes planned with nothing changed"
