@@ -31,6 +31,28 @@ class Severity(str, Enum):
     Warning = "Warning"
 
 
+class Reason(str, Enum):
+    """Base of each kind's condition reasons: the Event a transition posts takes its type and its
+    quietness from the enum. A kind names its ``warnings()`` (a person should look) and its
+    ``quiet_when_new()`` reasons (initial "not yet" conditions: no Event when they first appear)."""
+
+    @classmethod
+    def warnings(cls) -> frozenset[Reason]:
+        return frozenset()
+
+    @classmethod
+    def quiet_when_new(cls) -> frozenset[Reason]:
+        return frozenset()
+
+    @property
+    def severity(self) -> Severity:
+        return Severity.Warning if self in type(self).warnings() else Severity.Normal
+
+    @property
+    def quiet(self) -> bool:
+        return self in type(self).quiet_when_new()
+
+
 TypeT = TypeVar("TypeT", bound=Enum)
 ReasonT = TypeVar("ReasonT", bound=Enum)
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from tuneserve.api.conditions import ChoiceRejection, KindCondition, Severity, StatusModel
+from tuneserve.api.conditions import ChoiceRejection, KindCondition, Reason, StatusModel
 from tuneserve_workers.contract import DataParallel, Precision
 
 
@@ -40,7 +40,7 @@ class ConditionType(str, Enum):
 
 
 
-class ConditionReason(str, Enum):
+class ConditionReason(Reason):
     # Accepted
     SpecValid = "SpecValid"
     InvalidSpec = "InvalidSpec"
@@ -70,26 +70,18 @@ class ConditionReason(str, Enum):
     SuspendedByUser = "SuspendedByUser"
     NotSuspended = "NotSuspended"
 
-    @property
-    def severity(self) -> Severity:
-        return Severity.Warning if self in WARNING_REASONS else Severity.Normal
+    @classmethod
+    def warnings(cls) -> frozenset[Reason]:
+        return frozenset({
+            cls.InvalidSpec, cls.ModelSizeUnknown, cls.NoAcceptableChoice, cls.TrainingFailed,
+            cls.BackoffLimitExceeded, cls.SecretNotFound, cls.FellBack,
+        })
 
-    @property
-    def quiet_when_new(self) -> bool:
-        """An initial "not yet" condition: no Event when it first appears."""
-        return self in QUIET_INITIAL_REASONS
-
-
-# Reasons that need a person's attention: their Events are Warnings.
-WARNING_REASONS = frozenset({
-    ConditionReason.InvalidSpec, ConditionReason.ModelSizeUnknown, ConditionReason.NoAcceptableChoice,
-    ConditionReason.TrainingFailed, ConditionReason.BackoffLimitExceeded, ConditionReason.SecretNotFound,
-    ConditionReason.FellBack,
-})
-QUIET_INITIAL_REASONS = frozenset({
-    ConditionReason.InProgress, ConditionReason.NotSuspended, ConditionReason.NotStarted,
-    ConditionReason.NoCheckpointYet, ConditionReason.Placing,
-})
+    @classmethod
+    def quiet_when_new(cls) -> frozenset[Reason]:
+        return frozenset({
+            cls.InProgress, cls.NotSuspended, cls.NotStarted, cls.NoCheckpointYet, cls.Placing,
+        })
 
 
 class Condition(KindCondition[ConditionType, ConditionReason]):

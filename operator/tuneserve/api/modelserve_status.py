@@ -12,7 +12,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from tuneserve.api.conditions import ChoiceRejection, KindCondition, Severity, StatusModel
+from tuneserve.api.conditions import ChoiceRejection, KindCondition, Reason, StatusModel
 
 
 class ServePhase(str, Enum):
@@ -33,7 +33,7 @@ class ServeConditionType(str, Enum):
     Upgrading = "Upgrading"          # a base model / engine change is rolling out on a new cluster
 
 
-class ServeConditionReason(str, Enum):
+class ServeConditionReason(Reason):
     # Accepted
     SpecValid = "SpecValid"
     InvalidSpec = "InvalidSpec"
@@ -69,27 +69,19 @@ class ServeConditionReason(str, Enum):
     NoUpgrade = "NoUpgrade"
     NewClusterStarting = "NewClusterStarting"
 
-    @property
-    def severity(self) -> Severity:
-        return Severity.Warning if self in WARNING_REASONS else Severity.Normal
+    @classmethod
+    def warnings(cls) -> frozenset[Reason]:
+        return frozenset({
+            cls.InvalidSpec, cls.ModelSizeUnknown, cls.NoAcceptableChoice, cls.SecretNotFound, cls.FellBack,
+            cls.ApplicationFailed, cls.AdaptersFailed, cls.ReplicasUnavailable, cls.AdaptersUnavailable,
+            cls.ApplicationUnhealthy, cls.ReplicaFailed,
+        })
 
-    @property
-    def quiet_when_new(self) -> bool:
-        """An initial "not yet" condition: no Event when it first appears."""
-        return self in QUIET_INITIAL_REASONS
-
-
-# Reasons that need a person's attention: their Events are Warnings.
-WARNING_REASONS = frozenset({
-    ServeConditionReason.InvalidSpec, ServeConditionReason.ModelSizeUnknown, ServeConditionReason.NoAcceptableChoice,
-    ServeConditionReason.SecretNotFound, ServeConditionReason.FellBack, ServeConditionReason.ApplicationFailed,
-    ServeConditionReason.AdaptersFailed, ServeConditionReason.ReplicasUnavailable,
-    ServeConditionReason.AdaptersUnavailable, ServeConditionReason.ApplicationUnhealthy, ServeConditionReason.ReplicaFailed,
-})
-QUIET_INITIAL_REASONS = frozenset({
-    ServeConditionReason.AsDesired, ServeConditionReason.NoUpgrade, ServeConditionReason.NoAdapters,
-    ServeConditionReason.NotPlaced, ServeConditionReason.Placing,
-})
+    @classmethod
+    def quiet_when_new(cls) -> frozenset[Reason]:
+        return frozenset({
+            cls.AsDesired, cls.NoUpgrade, cls.NoAdapters, cls.NotPlaced, cls.Placing,
+        })
 
 
 class ServeCondition(KindCondition[ServeConditionType, ServeConditionReason]):

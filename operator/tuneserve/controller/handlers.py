@@ -141,33 +141,35 @@ def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
     return {k: v for k, v in kwargs.items() if k.endswith("_index") or k.startswith("children_")}
 
 
-@kopf.on.event(*FTJ)
-def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
-    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
+def _deleted(body: kopf.Body, uid: str, event_type: Optional[str] = None) -> bool:
+    """Deleted or being deleted: forget it. Children go through owner references; artifacts and
+    checkpoints are never touched."""
+    if event_type == "DELETED" or body.metadata.get("deletionTimestamp"):
         Runtime.written.pop(uid, None)
         SCHEDULE.forget(uid)
-        return   # children go through owner references; artifacts and checkpoints are never touched
-    reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
+        return True
+    return False
+
+
+@kopf.on.event(*FTJ)
+def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
+    if not _deleted(body, uid, type):
+        reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
 
 
 @kopf.timer(*FTJ, interval=SCHEDULE.tick, idle=None)
 def finetunejob_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if body.metadata.get("deletionTimestamp") or not SCHEDULE.due(uid, time.monotonic()):
-        return
-    reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
+    if not _deleted(body, uid) and SCHEDULE.due(uid, time.monotonic()):
+        reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
 
 
 @kopf.on.event(*MS)
 def modelserve_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
-    if type == "DELETED" or body.metadata.get("deletionTimestamp"):
-        Runtime.written.pop(uid, None)
-        SCHEDULE.forget(uid)
-        return
-    reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
+    if not _deleted(body, uid, type):
+        reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
 
 
 @kopf.timer(*MS, interval=SCHEDULE.tick, idle=None)
 def modelserve_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if body.metadata.get("deletionTimestamp") or not SCHEDULE.due(uid, time.monotonic()):
-        return
-    reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
+    if not _deleted(body, uid) and SCHEDULE.due(uid, time.monotonic()):
+        reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))

@@ -71,7 +71,7 @@ def condition_events(previous: Any, new: Any) -> list[Event]:
         status, reason = cond.status.value, cond.reason.value
         if before is not None and (before.status.value, before.reason.value) == (status, reason):
             continue
-        if before is None and status != "True" and cond.reason.quiet_when_new:
+        if before is None and status != "True" and cond.reason.quiet:
             continue
         events.append(Event(cond.reason.severity.value, reason,
                             f"{cond.type.value}={status}: {cond.message}"[:1024]))

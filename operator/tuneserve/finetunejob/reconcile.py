@@ -16,9 +16,7 @@ from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
 from tuneserve.catalog import Catalog
 from tuneserve.core.hashing import to_apply
 from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Plan, finish, missing_secrets, readable
-from tuneserve.core.scheduling.fallback import (
-    Placing, fallback_verdict, requeue_until, timed_out_rejection, unschedulable_since,
-)
+from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.sizing import ModelSizeUnknown
@@ -85,15 +83,11 @@ def _place(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[
         return Placing(1, decide_placement(job.spec, catalog, inventory, timed_out_history(previous)))
     attempt_pods = [p for p in world.job_pods
                     if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(placement.attempt)]
-    verdict = fallback_verdict(placement.choice, unschedulable_since(attempt_pods),
-                               timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now)
-    if verdict.move_on:
-        assert verdict.reason is not None
-        history = {**timed_out_history(previous), placement.choice: verdict.reason}
-        decision = decide_placement(job.spec, catalog, build_inventory(world.nodes, world.pods), history)
-        return Placing(placement.attempt + 1, decision, verdict.reason, (timed_out_rejection(placement.choice, verdict, now),))
-    if verdict.deadline is not None:
-        return requeue_until(placement.attempt, verdict, now)
+    moved = fall_back(placement.choice, placement.attempt, unschedulable_since(attempt_pods),
+                      timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now, timed_out_history(previous),
+                      lambda history: decide_placement(job.spec, catalog, build_inventory(world.nodes, world.pods), history))
+    if moved is not None:
+        return moved
     if placement.waiting and not any((p.get("spec") or {}).get("nodeName") for p in attempt_pods):
         return _sooner(job, world, catalog, previous, placement)
     return Placing(placement.attempt)

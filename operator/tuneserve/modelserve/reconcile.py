@@ -27,9 +27,7 @@ from tuneserve.catalog import Catalog
 from tuneserve.core.hashing import to_apply
 from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Event, JsonPatch, Plan, finish, missing_secrets, readable
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
-from tuneserve.core.scheduling.fallback import (
-    Placing, fallback_verdict, requeue_until, timed_out_rejection, unschedulable_since,
-)
+from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.sizing import ModelSizeUnknown
 from tuneserve.modelserve.adapters import AdapterResolution, read_replica_reports, resolve_adapters
@@ -101,16 +99,11 @@ def _place(serve: ModelServe, world: ServeWorld, catalog: Catalog, previous: Opt
         if decision.candidate is not None and decision.candidate.key != placement.choice:
             return Placing(placement.attempt + 1, decision, f"spec changed: now {decision.candidate.key}")
         return Placing(placement.attempt, decision)
-    verdict = fallback_verdict(placement.choice, unschedulable_since(world.serve_pods),
-                               timedelta(minutes=serve.spec.accelerators.fallback_after_minutes), now)
-    if verdict.move_on:
-        assert verdict.reason is not None
-        history = {**timed_out_history(previous), placement.choice: verdict.reason}
-        decision = decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods), history)
-        return Placing(placement.attempt + 1, decision, verdict.reason, (timed_out_rejection(placement.choice, verdict, now),))
-    if verdict.deadline is not None:
-        return requeue_until(placement.attempt, verdict, now)
-    return Placing(placement.attempt)
+    moved = fall_back(placement.choice, placement.attempt, unschedulable_since(world.serve_pods),
+                      timedelta(minutes=serve.spec.accelerators.fallback_after_minutes), now, timed_out_history(previous),
+                      lambda history: decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods),
+                                                             history))
+    return moved if moved is not None else Placing(placement.attempt)
 
 
 def _render(plan: Plan, serve: ModelServe, world: ServeWorld, catalog: Catalog,

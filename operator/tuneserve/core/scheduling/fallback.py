@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Generic, Iterable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
 
 from tuneserve.api.conditions import ChoiceRejection, RejectionCode
 from tuneserve.core.sizing import format_duration
@@ -64,12 +64,17 @@ class Placing(Generic[D]):
     requeue_after: Optional[float] = None
 
 
-def timed_out_rejection(choice: str, verdict: FallbackVerdict, now: datetime) -> ChoiceRejection:
-    """The history entry of a choice given up on (status.rejectedChoices, code TimedOut)."""
-    return ChoiceRejection(choice=choice, code=RejectionCode.TimedOut, message=verdict.reason or "", at=now)
-
-
-def requeue_until(attempt: int, verdict: FallbackVerdict, now: datetime) -> Placing:
-    """No fallback yet, but one is due at the verdict's deadline: keep the attempt, plan again then."""
-    assert verdict.deadline is not None
-    return Placing(attempt, requeue_after=max(1.0, (verdict.deadline - now).total_seconds()))
+def fall_back(choice: str, attempt: int, since: Optional[datetime], timeout: timedelta, now: datetime,
+              history: Mapping[str, str], decide: Callable[[Mapping[str, str]], D]) -> Optional[Placing[D]]:
+    """The fallback step of a recorded placement (``choice``, ``attempt``), for either kind: past the
+    timeout, decide again (``decide``) with the choice added to the timed-out ``history`` and record
+    it (status.rejectedChoices, code TimedOut); before it, plan again at the deadline; None when the
+    pods are not unschedulable."""
+    verdict = fallback_verdict(choice, since, timeout, now)
+    if verdict.move_on:
+        assert verdict.reason is not None
+        timed_out = ChoiceRejection(choice=choice, code=RejectionCode.TimedOut, message=verdict.reason, at=now)
+        return Placing(attempt + 1, decide({**history, choice: verdict.reason}), verdict.reason, (timed_out,))
+    if verdict.deadline is not None:
+        return Placing(attempt, requeue_after=max(1.0, (verdict.deadline - now).total_seconds()))
+    return None

@@ -1,0 +1,36 @@
+"""Event types come from each kind's reason enum (api.conditions.Reason), not from strings."""
+from __future__ import annotations
+
+from tuneserve.api.conditions import Severity
+from tuneserve.api.finetunejob_status import ConditionReason
+from tuneserve.api.modelserve_status import ServeConditionReason
+from tuneserve.core.plan import condition_events
+
+
+def _names(reasons, pick):
+    return {r.value for r in reasons if pick(r)}
+
+
+def test_which_reasons_are_warnings():
+    assert _names(ConditionReason, lambda r: r.severity == Severity.Warning) == {
+        "InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "TrainingFailed", "BackoffLimitExceeded",
+        "SecretNotFound", "FellBack"}
+    assert _names(ServeConditionReason, lambda r: r.severity == Severity.Warning) == {
+        "InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "SecretNotFound", "FellBack", "ApplicationFailed",
+        "AdaptersFailed", "ReplicasUnavailable", "AdaptersUnavailable", "ApplicationUnhealthy", "ReplicaFailed"}
+
+
+def test_which_reasons_post_no_event_when_they_first_appear():
+    assert _names(ConditionReason, lambda r: r.quiet) == {"InProgress", "NotSuspended", "NotStarted", "NoCheckpointYet",
+                                                          "Placing"}
+    assert _names(ServeConditionReason, lambda r: r.quiet) == {"AsDesired", "NoUpgrade", "NoAdapters", "NotPlaced", "Placing"}
+
+
+def test_events_take_the_reason_severity():
+    from datetime import datetime, timezone
+    from tuneserve.api.finetunejob_status import Condition, ConditionType, FineTuneJobStatus
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    new = FineTuneJobStatus(conditions=[Condition(type=ConditionType.Placed, status="True", reason=ConditionReason.FellBack,
+                                                  message="m", last_transition_time=now)])
+    (event,) = condition_events(None, new)
+    assert (event.type, event.reason) == ("Warning", "FellBack")
