@@ -8,7 +8,7 @@ from tuneserve.builders.common import Owner, object_meta
 
 
 def build_rbac(owner: Owner, user_account: Optional[str], own_account: str, role: str,
-          rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+               rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """ServiceAccount (unless the user brings one), Role, RoleBinding."""
     objects: list[dict[str, Any]] = []
     if not user_account:
