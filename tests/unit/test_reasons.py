@@ -34,3 +34,21 @@ def test_events_take_the_reason_severity():
                                                   message="m", last_transition_time=now)])
     (event,) = condition_events(None, new)
     assert (event.type, event.reason) == ("Warning", "FellBack")
+
+
+def test_every_reason_belongs_to_a_condition_type_and_every_type_has_reasons():
+    from tuneserve.api import finetunejob_status as ftj, modelserve_status as ms
+    for types, reasons, table in ((ftj.ConditionType, ConditionReason, ftj.REASONS),
+                                  (ms.ServeConditionType, ServeConditionReason, ms.REASONS)):
+        assert set(table) == set(types)
+        assert set().union(*table.values()) == set(reasons)
+
+
+def test_a_reason_outside_its_type_is_refused():
+    import pytest
+    from datetime import datetime, timezone
+    from tuneserve.api.finetunejob_status import REASONS, Condition, ConditionType
+    from tuneserve.core.status import ConditionSet, Verdict
+    conditions = ConditionSet(Condition, REASONS, None, datetime(2026, 1, 1, tzinfo=timezone.utc), 1)
+    with pytest.raises(ValueError, match="does not belong"):
+        conditions.set(ConditionType.Checkpointed, Verdict("True", ConditionReason.Training))

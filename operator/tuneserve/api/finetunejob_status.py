@@ -84,6 +84,22 @@ class ConditionReason(Reason):
         })
 
 
+_R = ConditionReason
+_ACCEPTED = frozenset({_R.SpecValid, _R.InvalidSpec, _R.ModelSizeUnknown, _R.SecretNotFound})
+# The reasons each condition type may carry (KubeRay's style: reasons belong to their type).
+REASONS: dict[ConditionType, frozenset[ConditionReason]] = {
+    ConditionType.Accepted: _ACCEPTED,
+    ConditionType.Placed: frozenset({_R.Placing, _R.FitsNow, _R.WaitingForCapacity, _R.FellBack, _R.NoAcceptableChoice}),
+    ConditionType.Running: frozenset({_R.NotStarted, _R.RayClusterStarting, _R.Training, _R.Retrying, _R.JobFinished}),
+    ConditionType.Checkpointed: frozenset({_R.NoCheckpointYet, _R.CheckpointSaved}),
+    ConditionType.Succeeded: frozenset({_R.AdapterWritten, _R.InProgress}),
+    # Failed says why: the training, the retries, or what made the job unrunnable.
+    ConditionType.Failed: frozenset({_R.TrainingFailed, _R.BackoffLimitExceeded, _R.InProgress, _R.InvalidSpec,
+                                     _R.ModelSizeUnknown, _R.NoAcceptableChoice}),
+    ConditionType.Suspended: frozenset({_R.SuspendedByUser, _R.NotSuspended}),
+}
+
+
 class Condition(KindCondition[ConditionType, ConditionReason]):
     """A metav1.Condition."""
 

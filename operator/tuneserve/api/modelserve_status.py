@@ -84,6 +84,21 @@ class ServeConditionReason(Reason):
         })
 
 
+_R = ServeConditionReason
+# The reasons each condition type may carry (KubeRay's style: reasons belong to their type).
+REASONS: dict[ServeConditionType, frozenset[ServeConditionReason]] = {
+    ServeConditionType.Accepted: frozenset({_R.SpecValid, _R.InvalidSpec, _R.ModelSizeUnknown, _R.SecretNotFound}),
+    ServeConditionType.Placed: frozenset({_R.Placing, _R.FitsNow, _R.WaitingForCapacity, _R.FellBack, _R.NoAcceptableChoice}),
+    ServeConditionType.Ready: frozenset({_R.NotPlaced, _R.RayServiceStarting, _R.ApplicationDeploying, _R.ApplicationFailed,
+                                         _R.NoReadyReplicas, _R.ReplicaFailed, _R.ScaledToZero, _R.Serving}),
+    ServeConditionType.AdaptersReady: frozenset({_R.NoAdapters, _R.AdaptersPending, _R.AdaptersLoading, _R.AdaptersFailed,
+                                                 _R.AllAdaptersLoaded}),
+    ServeConditionType.Degraded: frozenset({_R.AsDesired, _R.ReplicasUnavailable, _R.AdaptersUnavailable,
+                                            _R.ApplicationUnhealthy}),
+    ServeConditionType.Upgrading: frozenset({_R.NoUpgrade, _R.NewClusterStarting}),
+}
+
+
 class ServeCondition(KindCondition[ServeConditionType, ServeConditionReason]):
     """A metav1.Condition with ModelServe's types and reasons."""
 

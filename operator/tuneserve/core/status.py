@@ -35,12 +35,15 @@ class ConditionSet(Generic[C]):
     """The conditions of one status being derived. A condition keeps its ``lastTransitionTime``
     from ``previous`` while its status stays the same."""
 
-    def __init__(self, cls: type[C], previous: Optional[_Conditions], now: datetime, generation: int):
-        self.cls, self.previous, self.now, self.generation = cls, previous, now, generation
+    def __init__(self, cls: type[C], reasons: Mapping[Any, frozenset], previous: Optional[_Conditions], now: datetime,
+                 generation: int):
+        self.cls, self.reasons, self.previous, self.now, self.generation = cls, reasons, previous, now, generation
         self.conditions: dict[Any, C] = {}
         self.messages: dict[Any, str] = {}
 
     def set(self, type_: Enum, verdict: Verdict) -> None:
+        if verdict.reason not in self.reasons[type_]:
+            raise ValueError(f"reason {verdict.reason.value} does not belong to condition {type_.value}")
         before = self.previous.condition(type_) if self.previous else None
         since = before.last_transition_time if before and before.status == verdict.status else self.now
         self.conditions[type_] = self.cls(type=type_, status=verdict.status, reason=verdict.reason,

@@ -17,7 +17,7 @@ from tuneserve.api.finetunejob import FineTuneJob, FineTuneJobSpec
 from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
 from tuneserve.api.finetunejob_status import (
     TERMINAL_PHASES, ArtifactStatus, CheckpointStatus, Condition, ConditionReason, ConditionType, Estimate,
-    FineTuneJobStatus, Phase, PlacementStatus, ProgressStatus, UsageStatus,
+    REASONS, FineTuneJobStatus, Phase, PlacementStatus, ProgressStatus, UsageStatus,
 )
 from tuneserve.builders.common import rayjob_name
 from tuneserve.core.scheduling.fit import Outcome
@@ -343,7 +343,7 @@ def derive_status(job: FineTuneJob, observed: Observed, now: datetime,
     last_ckpt = _last_checkpoint(progress, previous)
     artifact = _artifact(job, phase, progress, previous)
 
-    conditions = ConditionSet(Condition, previous, now, gen)
+    conditions = ConditionSet(Condition, REASONS, previous, now, gen)
     conditions.set(ConditionType.Accepted, accepted_condition(R, observed.spec_error, observed.spec_error_reason, observed.blocked))
     conditions.set(ConditionType.Placed, placed_condition(R, observed.spec_error, observed.decision, placement,
                                                           observed.fallback_reason))

@@ -16,7 +16,7 @@ from tuneserve.modelserve.adapters import AdapterResolution, ReplicaReports, ada
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.modelserve_status import (
     AdapterState, AdapterStatus, ModelServeStatus, ReplicaStatus, ServeCondition, ServeConditionReason,
-    ServeConditionType, ServePhase, ServePlacementStatus,
+    REASONS, ServeConditionType, ServePhase, ServePlacementStatus,
 )
 from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
 from tuneserve.builders.common import rayservice_name
@@ -242,7 +242,7 @@ def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: da
     if degraded.status == T:
         phase = ServePhase.Degraded
 
-    conditions = ConditionSet(ServeCondition, previous, now, serve.metadata.generation)
+    conditions = ConditionSet(ServeCondition, REASONS, previous, now, serve.metadata.generation)
     conditions.set(ServeConditionType.Accepted, accepted_condition(R, observed.spec_error, observed.spec_error_reason,
                                                                    observed.blocked))
     conditions.set(ServeConditionType.Placed, placed_condition(R, observed.spec_error, observed.decision, placement,
