@@ -85,20 +85,25 @@ def statuses(kube: Kube, namespace: str) -> dict:
     return {j["metadata"]["name"]: j.get("status") or {} for j in kube.list("tuneserve.dev/v1alpha1", "FineTuneJob", namespace)}
 
 
-def first_change(before: dict, after: dict) -> str:
-    """What moved in the first job whose status changed in the window (the cause of the writes)."""
+def status_changes(before: dict, after: dict) -> str:
+    """Which status fields moved in the window, over all jobs (the cause of the writes), with one
+    example per field."""
     def flat(d, prefix=""):
         if isinstance(d, dict):
             return {k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{prefix}.{k}" if prefix else k).items()}
         if isinstance(d, list):
             return {k2: v2 for i, v in enumerate(d) for k2, v2 in flat(v, f"{prefix}[{i}]").items()}
         return {prefix: d}
+    fields: Counter = Counter()
+    example: dict = {}
     for name in sorted(after):
         a, b = flat(before.get(name, {})), flat(after[name])
-        moved = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
-        if moved:
-            return f"{name}: " + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(moved.items()))
-    return "no status changed"
+        for key in sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)):
+            fields[key] += 1
+            example.setdefault(key, f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
+    if not fields:
+        return "no status changed"
+    return "; ".join(f"{key} in {n} jobs (e.g. {example[key]})" for key, n in fields.most_common(8))
 
 
 def operator_usage(pid: int) -> tuple[float, float]:
@@ -161,7 +166,7 @@ def main() -> int:
         time.sleep(args.quiet_s)     # the measurement window itself: nothing is changed in it
         after, (rss, cpu1) = request_counts(cluster), operator_usage(op.proc.pid)
         text = report(after - before, args.quiet_s, args.jobs, rss, cpu1 - cpu0)
-        text += "\nfirst status change in the window: " + first_change(seen, statuses(kube, "bank"))
+        text += "\nstatus fields that moved in the window: " + status_changes(seen, statuses(kube, "bank"))
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
