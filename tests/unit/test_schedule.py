@@ -9,27 +9,53 @@ from test_reconcile import CATALOG, NOW, body, live, world
 from tuneserve.controller.schedule import Schedule
 from tuneserve.finetunejob.reconcile import plan_finetunejob
 
+KEY = ("finetunejobs", "bank", "fin-v1")
 
-def test_a_new_object_is_due_then_waits_for_the_resync():
-    schedule = Schedule(resync_seconds=30)
-    assert schedule.tick == 1.0 and schedule.due("a", 0.0)
-    schedule.planned("a", 100.0, None)
-    assert not schedule.due("a", 129.0) and schedule.due("a", 130.0)
+
+def test_a_new_object_is_due_then_a_settled_one_waits_for_the_resync():
+    schedule = Schedule(resync_seconds=60)
+    assert (schedule.tick, schedule.react) == (1.0, 3.0) and schedule.due(KEY, 0.0)
+    schedule.planned(KEY, 100.0, None, settled=True)
+    assert not schedule.due(KEY, 159.0) and schedule.due(KEY, 160.0)
+
+
+def test_pending_or_waiting_objects_are_planned_every_react_seconds():
+    schedule = Schedule(resync_seconds=60)
+    schedule.planned(KEY, 100.0, None, settled=False)
+    assert not schedule.due(KEY, 102.9) and schedule.due(KEY, 103.0)
 
 
 def test_a_requeue_sooner_than_the_resync_is_honoured_and_a_later_one_capped():
-    schedule = Schedule(resync_seconds=30)
-    schedule.planned("a", 100.0, 10.0)
-    assert not schedule.due("a", 109.9) and schedule.due("a", 110.0)
-    schedule.planned("a", 100.0, 600.0)
-    assert not schedule.due("a", 129.0) and schedule.due("a", 130.0)
+    schedule = Schedule(resync_seconds=60)
+    schedule.planned(KEY, 100.0, 10.0)
+    assert not schedule.due(KEY, 109.9) and schedule.due(KEY, 110.0)
+    schedule.planned(KEY, 100.0, 600.0)
+    assert not schedule.due(KEY, 159.0) and schedule.due(KEY, 160.0)
+
+
+def test_a_child_event_wakes_the_owner_no_sooner_than_react_after_its_last_plan():
+    schedule = Schedule(resync_seconds=60)
+    schedule.planned(KEY, 100.0, None)
+    schedule.wake(KEY)
+    assert not schedule.due(KEY, 102.0) and schedule.due(KEY, 103.0)
+    schedule.planned(KEY, 200.0, None)
+    schedule.wake(KEY)
+    assert schedule.due(KEY, 203.5), "react seconds after the last plan, not at the resync"
+    schedule.wake(("modelserves", "bank", "never-planned"))
+    assert schedule.due(("modelserves", "bank", "never-planned"), 0.0)
+
+
+def test_with_the_default_resync_every_object_is_planned_every_3s_as_before():
+    schedule = Schedule(resync_seconds=3)
+    schedule.planned(KEY, 100.0, None, settled=True)
+    assert not schedule.due(KEY, 102.9) and schedule.due(KEY, 103.0)
 
 
 def test_forgotten_objects_are_due_again_and_the_tick_never_exceeds_the_resync():
     schedule = Schedule(resync_seconds=0.5)
-    schedule.planned("a", 100.0, None)
-    schedule.forget("a")
-    assert schedule.due("a", 100.0) and schedule.tick == 0.5
+    schedule.planned(KEY, 100.0, None)
+    schedule.forget(KEY)
+    assert schedule.due(KEY, 100.0) and schedule.tick == schedule.react == 0.5
 
 
 def test_200_finetunejobs_at_rest_plan_no_writes():

@@ -20,7 +20,9 @@ from kubernetes.client.exceptions import ApiException
 from tuneserve import API_GROUP
 from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap_name
 from tuneserve.catalog import Catalog, load_catalog
-from tuneserve.controller.indexes import FTJ, MS, children, everything, of_kind, secret_keys
+from tuneserve.controller.indexes import (
+    CHILD_KINDS, FTJ, MANAGED, MS, ChildKind, children, everything, of_kind, secret_keys,
+)
 from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.controller.schedule import Schedule
 from tuneserve.core.plan import Plan
@@ -111,12 +113,22 @@ def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: s
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
+def _schedule(plural: str, namespace: str, name: str, plan: Plan, body: kopf.Body) -> None:
+    """When to plan it next (schedule.py): sooner while it waits for capacity. Also after an API
+    error, so a failing write is retried at the schedule's pace, not at every tick."""
+    phase = (plan.status or body.get("status") or {}).get("phase")
+    SCHEDULE.planned((plural, namespace, name), time.monotonic(), plan.requeue_after,
+                     settled=phase not in (None, "Pending", "Waiting"))
+
+
 def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
         plan = plan_finetunejob(Runtime.with_latest_status(body, uid), _world(namespace, name, indexes),
                                 Runtime.catalog, datetime.now(timezone.utc))
-        SCHEDULE.planned(uid, time.monotonic(), plan.requeue_after)
-        _carry_out(plan, body, "finetunejobs", namespace, name, uid)
+        try:
+            _carry_out(plan, body, "finetunejobs", namespace, name, uid)
+        finally:
+            _schedule("finetunejobs", namespace, name, plan, body)
 
 
 def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> ServeWorld:
@@ -133,43 +145,64 @@ def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, i
     with Runtime.lock(uid):
         plan = plan_modelserve(Runtime.with_latest_status(body, uid), _serve_world(body, namespace, name, indexes),
                                Runtime.catalog, datetime.now(timezone.utc))
-        SCHEDULE.planned(uid, time.monotonic(), plan.requeue_after)
-        _carry_out(plan, body, "modelserves", namespace, name, uid)
+        try:
+            _carry_out(plan, body, "modelserves", namespace, name, uid)
+        finally:
+            _schedule("modelserves", namespace, name, plan, body)
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
     return {k: v for k, v in kwargs.items() if k.endswith("_index") or k.startswith("children_")}
 
 
-def _deleted(body: kopf.Body, uid: str, event_type: Optional[str] = None) -> bool:
+def _deleted(plural: str, body: kopf.Body, event_type: Optional[str] = None) -> bool:
     """Deleted or being deleted: forget it. Children go through owner references; artifacts and
     checkpoints are never touched."""
     if event_type == "DELETED" or body.metadata.get("deletionTimestamp"):
-        Runtime.written.pop(uid, None)
-        SCHEDULE.forget(uid)
+        Runtime.written.pop(body.metadata.get("uid"), None)
+        SCHEDULE.forget((plural, body.metadata.get("namespace"), body.metadata.get("name")))
         return True
     return False
 
 
+def _due(plural: str, body: kopf.Body) -> bool:
+    return not _deleted(plural, body) and \
+        SCHEDULE.due((plural, body.metadata.get("namespace"), body.metadata.get("name")), time.monotonic())
+
+
 @kopf.on.event(*FTJ)
 def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
-    if not _deleted(body, uid, type):
+    if not _deleted("finetunejobs", body, type):
         reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
 
 
 @kopf.timer(*FTJ, interval=SCHEDULE.tick, idle=None)
 def finetunejob_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if not _deleted(body, uid) and SCHEDULE.due(uid, time.monotonic()):
+    if _due("finetunejobs", body):
         reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
 
 
 @kopf.on.event(*MS)
 def modelserve_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
-    if not _deleted(body, uid, type):
+    if not _deleted("modelserves", body, type):
         reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
 
 
 @kopf.timer(*MS, interval=SCHEDULE.tick, idle=None)
 def modelserve_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if not _deleted(body, uid) and SCHEDULE.due(uid, time.monotonic()):
+    if _due("modelserves", body):
         reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
+
+
+def _wake_owner(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
+    """A child changed (a RayJob's or RayService's status, a progress or serve-status report, a pod
+    unschedulable): its owner is planned at the next tick (schedule.py)."""
+    for label, plural in ((JOB_LABEL, "finetunejobs"), (SERVE_LABEL, "modelserves")):
+        if label in labels:
+            SCHEDULE.wake((plural, namespace, labels[label]))
+
+
+for _child in (*CHILD_KINDS, ChildKind("ray.io/v1", "RayCluster", "rayclusters")):
+    kopf.on.event(_child.group, _child.version, _child.plural, labels=MANAGED, id=f"wake_owner_of_{_child.plural}")(_wake_owner)
+for _label in (JOB_LABEL, SERVE_LABEL):
+    kopf.on.event("", "v1", "pods", labels={_label: kopf.PRESENT}, id=f"wake_owner_of_pods_{_label.rsplit('/', 1)[1]}")(_wake_owner)
