@@ -23,7 +23,7 @@ from tuneserve.catalog import load_catalog
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.scheduling.fit import Candidate, Outcome
 from tuneserve.modelserve.placement import decide_serve_placement
-from tuneserve.core.sizing import model_shape
+from tuneserve.core.sizing.model import model_shape
 from tuneserve_workers import contract
 from tuneserve_workers.contract import ServeAdapter
 
@@ -256,7 +256,7 @@ def test_too_small_is_rejected_with_the_arithmetic():
 
 
 def test_fp8_halves_the_weights():
-    from tuneserve.core.sizing import estimate_serving_memory
+    from tuneserve.core.sizing.serving import estimate_serving_memory
     shape = model_shape(bank_serve().spec.base_model)
     profile = CATALOG.get("nvidia/h100-80gb")
     plain = estimate_serving_memory(shape, bank_serve().spec.engine, profile, CATALOG, 1)
@@ -281,7 +281,7 @@ def test_engine_dtype_is_the_specs_else_the_accelerators(choice, engine, dtype):
 
 
 def test_float32_doubles_the_weights_and_kv_cache():
-    from tuneserve.core.sizing import estimate_serving_memory
+    from tuneserve.core.sizing.serving import estimate_serving_memory
     shape = model_shape(bank_serve().spec.base_model)
     profile = CATALOG.get("nvidia/h100-80gb")
     half = estimate_serving_memory(shape, bank_serve().spec.engine, profile, CATALOG, 1)

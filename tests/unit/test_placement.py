@@ -15,7 +15,7 @@ from tuneserve.finetunejob.status import placement_status
 from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.finetunejob.placement import candidate_from_status, decide_placement
-from tuneserve.core.sizing import ModelSizeUnknown
+from tuneserve.core.sizing.model import ModelSizeUnknown
 from tuneserve_workers.contract import DataParallel
 
 CATALOG = load_catalog()

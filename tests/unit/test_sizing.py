@@ -7,9 +7,11 @@ from helpers import llama_spec as llama, load_example, merge_patch
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.sources import BaseModelSource
 from tuneserve.catalog import load_catalog
-from tuneserve.core.sizing import (
-    GIB, ModelSizeUnknown, embedding_parameters, estimate_memory, estimate_run, format_duration, memory_choice,
-    memory_shortfall, model_shape, parse_parameter_count, plan_memory, training_tokens,
+from tuneserve.core.sizing.model import (
+    GIB, ModelSizeUnknown, embedding_parameters, format_duration, model_shape, parse_parameter_count,
+)
+from tuneserve.core.sizing.training import (
+    estimate_memory, estimate_run, memory_choice, memory_shortfall, plan_memory, training_tokens,
 )
 from tuneserve_workers.contract import DataParallel
 

@@ -19,9 +19,9 @@ from tuneserve.api.finetunejob_status import PlacementStatus
 from tuneserve.catalog import Catalog
 from tuneserve.core.scheduling.fit import Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches
 from tuneserve.core.scheduling.inventory import Inventory
-from tuneserve.core.sizing import (
-    MemoryEstimate, MemoryPlan, ModelShape, RunEstimate, estimate_run, format_duration, memory_choice,
-    memory_shortfall, model_shape, plan_memory,
+from tuneserve.core.sizing.model import ModelShape, format_duration, model_shape
+from tuneserve.core.sizing.training import (
+    MemoryEstimate, MemoryPlan, RunEstimate, estimate_run, memory_choice, memory_shortfall, plan_memory,
 )
 from tuneserve_workers.contract import Method
 

@@ -19,7 +19,7 @@ from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Plan, finish, missing_s
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.inventory import build_inventory
-from tuneserve.core.sizing import ModelSizeUnknown
+from tuneserve.core.sizing.model import ModelSizeUnknown
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.finetunejob.builders.children import build_finetune_children
 from tuneserve.finetunejob.placement import PlacementDecision, candidate_from_status, decide_placement

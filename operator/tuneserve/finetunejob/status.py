@@ -21,7 +21,7 @@ from tuneserve.api.finetunejob_status import (
 )
 from tuneserve.builders.common import rayjob_name
 from tuneserve.core.scheduling.fit import Outcome
-from tuneserve.core.sizing import format_duration
+from tuneserve.core.sizing.model import format_duration
 from tuneserve.core.status import (
     ConditionSet, Verdict, accepted_condition, merge_rejections, permanent, placed_condition, unplaceable,
 )

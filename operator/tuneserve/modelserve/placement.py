@@ -20,9 +20,9 @@ from tuneserve.api.conditions import RejectionCode
 from tuneserve.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.inventory import Inventory
 from tuneserve.core.scheduling.fit import Candidate, Outcome, Rejection, fit_candidate, node_matches
-from tuneserve.core.sizing import (
-    ModelShape, ServingMemoryEstimate, auto_tensor_parallel_size, estimate_serving_memory, model_shape,
-    serving_shortfall,
+from tuneserve.core.sizing.model import ModelShape, model_shape
+from tuneserve.core.sizing.serving import (
+    ServingMemoryEstimate, auto_tensor_parallel_size, estimate_serving_memory, serving_shortfall,
 )
 
 DEFAULT_MAX_DEVICES_PER_NODE = 8

@@ -29,7 +29,7 @@ from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Event, JsonPatch, Plan,
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.inventory import build_inventory
-from tuneserve.core.sizing import ModelSizeUnknown
+from tuneserve.core.sizing.model import ModelSizeUnknown
 from tuneserve.modelserve.adapters import AdapterResolution, read_replica_reports, resolve_adapters
 from tuneserve.modelserve.builders.children import build_modelserve_children
 from tuneserve.modelserve.placement import ServePlacementDecision, decide_serve_placement, serve_candidate

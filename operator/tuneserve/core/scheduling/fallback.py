@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
 
 from tuneserve.api.conditions import ChoiceRejection, RejectionCode
-from tuneserve.core.sizing import format_duration
+from tuneserve.core.sizing.model import format_duration
 
 D = TypeVar("D")
 
