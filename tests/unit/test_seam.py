@@ -3,7 +3,6 @@ profile: env variables, and the Serve replica's Ray actor options."""
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 import yaml
