@@ -113,10 +113,10 @@ def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: s
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
-def _schedule(plural: str, namespace: str, name: str, plan: Plan, body: kopf.Body) -> None:
+def _schedule(plural: str, namespace: str, name: str, plan: Plan, body: kopf.Body, uid: str) -> None:
     """When to plan it next (schedule.py): sooner while it waits for capacity. Also after an API
     error, so a failing write is retried at the schedule's pace, not at every tick."""
-    phase = (plan.status or body.get("status") or {}).get("phase")
+    phase = (plan.status or Runtime.with_latest_status(body, uid).get("status") or {}).get("phase")
     SCHEDULE.planned((plural, namespace, name), time.monotonic(), plan.requeue_after,
                      settled=phase not in (None, "Pending", "Waiting"))
 
@@ -128,7 +128,7 @@ def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, 
         try:
             _carry_out(plan, body, "finetunejobs", namespace, name, uid)
         finally:
-            _schedule("finetunejobs", namespace, name, plan, body)
+            _schedule("finetunejobs", namespace, name, plan, body, uid)
 
 
 def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> ServeWorld:
@@ -148,7 +148,7 @@ def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, i
         try:
             _carry_out(plan, body, "modelserves", namespace, name, uid)
         finally:
-            _schedule("modelserves", namespace, name, plan, body)
+            _schedule("modelserves", namespace, name, plan, body, uid)
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
