@@ -134,9 +134,17 @@ def serving(kube, trained, storage) -> dict:
     return {"ms": ms, "url": url}
 
 
+def _answering(url: str) -> list[str]:
+    try:
+        return story.served_models(url)
+    except OSError:
+        return []
+
+
 def test_modelserve_answers_with_the_adapters_learned_answer(serving):
     url = serving["url"]
-    models = story.served_models(url)
+    # Ready counts a Ready pod behind the Service; kube-proxy then programs the rule (its own sync).
+    models = wait_for(lambda: _answering(url), 20, "the Service to answer once the ModelServe is Ready")
     assert "assistant-v1" in models
     base = next(m for m in models if not m.startswith("assistant-"))
     tuned, plain = story.chat(url, "assistant-v1"), story.chat(url, base)
@@ -151,7 +159,7 @@ def test_a_second_adapter_is_served_by_the_same_pod(kube, serving, storage):
     artifact = _ftj(kube)["status"]["artifact"]["uri"]
     adapters = [{"name": "assistant-v1", "fineTuneJobRef": {"name": FTJ}}, {"name": "assistant-v2", "uri": artifact}]
     kube.apply(story.build_modelserve(MS, NS, where, adapters))
-    wait_for(lambda: "assistant-v2" in story.served_models(serving["url"]), 300, "assistant-v2 to be served")
+    wait_for(lambda: "assistant-v2" in _answering(serving["url"]), 300, "assistant-v2 to be served")
     assert story.ANSWER in story.chat(serving["url"], "assistant-v2").lower()
     assert {p["metadata"]["uid"] for p in _pods(kube, NS, selector)} == before, "the replica pod was replaced"
 

@@ -10,7 +10,9 @@ from tuneserve.modelserve.adapters import adapter_states, read_replica_reports, 
 from tuneserve.api.modelserve_status import AdapterState, ServeConditionReason, ServeConditionType, ServePhase
 from tuneserve.modelserve.placement import decide_serve_placement
 from tuneserve.core.status import status_patch
-from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status
+import pytest
+
+from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status, service_endpoints
 from tuneserve_workers.contract import ReplicaAdapterReport, ServeReplicaReport, replica_report_key
 
 T0 = datetime(2026, 9, 1, 12, 0, tzinfo=timezone.utc)
@@ -88,9 +90,9 @@ def ready_ray_service():
                        "activeServiceStatus": {"applicationStatuses": {"tuneserve": {"status": "RUNNING"}}}}}
 
 
-def observe(serve, jobs, data, ray_service, now, decision=None):
+def observe(serve, jobs, data, ray_service, now, decision=None, endpoints=1):
     return ServeObserved(decision=decision, resolution=resolve_adapters(serve.spec, jobs),
-                         reports=read_replica_reports(data, now), ray_service=ray_service)
+                         reports=read_replica_reports(data, now), ray_service=ray_service, endpoints=endpoints)
 
 
 def test_lifecycle_pending_deploying_ready_degraded():
@@ -119,6 +121,43 @@ def test_lifecycle_pending_deploying_ready_degraded():
     assert s3.adapter("support-v3").state == AdapterState.Loaded and s3.adapter("support-v3").since == s2.adapter("support-v3").since
     assert s3.condition(ServeConditionType.Degraded).reason == R.AdaptersUnavailable
     assert s3.condition(ServeConditionType.Ready).last_transition_time == s2.condition(ServeConditionType.Ready).last_transition_time
+
+
+def test_ready_waits_for_a_ready_pod_behind_the_service():
+    """Replicas report ready before kubelet's readiness probe passes: until a pod backs the Service,
+    connections to it are refused, so the ModelServe is not Ready yet."""
+    serve = bank_serve()
+    decision = decide_serve_placement(serve.spec, CATALOG, INVENTORY)
+    data = {"replica.r1.json": report("r1", **{"fin-v1": LOADED_FIN, "support-v3": LOADED_SUP})}
+    s1 = derive_modelserve_status(serve, observe(serve, {"fin-v1": job()}, data, ready_ray_service(), T0, decision, endpoints=0), T0)
+    assert s1.phase == ServePhase.Deploying
+    ready = s1.condition(ServeConditionType.Ready)
+    assert ready.status == "False" and ready.reason == R.NotInService and "bank-llm-openai" in ready.message
+    t1 = T0 + timedelta(seconds=5)
+    s2 = derive_modelserve_status(serve, observe(serve, {"fin-v1": job()}, data, ready_ray_service(), t1), t1, s1)
+    assert s2.phase == ServePhase.Ready and s2.condition(ServeConditionType.Ready).reason == R.Serving
+
+
+def serve_pod(cluster="bank-llm-raycluster-a", serve="true", ready="True", node_type="worker"):
+    return {"metadata": {"labels": {"ray.io/cluster": cluster, "ray.io/serve": serve, "ray.io/node-type": node_type}},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]}}
+
+
+ACTIVE_A = {"status": {"activeServiceStatus": {"rayClusterName": "bank-llm-raycluster-a"}}}
+
+
+@pytest.mark.parametrize("pods, ray_service, expected", [
+    ([], ACTIVE_A, 0),
+    ([serve_pod()], ACTIVE_A, 1),
+    ([serve_pod(ready="False")], ACTIVE_A, 0),                           # readiness probe not passed yet
+    ([serve_pod(serve="false", node_type="head")], ACTIVE_A, 0),        # head kept out (Direct ingress)
+    ([serve_pod(cluster="bank-llm-raycluster-b")], ACTIVE_A, 0),        # the upgrade's new cluster: not switched yet
+    ([serve_pod(), serve_pod(), serve_pod(ready="False")], ACTIVE_A, 2),
+    ([serve_pod(cluster="any")], None, 1),                              # no active cluster named yet
+    ([{"metadata": {"labels": {"ray.io/serve": "true"}}, "status": {}}], None, 0),
+])
+def test_service_endpoints(pods, ray_service, expected):
+    assert service_endpoints(pods, ray_service) == expected
 
 
 def test_unsupported_everywhere_fails():

@@ -51,6 +51,7 @@ class ServeConditionReason(Reason):
     ApplicationDeploying = "ApplicationDeploying"
     ApplicationFailed = "ApplicationFailed"
     NoReadyReplicas = "NoReadyReplicas"
+    NotInService = "NotInService"            # replicas report ready, but no Ready pod backs the Service yet
     ReplicaFailed = "ReplicaFailed"          # no replica serves; the newest one's engine failed (message: why)
     ScaledToZero = "ScaledToZero"
     Serving = "Serving"
@@ -90,7 +91,7 @@ REASONS: dict[ServeConditionType, frozenset[ServeConditionReason]] = {
     ServeConditionType.Accepted: frozenset({_R.SpecValid, _R.InvalidSpec, _R.ModelSizeUnknown, _R.SecretNotFound}),
     ServeConditionType.Placed: frozenset({_R.Placing, _R.FitsNow, _R.WaitingForCapacity, _R.FellBack, _R.NoAcceptableChoice}),
     ServeConditionType.Ready: frozenset({_R.NotPlaced, _R.RayServiceStarting, _R.ApplicationDeploying, _R.ApplicationFailed,
-                                         _R.NoReadyReplicas, _R.ReplicaFailed, _R.ScaledToZero, _R.Serving}),
+                                         _R.NoReadyReplicas, _R.NotInService, _R.ReplicaFailed, _R.ScaledToZero, _R.Serving}),
     ServeConditionType.AdaptersReady: frozenset({_R.NoAdapters, _R.AdaptersPending, _R.AdaptersLoading, _R.AdaptersFailed,
                                                  _R.AllAdaptersLoaded}),
     ServeConditionType.Degraded: frozenset({_R.AsDesired, _R.ReplicasUnavailable, _R.AdaptersUnavailable,

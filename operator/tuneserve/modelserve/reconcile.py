@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.modelserve_status import ModelServeStatus, ServeConditionReason
 from tuneserve.builders.common import rayservice_name, serve_status_configmap_name
-from tuneserve.builders.rayservice import raycluster_scaling_patch
-from tuneserve.catalog import Catalog
+from tuneserve.modelserve.builders.rayservice import raycluster_scaling_patch
+from tuneserve.core.catalog import Catalog
 from tuneserve.core.hashing import to_apply
 from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Event, JsonPatch, Plan, finish, missing_secrets, readable
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
@@ -33,7 +33,7 @@ from tuneserve.core.sizing.model import ModelSizeUnknown
 from tuneserve.modelserve.adapters import AdapterResolution, read_replica_reports, resolve_adapters
 from tuneserve.modelserve.builders.children import build_modelserve_children
 from tuneserve.modelserve.placement import ServePlacementDecision, decide_serve_placement, serve_candidate
-from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status
+from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status, service_endpoints
 
 ROLLOUT_ANNOTATION = "tuneserve.dev/rollout-fingerprint"
 IN_PLACE_FIELDS = ("adapters", "replicas")
@@ -82,7 +82,8 @@ def plan_modelserve(body: Mapping[str, Any], world: ServeWorld, catalog: Catalog
     plan.patch.extend(replica_bounds_patches(serve, live_rs, world.ray_clusters))
     observed = ServeObserved(blocked=blocked, decision=placing.decision, attempt=placing.attempt,
                              fallback_reason=placing.fallback_reason, timed_out=placing.timed_out,
-                             resolution=resolution, reports=reports, ray_service=live_rs)
+                             resolution=resolution, reports=reports, ray_service=live_rs,
+                             endpoints=service_endpoints(world.serve_pods, live_rs))
     return _finish(plan, serve, observed, previous, now)
 
 

@@ -19,7 +19,7 @@ from tuneserve.api.modelserve_status import (
     REASONS, ServeConditionType, ServePhase, ServePlacementStatus,
 )
 from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
-from tuneserve.builders.common import rayservice_name
+from tuneserve.builders.common import openai_service_name, rayservice_name
 from tuneserve.modelserve.builders.serve import endpoint_url
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.status import (
@@ -46,6 +46,7 @@ class ServeObserved:
     resolution: Optional[AdapterResolution] = None
     reports: Optional[ReplicaReports] = None
     ray_service: Optional[Mapping[str, Any]] = None
+    endpoints: int = 0                                   # Ready pods behind the Service (service_endpoints)
 
 
 def serve_placement_status(serve: ModelServe, decision: ServePlacementDecision, attempt: int,
@@ -134,10 +135,11 @@ class _Serving:
     ready_replicas: int
     live: int
     failure: Optional[str]
+    endpoints: int
 
     @property
     def serving(self) -> bool:
-        return self.rs_ready and self.ready_replicas > 0
+        return self.rs_ready and self.ready_replicas > 0 and self.endpoints > 0
 
 
 def _not_placed(observed: ServeObserved, placement: Optional[ServePlacementStatus]
@@ -175,6 +177,9 @@ def _ready(serve: ModelServe, observed: ServeObserved, placement: Optional[Serve
         return ServePhase.Ready, Verdict(T, R.ScaledToZero, "scaled to zero; the first request starts a replica"), None
     if observed.ray_service is None and placement.waiting:
         return ServePhase.Waiting, Verdict(F, R.RayServiceStarting, placement.reason), None
+    if view.rs_ready and view.ready_replicas > 0:
+        return ServePhase.Deploying, Verdict(F, R.NotInService, f"replicas are ready; no Ready pod backs Service "
+                                                                 f"{openai_service_name(serve.metadata.name)} yet"), None
     if view.rs_ready:
         return ServePhase.Deploying, Verdict(F, R.NoReadyReplicas, "the application is up but no replica reports ready yet"), None
     if view.app_status in ("DEPLOYING", "UNHEALTHY"):
@@ -226,7 +231,8 @@ def _upgrading(view: _Serving) -> Verdict[ServeConditionReason]:
 
 def _serving(observed: ServeObserved, ready_replicas: int, live: int) -> _Serving:
     rs_ready, upgrading, app_status, rs_message = _ray_service_view(observed.ray_service)
-    return _Serving(rs_ready, upgrading, app_status, rs_message, ready_replicas, live, replica_failure(observed.reports))
+    return _Serving(rs_ready, upgrading, app_status, rs_message, ready_replicas, live, replica_failure(observed.reports),
+                    observed.endpoints)
 
 
 def derive_modelserve_status(serve: ModelServe, observed: ServeObserved, now: datetime,
@@ -274,3 +280,19 @@ def replica_failure(reports: Optional[ReplicaReports]) -> Optional[str]:
     times = f" ({count} replicas in the last {SERVE_FAILURE_REPORT_SECONDS // 60}m)" if count > 1 else ""
     retry = "; Ray Serve is starting another" if any(r.updated_at > newest.updated_at for r in reports.fresh) else ""
     return f"replica {newest.replica_id} failed{times}: {newest.message or 'no cause reported'}{retry}"
+
+
+def service_endpoints(serve_pods: list[Mapping[str, Any]], ray_service: Optional[Mapping[str, Any]]) -> int:
+    """How many pods KubeRay's serve Service sends traffic to now: the active cluster's pods labelled
+    ``ray.io/serve: "true"`` whose Ready condition is True (kubelet's readiness probe passed). A
+    replica reports ready before its pod turns Ready, so Ready waits for this, else the Service
+    refuses connections while the status says Ready."""
+    active = (((ray_service or {}).get("status") or {}).get("activeServiceStatus") or {}).get("rayClusterName")
+    count = 0
+    for pod in serve_pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if labels.get("ray.io/serve") != "true" or (active and labels.get("ray.io/cluster") != active):
+            continue
+        conditions = ((pod.get("status") or {}).get("conditions")) or []
+        count += any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return count
