@@ -10,9 +10,9 @@ from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.conditions import ConditionStatus, RejectionCode
 from tuneserve.api.finetunejob_status import ConditionReason, ConditionType, Phase
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.core.status import status_patch, timed_out_history
-from tuneserve.finetunejob.status import Observed, derive_status, money
+from tuneserve.finetunejob.status import Observed, derive_status, devices_held_since, money
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.finetunejob.placement import decide_placement
 from tuneserve_workers.contract import CheckpointRef, Progress
@@ -33,6 +33,17 @@ def ray_job(deployment: str, job_status: str = "", start: str | None = "2026-09-
     if start:
         status["startTime"] = start
     return {"status": status}
+
+
+def pod(node_type="worker", node="h100-0", scheduled_at="2026-09-01T12:05:00Z"):
+    """One of the attempt's pods, as the pods index slims it: bound to ``node`` at ``scheduled_at``."""
+    conditions = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled_at}] if node else \
+        [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": scheduled_at}]
+    return {"metadata": {"labels": {"ray.io/node-type": node_type}}, "spec": {"nodeName": node},
+            "status": {"phase": "Running" if node else "Pending", "conditions": conditions}}
+
+
+BOUND = (pod("head", node="cpu-0"), pod())   # the bank job's head and its one 8 x H100 worker, bound at 12:05
 
 
 def cond(status, type_):
@@ -59,7 +70,7 @@ def test_running_with_progress_and_stable_transition_times():
     j, s1 = placed()
     progress = Progress(state="Running", step=450, total_steps=1000, loss=1.23456, eta_seconds=4800,
                         last_checkpoint=CheckpointRef(uri="s3://bank/checkpoints/fin-v1/step-400", step=400, time=T0))
-    s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING"), progress=progress), T0 + timedelta(minutes=65), s1)
+    s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING"), progress=progress, attempt_pods=BOUND), T0 + timedelta(minutes=65), s1)
     assert s2.phase == Phase.Running
     assert s2.progress.summary == "45% (450/1000)" and s2.progress.eta == "1h20m" and s2.progress.loss == 1.2346
     assert cond(s2, ConditionType.Checkpointed).reason == ConditionReason.CheckpointSaved
@@ -107,7 +118,9 @@ def test_spec_error_fails():
 
 def test_fallback_keeps_history_and_usage():
     j, s1 = placed()
-    s2 = derive_status(j, Observed(ray_job=ray_job("Initializing", start="2026-09-01T12:00:00Z")), T0 + timedelta(minutes=30), s1)
+    pending = (pod("head", node="cpu-0"), pod(node=None, scheduled_at="2026-09-01T12:00:00Z"))
+    s2 = derive_status(j, Observed(ray_job=ray_job("Initializing", start="2026-09-01T12:00:00Z"), attempt_pods=pending),
+                       T0 + timedelta(minutes=30), s1)
     history = {"nvidia/h100-80gb 1x8": "nvidia/h100-80gb 1x8: pods unschedulable for 16m; moved on"}
     decision = decide_placement(j.spec, CATALOG, INVENTORY, timed_out=history)
     from tuneserve.api.conditions import ChoiceRejection
@@ -117,7 +130,8 @@ def test_fallback_keeps_history_and_usage():
     assert s3.placement.attempt == 2 and s3.placement.ray_job_name == "fin-v1-2" and s3.placement.vendor == "amd"
     assert cond(s3, ConditionType.Placed).reason == ConditionReason.FellBack
     assert timed_out_history(s3) == history
-    assert s3.usage.prior_accelerator_hours == s2.usage.accelerator_hours == 4.0
+    # The RayJob had a startTime for 30 minutes, but its worker never got its 8 GPUs: nothing billed.
+    assert s3.usage.prior_accelerator_hours == s2.usage.accelerator_hours == 0.0 and s2.usage.cost == "$0.00 of ~$13.92"
 
 
 def test_unplaceable_for_good_fails_but_missing_nodes_waits():
@@ -185,9 +199,10 @@ def test_a_59_second_job_on_8_h100_costs_what_it_ran(case, rayjob, seen_at):
 
 def test_usage_persists_after_the_rayjob_is_deleted():
     j, s1 = short_job()
-    running = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=Progress(state="Running")),
+    report = Progress(state="Running", updated_at=STARTED + timedelta(seconds=60))
+    running = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=report, attempt_pods=BOUND),
                             STARTED + timedelta(minutes=1, seconds=20), s1)
-    assert running.usage.attempt_seconds == 60 and running.usage.attempt_start_time == STARTED  # billed to the minute
+    assert running.usage.attempt_seconds == 60 and running.usage.attempt_start_time == STARTED  # to the last report
     gone = derive_status(j, Observed(ray_job=None, progress=Progress(state="Running")), STARTED + timedelta(minutes=3), running)
     assert gone.usage.accelerator_seconds == 480 and gone.usage.cost == running.usage.cost   # never goes down
     done = derive_status(j, Observed(ray_job=None, progress=DONE.model_copy(update={"updated_at": STARTED + timedelta(seconds=95)})),
@@ -203,9 +218,41 @@ def test_the_projection_uses_the_measured_rate():
     progress = Progress(state="Running", step=100, total_steps=1000, tokens_trained=100 * tokens_per_step,
                         tokens_per_second=tokens_per_step / 6.0)   # 6 s a step: 900 steps left = 1.5 h
     at = STARTED + timedelta(hours=1, seconds=30)
-    s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress), at, s1)
+    s2 = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress, attempt_pods=BOUND), at, s1)
     # spent: 8 x 1 h x $3.50 = $28; remaining: 8 x 1.5 h x $3.50 = $42
     assert (s2.usage.cost_usd, s2.usage.projected_cost_usd, s2.usage.cost) == (28.0, 70.0, "$28.00 of ~$70.00")
     assert s2.progress.eta == "1h30m"   # the worker sent no eta_seconds: the same measured rate
-    again = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress), at + timedelta(seconds=20), s2)
-    assert status_patch(s2.to_wire(), again) is None   # the same minute and progress: nothing to write
+    again = derive_status(j, Observed(ray_job=ray_job("Running", "RUNNING", start=START), progress=progress, attempt_pods=BOUND), at + timedelta(seconds=20), s2)
+    assert status_patch(s2.to_wire(), again) is None   # no new report, same 10 minutes: nothing to write
+
+
+def test_billing_starts_when_the_worker_pods_hold_their_devices_and_moves_with_reports():
+    """A job waiting for capacity costs nothing although its RayJob has a startTime; once bound, a
+    job at rest writes its usage once per 10 minutes; a progress report moves it at once."""
+    j, s1 = placed()
+    waiting = (pod("head", node="cpu-0"), pod(node=None))
+    rj = ray_job("Initializing", start=START)
+    s2 = derive_status(j, Observed(ray_job=rj, attempt_pods=waiting), STARTED + timedelta(hours=2), s1)
+    assert s2.usage.accelerator_seconds == 0 and s2.usage.attempt_start_time is None
+    s3 = derive_status(j, Observed(ray_job=rj, attempt_pods=BOUND), STARTED + timedelta(minutes=9, seconds=59), s2)
+    assert s3.usage.attempt_start_time == STARTED and s3.usage.accelerator_seconds == 0
+    quiet = [derive_status(j, Observed(ray_job=rj, attempt_pods=BOUND), STARTED + timedelta(minutes=m), s3) for m in (10, 15, 19)]
+    assert [q.usage.attempt_seconds for q in quiet] == [600, 600, 600]
+    assert status_patch(quiet[0].to_wire(), quiet[2]) is None   # minutes 10 to 19: no write
+    report = Progress(state="Running", step=3, total_steps=100, updated_at=STARTED + timedelta(minutes=12, seconds=7))
+    moved = derive_status(j, Observed(ray_job=rj, progress=report, attempt_pods=BOUND), STARTED + timedelta(minutes=12, seconds=9), quiet[0])
+    assert moved.usage.attempt_seconds == 727 and moved.usage.accelerator_seconds == 8 * 727
+
+
+@pytest.mark.parametrize("pods, workers, expected", [
+    ((), 1, None),                                                                  # no pods yet
+    ((pod("head", node="cpu-0"),), 1, None),                                        # the head holds no devices
+    ((pod("head", node="cpu-0"), pod(node=None)), 1, None),                         # the worker is pending
+    (BOUND, 1, STARTED),
+    ((pod(), pod(scheduled_at="2026-09-01T12:07:00Z")), 2, STARTED + timedelta(minutes=2)),   # the last one bound
+    ((pod(), pod(node=None)), 2, None),                                              # one of two still pending
+    ((pod(),), 2, None),                                                             # the second not created yet
+    (({"metadata": {"labels": {"ray.io/node-type": "worker"}}, "spec": {"nodeName": "n"}, "status": {}},), 1, T0),
+])
+def test_devices_held_since(pods, workers, expected):
+    assert devices_held_since(pods, workers, T0) == expected

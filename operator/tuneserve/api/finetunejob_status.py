@@ -167,15 +167,16 @@ class ArtifactStatus(StatusModel):
 
 
 class UsageStatus(StatusModel):
-    """Accelerator time consumed so far, over every attempt: devices x wall time of each attempt's
-    Ray job (its status.startTime to endTime), times the price per device-hour."""
+    """Accelerator time consumed so far, over every attempt: devices x wall time of each attempt
+    (from its worker pods all bound to nodes to the RayJob's endTime), times the price per
+    device-hour (docs/sizing.md)."""
     accelerator_seconds: float = Field(0.0, description="Device-seconds so far (devices x seconds), every attempt.")
     accelerator_hours: float = 0.0
     cost_usd: float = Field(0.0, alias="costUSD")
     prior_accelerator_hours: float = Field(0.0, description="Hours of finished attempts.")
     prior_cost_usd: float = Field(0.0, alias="priorCostUSD")
     attempt_start_time: Optional[datetime] = Field(
-        None, description="When the current attempt's Ray job started; kept after the RayJob is deleted.")
+        None, description="When the current attempt's worker pods all held their devices (billing starts); kept after the RayJob is deleted.")
     attempt_seconds: float = Field(0.0, description="Wall seconds of the current attempt observed so far (never goes down).")
     projected_cost_usd: Optional[float] = Field(
         None, alias="projectedCostUSD",

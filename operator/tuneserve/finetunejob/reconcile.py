@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.finetunejob_status import TERMINAL_PHASES, ConditionReason, FineTuneJobStatus, PlacementStatus
 from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
-from tuneserve.catalog import Catalog
+from tuneserve.core.catalog import Catalog
 from tuneserve.core.hashing import to_apply
 from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Plan, finish, missing_secrets, readable
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
@@ -69,8 +69,13 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
     ray_job = world.ray_jobs.get(rayjob_name(job.metadata.name, placing.attempt))
     observed = Observed(decision=placing.decision, attempt=placing.attempt, fallback_reason=placing.fallback_reason,
                         ray_job=ray_job, progress=_parse_progress(world.progress_configmap),
-                        timed_out=placing.timed_out, blocked=blocked)
+                        timed_out=placing.timed_out, blocked=blocked,
+                        attempt_pods=tuple(pods_of_attempt(world, placing.attempt)))
     return _finish(plan, job, observed, previous, now)
+
+
+def pods_of_attempt(world: World, attempt: int) -> list[Mapping[str, Any]]:
+    return [p for p in world.job_pods if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(attempt)]
 
 
 def _place(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[FineTuneJobStatus],
@@ -81,8 +86,7 @@ def _place(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[
     if placement is None:
         inventory = build_inventory(world.nodes, world.pods)
         return Placing(1, decide_placement(job.spec, catalog, inventory, timed_out_history(previous)))
-    attempt_pods = [p for p in world.job_pods
-                    if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(placement.attempt)]
+    attempt_pods = pods_of_attempt(world, placement.attempt)
     moved = fall_back(placement.choice, placement.attempt, unschedulable_since(attempt_pods),
                       timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now, timed_out_history(previous),
                       lambda history: decide_placement(job.spec, catalog, build_inventory(world.nodes, world.pods), history))

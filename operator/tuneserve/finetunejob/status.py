@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Mapping, Optional
+from datetime import datetime, timedelta
+from typing import Any, Iterable, Mapping, Optional
 
 from tuneserve.api.finetunejob import FineTuneJob, FineTuneJobSpec
 from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
@@ -46,6 +46,7 @@ class Observed:
     progress: Optional[Progress] = None
     timed_out: tuple[ChoiceRejection, ...] = field(default=())
     blocked: Optional[str] = None   # e.g. a referenced Secret is missing: Pending, retried, not terminal
+    attempt_pods: tuple[Mapping[str, Any], ...] = ()   # the current attempt's pods (billing starts when bound)
 
 
 def placement_status(decision: PlacementDecision, attempt: int, job_name: str, now: datetime) -> PlacementStatus:
@@ -115,23 +116,51 @@ def money(usd: float) -> str:
     return f"${usd:.{max(2, 1 - math.floor(math.log10(usd)))}f}"
 
 
-def _attempt_seconds(prev: UsageStatus, new_attempt: bool, ray_job: Optional[Mapping[str, Any]],
-                     progress: Optional[Progress], final: bool, now: datetime) -> tuple[Optional[datetime], float]:
-    """(start, wall seconds) of the current attempt's Ray job: status.startTime to endTime. Running:
-    to now, billed to the minute (status changes once a minute, not every resync). Finished before
-    the RayJob shows an endTime: to now, exactly; its RayJob gone (TTL): to the worker's last
-    progress update. What was observed never goes down, also after the RayJob is deleted."""
+# A running attempt's usage moves with the worker's progress reports (each one a status write
+# anyway) and, when none comes (the Ray cluster starting, a stuck job), every this many seconds of
+# held devices, counted from the attempt's start, so jobs at rest do not all write at once.
+BILLING_CATCH_UP_SECONDS = 600
+
+
+def devices_held_since(attempt_pods: Iterable[Mapping[str, Any]], workers: int, now: datetime) -> Optional[datetime]:
+    """When the attempt's last worker pod was bound to a node (its PodScheduled turned True): from
+    then on all its devices are held. None while any worker pod is still pending, so a job waiting
+    for capacity costs nothing. A bound pod without a transition time counts from ``now``."""
+    times = []
+    for pod in attempt_pods:
+        if ((pod.get("metadata") or {}).get("labels") or {}).get("ray.io/node-type") != "worker":
+            continue
+        if not (pod.get("spec") or {}).get("nodeName"):
+            return None
+        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
+                          if c.get("type") == "PodScheduled" and c.get("status") == "True"), {})
+        times.append(_parse_time(scheduled.get("lastTransitionTime")) or now)
+    return max(times) if times and len(times) >= workers else None
+
+
+def _attempt_seconds(prev: UsageStatus, new_attempt: bool, observed: Observed, workers: int, final: bool,
+                     now: datetime) -> tuple[Optional[datetime], float]:
+    """(start, wall seconds) of the current attempt: from when its worker pods all held their
+    devices (``devices_held_since``; the RayJob's startTime only if the pods were never
+    seen) to the RayJob's endTime. Running: to the worker's last progress report, or the last
+    whole ``BILLING_CATCH_UP_SECONDS`` since the start, whichever is later. Finished before the
+    RayJob shows an endTime: to now, exactly; its RayJob gone (TTL): to the worker's last progress
+    update. What was observed never goes down, also after the RayJob is deleted."""
     seen = 0.0 if new_attempt else prev.attempt_seconds
-    recorded = None if new_attempt else prev.attempt_start_time
-    rj_status = (ray_job or {}).get("status") or {}
-    start = _parse_time(rj_status.get("startTime")) or recorded
+    rj_status = (observed.ray_job or {}).get("status") or {}
+    start = (None if new_attempt else prev.attempt_start_time) or devices_held_since(observed.attempt_pods, workers, now)
+    if start is None and final:
+        start = _parse_time(rj_status.get("startTime"))
     if start is None:
         return None, seen
+    progress = observed.progress
+    reported = progress.updated_at if progress is not None else None
     end = _parse_time(rj_status.get("endTime"))
-    if end is None and ray_job is not None:
-        end = now if final else now.replace(second=0, microsecond=0)
-    if end is None and final and progress is not None and progress.updated_at is not None:
-        end = progress.updated_at
+    if end is None and observed.ray_job is not None:
+        whole = (now - start).total_seconds() // BILLING_CATCH_UP_SECONDS * BILLING_CATCH_UP_SECONDS
+        end = now if final else max(start + timedelta(seconds=whole), reported or start)
+    if end is None and final and reported is not None:
+        end = reported
     if end is None:
         return start, seen
     return start, max(seen, (end - start).total_seconds())
@@ -166,7 +195,7 @@ def _usage(previous: Optional[FineTuneJobStatus], placement: Optional[PlacementS
         prior_hours, prior_cost = prev.accelerator_hours, prev.cost_usd
     start, seconds = None, 0.0
     if placement is not None:
-        start, seconds = _attempt_seconds(prev, new_attempt, observed.ray_job, observed.progress, final, now)
+        start, seconds = _attempt_seconds(prev, new_attempt, observed, placement.workers, final, now)
     devices = placement.workers * placement.devices_per_worker if placement else 0
     price = placement.price_per_device_hour if placement else 0.0
     total_hours = prior_hours + seconds * devices / 3600
