@@ -139,7 +139,6 @@ def build_operator_values(images: dict[str, Any]) -> dict[str, Any]:
     catalog["vendors"]["cpu"]["podVolumes"] = volumes
     return {
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
-        "resyncSeconds": 2,
         "resources": {"requests": {"cpu": "50m", "memory": "200Mi"}, "limits": {"memory": "1Gi"}},
         "catalog": catalog,
         **placement(),

@@ -25,7 +25,7 @@ class OperatorProcess:
         self.port = free_port()
         self.starts += 1
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "TUNESERVE_HEALTH_ADDR": f"127.0.0.1:{self.port}", "TUNESERVE_RESYNC_SECONDS": "2",
+               "TUNESERVE_HEALTH_ADDR": f"127.0.0.1:{self.port}",   # the default resync (60 s), as the chart
                "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'workers'}", **self.extra_env}
         log = open(self.log_dir / "tuneserve-operator.log", "ab")
         log.write(f"\n===== start #{self.starts} =====\n".encode())

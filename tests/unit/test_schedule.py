@@ -45,17 +45,29 @@ def test_a_child_event_wakes_the_owner_no_sooner_than_react_after_its_last_plan(
     assert schedule.due(("modelserves", "bank", "never-planned"), 0.0)
 
 
-def test_with_the_default_resync_every_object_is_planned_every_3s_as_before():
-    schedule = Schedule(resync_seconds=3)
+def test_the_default_resync_is_a_minute_and_startup_can_change_it():
+    schedule = Schedule()
+    schedule.planned(KEY, 100.0, None, settled=True)
+    assert not schedule.due(KEY, 159.9) and schedule.due(KEY, 160.0)
+    schedule.set_resync(3)
     schedule.planned(KEY, 100.0, None, settled=True)
     assert not schedule.due(KEY, 102.9) and schedule.due(KEY, 103.0)
 
 
-def test_forgotten_objects_are_due_again_and_the_tick_never_exceeds_the_resync():
+def test_forgotten_objects_are_due_again_and_a_resync_below_the_tick_is_raised_to_it():
     schedule = Schedule(resync_seconds=0.5)
     schedule.planned(KEY, 100.0, None)
     schedule.forget(KEY)
-    assert schedule.due(KEY, 100.0) and schedule.tick == schedule.react == 0.5
+    assert schedule.due(KEY, 100.0) and schedule.tick == schedule.resync == schedule.react == 1.0
+
+
+def test_a_finetunejob_change_wakes_the_modelserves_of_its_namespace_only():
+    schedule = Schedule()
+    here, there = ("modelserves", "bank", "bank-llm"), ("modelserves", "other", "llm")
+    for key in (here, there, KEY):
+        schedule.planned(key, 100.0, None)
+    schedule.wake_namespace("modelserves", "bank")
+    assert schedule.due(here, 103.0) and not schedule.due(there, 103.0) and not schedule.due(KEY, 103.0)
 
 
 def test_200_finetunejobs_at_rest_plan_no_writes():

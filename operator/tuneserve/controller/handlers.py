@@ -19,19 +19,18 @@ from kubernetes.client.exceptions import ApiException
 
 from tuneserve import API_GROUP
 from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap_name
-from tuneserve.catalog import Catalog, load_catalog
+from tuneserve.core.catalog import Catalog, load_catalog
 from tuneserve.controller.indexes import (
     CHILD_KINDS, FTJ, MANAGED, MS, ChildKind, children, everything, of_kind, secret_keys,
 )
 from tuneserve.controller.kubeapi import KubeApi
-from tuneserve.controller.schedule import Schedule
+from tuneserve.controller.schedule import DEFAULT_RESYNC_SECONDS, Schedule
 from tuneserve.core.plan import Plan
 from tuneserve.finetunejob.reconcile import World, plan_finetunejob
 from tuneserve.modelserve.reconcile import ServeWorld, plan_modelserve
 
 log = logging.getLogger(__name__)
-RESYNC_SECONDS = float(os.environ.get("TUNESERVE_RESYNC_SECONDS", "3"))
-SCHEDULE = Schedule(RESYNC_SECONDS)
+SCHEDULE = Schedule()   # the resync is set at startup (configure), the tick is fixed here
 
 
 class Runtime:
@@ -78,6 +77,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         config.load_kube_config()
     Runtime.api = KubeApi(client.ApiClient())
     Runtime.catalog = _load_catalog()
+    SCHEDULE.set_resync(float(os.environ.get("TUNESERVE_RESYNC_SECONDS", DEFAULT_RESYNC_SECONDS)))
 
 
 # ----------------------------------------------------------------------------------- reconcile
@@ -174,6 +174,7 @@ def _due(plural: str, body: kopf.Body) -> bool:
 def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if not _deleted("finetunejobs", body, type):
         reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
+    SCHEDULE.wake_namespace("modelserves", namespace)   # their adapters may come from this job
 
 
 @kopf.timer(*FTJ, interval=SCHEDULE.tick, idle=None)

@@ -11,11 +11,11 @@ Pending or Waiting, the capacity other workloads free. So:
 - a plan's ``requeue_after`` (a fallback deadline, a missing Secret) is honoured when sooner;
 - every object is planned at least every ``resync`` seconds: the safety net for a missed event.
 
-``TUNESERVE_RESYNC_SECONDS`` sets the resync (the chart's ``resyncSeconds``; ``react`` is 3 s, or
-the resync when shorter). With the chart's 3 s every object is planned every 3 s, as before the
-wake-ups; they are what lets the resync be raised (e.g. 60 s) without a settled object reacting
-slower to its children. A timer ticks every ``tick`` seconds (1 s, or the resync when shorter)
-and plans only the objects that are due.
+``TUNESERVE_RESYNC_SECONDS`` sets the resync at startup (the chart's ``resyncSeconds``, 60 s;
+``react`` is 3 s, or the resync when shorter). The wake-ups are what let the resync be 60 s
+without a settled object reacting slower to its children. A timer ticks every ``tick`` seconds
+(1 s, fixed when the handlers are registered; a shorter resync is raised to it) and plans only
+the objects that are due.
 """
 from __future__ import annotations
 
@@ -23,14 +23,23 @@ import threading
 from typing import Hashable, Optional
 
 
+DEFAULT_RESYNC_SECONDS = 60.0
+REACT_SECONDS = 3.0
+
+
 class Schedule:
-    def __init__(self, resync_seconds: float, tick_seconds: float = 1.0, react_seconds: float = 3.0):
-        self.resync = resync_seconds
-        self.tick = min(tick_seconds, resync_seconds)
-        self.react = min(react_seconds, resync_seconds)
+    def __init__(self, resync_seconds: float = DEFAULT_RESYNC_SECONDS, tick_seconds: float = 1.0):
+        self.tick = tick_seconds
+        self.resync = self.react = tick_seconds
         self._next: dict[Hashable, float] = {}
         self._last: dict[Hashable, float] = {}
         self._guard = threading.Lock()
+        self.set_resync(resync_seconds)
+
+    def set_resync(self, resync_seconds: float) -> None:
+        """The resync (never below the tick) and ``react`` (3 s, or the resync when shorter)."""
+        self.resync = max(resync_seconds, self.tick)
+        self.react = min(REACT_SECONDS, self.resync)
 
     def due(self, key: Hashable, now: float) -> bool:
         """Never planned, or its time has come (``now``: a monotonic clock)."""
@@ -54,6 +63,14 @@ class Schedule:
             last = self._last.get(key)
             soon = 0.0 if last is None else last + self.react
             self._next[key] = min(self._next.get(key, soon), soon)
+
+    def wake_namespace(self, plural: str, namespace: str) -> None:
+        """Something every ``plural`` object of ``namespace`` may read changed (a FineTuneJob that
+        ModelServes take adapters from): wake each of them (keys are (plural, namespace, name))."""
+        with self._guard:
+            keys = [k for k in self._last if isinstance(k, tuple) and k[:2] == (plural, namespace)]
+        for key in keys:
+            self.wake(key)
 
     def forget(self, key: Hashable) -> None:
         with self._guard:
