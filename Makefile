@@ -63,7 +63,7 @@ cluster-down:
 
 .PHONY: crds
 crds: venv
-	$(PY) -m tuneserve.crdgen
+	$(PY) -m tuneserve.tools.crdgen
 
 # The operator and CPU worker images as docker-archive tars for `ctr images import`, built without a
 # registry or Docker (debootstrap + umoci + skopeo; root). Cached by content in

@@ -115,7 +115,7 @@ def debian_mirror(paths: Optional[Iterable[str]] = None) -> str:
 
 def catalog_refs() -> dict[str, dict[str, str]]:
     """vendor -> {train, serve} image refs from the built-in catalog (the one source of names)."""
-    doc = yaml.safe_load((REPO / "operator/tuneserve/data/catalog.yaml").read_text())
+    doc = yaml.safe_load((REPO / "operator/tuneserve/core/data/catalog.yaml").read_text())
     return {v: dict(spec["images"]) for v, spec in doc["vendors"].items()}
 
 

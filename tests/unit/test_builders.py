@@ -15,7 +15,7 @@ from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.finetunejob.builders.children import build_finetune_children
 from tuneserve.finetunejob.builders.rayjob import build_rayjob
 from tuneserve.finetunejob.builders.rbac import build_worker_rbac
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.core.scheduling.fit import Candidate
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.finetunejob.status import placement_status

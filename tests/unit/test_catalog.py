@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 
 CATALOG = load_catalog()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from helpers import load_example
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.modelserve import ModelServe
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.controller.indexes import CHILD_KINDS
 from tuneserve.core.scheduling.fit import Candidate
 from tuneserve.finetunejob.builders.children import build_finetune_children

@@ -7,7 +7,7 @@ import kopf
 import pytest
 
 from helpers import fleet, load_example
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.controller import handlers
 from tuneserve.controller.indexes import CHILD_KINDS
 

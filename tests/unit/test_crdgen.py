@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import yaml
 
-from tuneserve import crdgen
+from tuneserve.tools import crdgen
 from tuneserve.api.finetunejob import FineTuneJobSpec
 
 
 def test_committed_crds_match_the_models():
     for name, content in crdgen.rendered_crds().items():
         committed = (crdgen.CRD_DIR / name).read_text()
-        assert committed == content, f"{name} is stale: run `python -m tuneserve.crdgen`"
+        assert committed == content, f"{name} is stale: run `python -m tuneserve.tools.crdgen`"
 
 
 def _version():

@@ -13,7 +13,7 @@ MAPPING = yaml.safe_load((REPO / "images" / "images.yaml").read_text())["images"
 
 
 def catalog_refs() -> set[str]:
-    doc = yaml.safe_load((REPO / "operator/tuneserve/data/catalog.yaml").read_text())
+    doc = yaml.safe_load((REPO / "operator/tuneserve/core/data/catalog.yaml").read_text())
     return {ref for vendor in doc["vendors"].values() for ref in vendor["images"].values()}
 
 

@@ -42,7 +42,7 @@ def test_defaults_fill_in():
 def test_engine_memory_share_defaults_per_accelerator():
     """Unset, the catalog decides: 0.9 of a GPU's memory, 0.5 of a CPU pod's (Ray shares it:
     vLLM refused to start in a real 5 GiB CPU pod at 0.9). A value set in the spec wins."""
-    from tuneserve.catalog import load_catalog
+    from tuneserve.core.catalog import load_catalog
     catalog = load_catalog()
     assert catalog.get("cpu/cpu").memory_utilization(None) == 0.5
     assert catalog.find("nvidia", "H100")[0].memory_utilization(None) == 0.9
@@ -108,6 +108,6 @@ def test_every_quantization_is_a_method_of_the_installed_vllm():
 
 
 def test_catalog_offers_only_api_quantizations():
-    from tuneserve.catalog import load_catalog
+    from tuneserve.core.catalog import load_catalog
     for profile in load_catalog().profiles:
         assert set(profile.serving_quantizations) <= {q.value for q in Quantization} - {"none"}, profile.key

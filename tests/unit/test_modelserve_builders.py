@@ -15,11 +15,11 @@ from test_builders import dump
 from tuneserve.modelserve.adapters import resolve_adapters
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.api.conditions import RejectionCode
-from tuneserve.builders.rayservice import build_rayservice, raycluster_scaling_patch
+from tuneserve.modelserve.builders.rayservice import build_rayservice, raycluster_scaling_patch
 from tuneserve.modelserve.builders.children import build_modelserve_children
 from tuneserve.modelserve.builders.rbac import build_serve_rbac
 from tuneserve.modelserve.builders.serve import endpoint_url
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.core.scheduling.inventory import build_inventory
 from tuneserve.core.scheduling.fit import Candidate, Outcome
 from tuneserve.modelserve.placement import decide_serve_placement

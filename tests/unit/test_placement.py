@@ -9,7 +9,7 @@ from helpers import llama_spec, load_example, merge_patch, node, pod_on
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.conditions import RejectionCode
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.core.scheduling.inventory import build_inventory, parse_quantity, pod_requests
 from tuneserve.finetunejob.status import placement_status
 from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since

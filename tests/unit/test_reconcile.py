@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from helpers import fleet, load_example
 
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.finetunejob.reconcile import World, plan_finetunejob
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)

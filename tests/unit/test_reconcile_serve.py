@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from helpers import fleet, load_example, merge_patch
 
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.modelserve.reconcile import BOUNDS_UPDATED, ServeWorld, live_cluster_names, plan_modelserve
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)

@@ -12,7 +12,7 @@ from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.modelserve import ModelServe
 from tuneserve.finetunejob.builders.children import build_finetune_children
 from tuneserve.modelserve.builders.children import build_modelserve_children
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 

@@ -6,7 +6,7 @@ import pytest
 from helpers import llama_spec as llama, load_example, merge_patch
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.sources import BaseModelSource
-from tuneserve.catalog import load_catalog
+from tuneserve.core.catalog import load_catalog
 from tuneserve.core.sizing.model import (
     GIB, ModelSizeUnknown, embedding_parameters, format_duration, model_shape, parse_parameter_count,
 )

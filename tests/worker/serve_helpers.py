@@ -34,7 +34,7 @@ STEPS = 60
 def cpu_serving_dtype() -> str:
     """The dtype the operator renders for a ModelServe placed on CPU (the catalog's CPU
     profile, servingDtype), so hand-written test configs match what the operator would send."""
-    from tuneserve.catalog import load_catalog
+    from tuneserve.core.catalog import load_catalog
     return load_catalog().get("cpu/cpu").serving_dtype
 
 

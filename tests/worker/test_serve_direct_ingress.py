@@ -22,7 +22,7 @@ def test_replica_takes_traffic_on_the_pinned_port_without_a_proxy(tmp_path):
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
     from tuneserve.api.modelserve import Ingress
-    from tuneserve.builders.rayservice import ingress_env
+    from tuneserve.modelserve.builders.rayservice import ingress_env
     from tuneserve_workers import contract
     from tuneserve_workers.serve.app import DEPLOYMENT_NAME
     from tuneserve_workers.testing.tiny import build_tiny_model

@@ -1,7 +1,7 @@
 """FineTuneJob (tuneserve.dev/v1alpha1): the typed spec, the single source of truth for the CRD.
 
 ``crds/tuneserve.dev_finetunejobs.yaml`` is generated from these models (``python -m
-tuneserve.crdgen``); field descriptions become the CRD's, ``Rule``s become CEL validations.
+tuneserve.tools.crdgen``); field descriptions become the CRD's, ``Rule``s become CEL validations.
 Parse a CR body once with ``FineTuneJob.from_body`` and pass the typed object around.
 """
 from __future__ import annotations

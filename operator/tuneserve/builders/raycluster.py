@@ -8,7 +8,7 @@ import json
 from typing import Any, Optional
 
 from tuneserve.api.workload import RayPodOptions
-from tuneserve.catalog import AcceleratorProfile
+from tuneserve.core.catalog import AcceleratorProfile
 from tuneserve.core.scheduling.inventory import DEFAULT_POOL, POOL_LABEL
 from tuneserve.core.scheduling.fit import pod_tolerations, user_tolerations
 from tuneserve_workers import contract

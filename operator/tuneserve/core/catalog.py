@@ -1,6 +1,6 @@
 """The accelerator catalog: vendor/product -> how to request, schedule, run and price it.
 
-The data lives in ``tuneserve/data/catalog.yaml`` (package data); a deployment overrides it with a
+The data lives in ``tuneserve/core/data/catalog.yaml`` (package data); a deployment overrides it with a
 YAML document (the Helm chart's ConfigMap) merged on top by ``load_catalog``. Code asks the
 catalog instead of branching on vendors.
 """
@@ -205,7 +205,7 @@ def _profiles(document: Mapping[str, Any]) -> tuple[AcceleratorProfile, ...]:
 
 
 def default_catalog_document() -> dict[str, Any]:
-    text = resources.files("tuneserve").joinpath("data", DEFAULT_CATALOG_RESOURCE).read_text()
+    text = resources.files("tuneserve.core").joinpath("data", DEFAULT_CATALOG_RESOURCE).read_text()
     return yaml.safe_load(text)
 
 

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec
 from tuneserve.api.conditions import RejectionCode
 from tuneserve.api.finetunejob_status import PlacementStatus
-from tuneserve.catalog import Catalog
+from tuneserve.core.catalog import Catalog
 from tuneserve.core.scheduling.fit import Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches
 from tuneserve.core.scheduling.inventory import Inventory
 from tuneserve.core.sizing.model import ModelShape, format_duration, model_shape

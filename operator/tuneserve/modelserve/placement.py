@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 from tuneserve.api.modelserve import ModelServeSpec, Quantization
 from tuneserve.api.conditions import RejectionCode
-from tuneserve.catalog import AcceleratorProfile, Catalog
+from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.inventory import Inventory
 from tuneserve.core.scheduling.fit import Candidate, Outcome, Rejection, fit_candidate, node_matches
 from tuneserve.core.sizing.model import ModelShape, model_shape

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 
 from tuneserve.api.conditions import RejectionCode
 from tuneserve.api.workload import RayPodOptions
-from tuneserve.catalog import AcceleratorProfile
+from tuneserve.core.catalog import AcceleratorProfile
 from tuneserve.core.scheduling.inventory import Inventory, NodeSnapshot, parse_quantity, tolerates
 from tuneserve_workers.contract import DataParallel
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from tuneserve.catalog import AcceleratorProfile, Catalog
+from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.sizing.model import FFN_RATIO, GIB, ModelShape, lora_parameters
 
 if TYPE_CHECKING:  # the serving estimate takes a ModelServe engine config

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tuneserve.api.finetunejob import FineTuneJobSpec
-from tuneserve.catalog import AcceleratorProfile, Catalog
+from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.sizing.model import GIB, ModelShape, embedding_parameters, lora_parameters
 from tuneserve_workers.contract import AcceleratorRuntime, DataParallel, Method, Precision
 

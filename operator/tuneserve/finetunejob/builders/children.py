@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from tuneserve.api.finetunejob import FineTuneJob
-from tuneserve.catalog import Catalog
+from tuneserve.core.catalog import Catalog
 from tuneserve.core.scheduling.fit import Candidate
 from tuneserve.finetunejob.builders.config import build_config_configmap, build_progress_configmap
 from tuneserve.finetunejob.builders.rayjob import build_rayjob

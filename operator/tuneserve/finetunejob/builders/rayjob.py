@@ -17,7 +17,7 @@ from tuneserve.builders.raycluster import (
     pvc_volumes, ray_container, ray_start_resources, submitter_pod_template, with_user_env, worker_node_selector,
 )
 from tuneserve.finetunejob.builders.rbac import pod_service_account
-from tuneserve.catalog import AcceleratorProfile, Catalog
+from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 

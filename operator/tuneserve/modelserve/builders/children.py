@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from tuneserve.api.modelserve import ModelServe
-from tuneserve.builders.rayservice import build_rayservice
-from tuneserve.catalog import Catalog
+from tuneserve.modelserve.builders.rayservice import build_rayservice
+from tuneserve.core.catalog import Catalog
 from tuneserve.core.scheduling.fit import Candidate
 from tuneserve.modelserve.builders.rbac import build_serve_rbac
 from tuneserve.modelserve.builders.serve import build_adapters_configmap, build_serve_status_configmap

@@ -40,7 +40,7 @@ from tuneserve.builders.raycluster import (
 )
 from tuneserve.modelserve.builders.rbac import serve_pod_service_account
 from tuneserve.modelserve.builders.serve import build_serve_app_config
-from tuneserve.catalog import AcceleratorProfile, Catalog
+from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.fit import Candidate
 from tuneserve_workers import contract
 
