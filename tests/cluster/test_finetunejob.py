@@ -326,3 +326,17 @@ def test_suspend_releases_the_accelerators_and_resume_starts_again(kube, namespa
                               content_type="application/merge-patch+json")
     wait_phase(kube, "tiny", namespace, "Starting")
     wait_for(lambda: pods_of(kube, namespace, "tiny"), 90, "the Ray pods to come back")
+
+
+def test_no_finalizer_so_deleting_while_the_operator_is_down_is_not_stuck(kube, namespace, operator):
+    kube.apply(example("finetunejob-minimal.yaml"), namespace)
+    job = wait_phase(kube, "tiny", namespace, ["Starting"])
+    assert not job["metadata"].get("finalizers"), job["metadata"].get("finalizers")
+    wait_for(lambda: kube.list("ray.io/v1", "RayJob", namespace), 60, "the RayJob")
+    operator.stop()
+    try:
+        kube.delete(*FTJ, "tiny", namespace)
+        wait_for(lambda: not ftj(kube, "tiny", namespace), 15, "the FineTuneJob to go with the operator down")
+        wait_for(lambda: not kube.list("ray.io/v1", "RayJob", namespace), 90, "the RayJob to be collected")
+    finally:
+        operator.start()

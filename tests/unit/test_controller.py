@@ -12,9 +12,20 @@ from tuneserve.controller import handlers
 from tuneserve.controller.indexes import CHILD_KINDS
 
 
+class EventReasons:
+    """The reasons of the Events posted so far, read live from the recording API."""
+    def __init__(self, api):
+        self.api = api
+
+    def __iter__(self):
+        return iter([c[1] for c in self.api.calls if c[0] == "event"])
+
+
 class RecordingApi:
     def __init__(self):
         self.calls = []
+        self.versions = []
+        self.conflicting = set()   # resourceVersions the API server has moved past
 
     def apply(self, obj):
         self.calls.append(("apply", obj["kind"], obj["metadata"]["name"]))
@@ -26,8 +37,13 @@ class RecordingApi:
         self.calls.append(("patch", kind, name))
         return True
 
-    def write_status(self, plural, namespace, name, status):
+    def write_status(self, plural, namespace, name, status, resource_version):
         self.calls.append(("status", plural, name))
+        self.versions.append(resource_version)
+        return None if resource_version in self.conflicting else f"{len(self.calls)}"
+
+    def post_event(self, involved, event):
+        self.calls.append(("event", event.reason, involved["metadata"]["name"]))
 
     def __getattr__(self, name):   # anything else (e.g. a Secret read) is a test failure
         raise AssertionError(f"unexpected API call {name}")
@@ -36,13 +52,11 @@ class RecordingApi:
 @pytest.fixture
 def runtime(monkeypatch):
     api = RecordingApi()
-    events = []
     monkeypatch.setattr(handlers.Runtime, "api", api)
     monkeypatch.setattr(handlers.Runtime, "catalog", load_catalog())
     monkeypatch.setattr(handlers.Runtime, "written", {})
     monkeypatch.setattr(handlers, "SCHEDULE", handlers.Schedule(resync_seconds=60))
-    monkeypatch.setattr(kopf, "event", lambda body, **kw: events.append(kw["reason"]))
-    return api, events
+    return api, EventReasons(api)
 
 
 def _indexes(secrets):
@@ -68,11 +82,12 @@ def test_a_reconcile_reads_indexes_applies_children_writes_status_and_schedules(
 
 
 def test_a_missing_secret_in_the_index_blocks_without_any_api_read(runtime):
-    api, _ = runtime
+    api, events = runtime
     body = load_example("finetunejob-qwen-bank.yaml")
     body["metadata"].update(namespace="bank", uid="uid-2", generation=1)
     handlers.reconcile_finetunejob(kopf.Body(body), "bank", body["metadata"]["name"], "uid-2", _indexes({}))
-    assert [c[0] for c in api.calls] == ["status"]
+    assert [c[0] for c in api.calls if c[0] != "event"] == ["status"]
+    assert list(events) == ["SecretNotFound", "FitsNow"]
 
 
 def test_a_child_event_wakes_its_owner(runtime):
@@ -80,3 +95,66 @@ def test_a_child_event_wakes_its_owner(runtime):
     handlers.SCHEDULE.planned(key, 100.0, None)
     handlers._wake_owner(namespace="bank", labels={"tuneserve.dev/finetunejob": "fin-v1"})
     assert not handlers.SCHEDULE.due(key, 102.0) and handlers.SCHEDULE.due(key, 103.0), "woken: react seconds after its last plan"
+
+
+def bank_body(uid="uid-3", version="7"):
+    body = load_example("finetunejob-qwen-bank.yaml")
+    body["metadata"].update(namespace="bank", uid=uid, generation=1, resourceVersion=version)
+    return body
+
+
+SECRETS = {"hf-token": frozenset({"token"}), "bank-s3": frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})}
+
+
+def test_the_status_is_written_first_against_the_version_it_was_planned_from(runtime):
+    """The attempt is recorded before its RayJob exists: a crash after any write converges."""
+    api, _ = runtime
+    body = bank_body()
+    handlers.reconcile_finetunejob(kopf.Body(body), "bank", "fin-v1", "uid-3", _indexes(SECRETS))
+    order = [c[0] for c in api.calls]
+    assert order[0] == "status" and order.index("status") < order.index("apply") and api.versions == ["7"]
+    assert order.index("event") < order.index("apply"), "the transition's Events go with its status"
+
+
+def test_a_status_conflict_writes_no_child_and_the_next_copy_is_planned_fresh(runtime):
+    api, events = runtime
+    api.conflicting.add("7")
+    handlers.reconcile_finetunejob(kopf.Body(bank_body()), "bank", "fin-v1", "uid-3", _indexes(SECRETS))
+    assert [c[0] for c in api.calls] == ["status"] and list(events) == [], "nothing after a refused status write"
+    api.calls.clear()
+    handlers.reconcile_finetunejob(kopf.Body(bank_body(version="8")), "bank", "fin-v1", "uid-3", _indexes(SECRETS))
+    assert api.versions[-1] == "8" and "apply" in [c[0] for c in api.calls]
+
+
+def test_a_body_from_before_the_last_write_is_planned_with_that_write(runtime):
+    """The watch has not delivered the operator's own write yet: planning the stale copy would
+    post the same transition's Events again (and could re-render an attempt it moved past)."""
+    api, events = runtime
+    handlers.reconcile_finetunejob(kopf.Body(bank_body()), "bank", "fin-v1", "uid-3", _indexes(SECRETS))
+    first = list(events)
+    api.calls.clear()
+    handlers.reconcile_finetunejob(kopf.Body(bank_body()), "bank", "fin-v1", "uid-3", _indexes(SECRETS))
+    assert first and list(events) == [] and "status" not in [c[0] for c in api.calls]
+
+
+def test_the_resync_loop_plans_due_objects_from_the_index_and_forgets_deleted_ones(runtime, monkeypatch):
+    api, _ = runtime
+    indexes = _indexes(SECRETS)
+    indexes["finetunejobs_index"] = {("bank", "fin-v1"): [bank_body()]}
+    indexes["modelserves_index"] = {}
+    monkeypatch.setattr(handlers.Runtime, "indexes", indexes)
+    loop = handlers.ResyncLoop(handlers.SCHEDULE, handlers.plan_due)
+    here, gone = ("finetunejobs", "bank", "fin-v1"), ("modelserves", "bank", "deleted-llm")
+    handlers.SCHEDULE.wake(here)
+    handlers.SCHEDULE.wake(gone)
+    assert loop.run_once(handlers.time.monotonic()) == 2
+    assert ("status", "finetunejobs", "fin-v1") in api.calls
+    assert handlers.SCHEDULE.due_keys(handlers.time.monotonic()) == [], "planned again later; the deleted one forgotten"
+
+
+def test_no_handler_needs_a_finalizer():
+    """No kopf timers or deletion handlers: an object deleted while the operator is down goes at
+    once, and kopf removes the finalizer earlier versions added."""
+    registry = kopf.get_default_registry()
+    assert handlers.finetunejob_event and not registry._spawning.get_all_handlers()   # timers, daemons
+    assert not registry._changing.get_all_handlers()                                   # create/update/delete

@@ -1,5 +1,7 @@
-"""kopf wiring, kept thin: one reconcile entry point per kind, run on every event and when the
-schedule (schedule.py: the plan's requeue, else the resync) says the object is due.
+"""kopf wiring, kept thin: one reconcile entry point per kind, run on every event of the object and,
+from the resync loop (resync.py), when the schedule (schedule.py: a child's event, the plan's
+requeue, else the resync) says the object is due. No kopf timers, so no finalizer: an object
+deleted while the operator is down goes at once (children through owner references).
 The logic lives in each kind's reconcile.py (pure), the reads in indexes.py, the writes in
 kubeapi.py. Handlers return nothing and never sleep; they raise kopf.TemporaryError to retry.
 """
@@ -11,7 +13,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Hashable, Mapping, Optional
 
 import kopf
 from kubernetes import client, config
@@ -24,6 +26,7 @@ from tuneserve.controller.indexes import (
     CHILD_KINDS, FTJ, MANAGED, MS, ChildKind, children, everything, of_kind, secret_keys,
 )
 from tuneserve.controller.kubeapi import KubeApi
+from tuneserve.controller.resync import ResyncLoop
 from tuneserve.controller.schedule import DEFAULT_RESYNC_SECONDS, Schedule
 from tuneserve.core.plan import Plan
 from tuneserve.finetunejob.reconcile import World, plan_finetunejob
@@ -34,19 +37,28 @@ SCHEDULE = Schedule()   # the resync is set at startup (configure), the tick is 
 
 
 class Runtime:
-    """Process-wide state set once at startup: the API client and the catalog."""
+    """Process-wide state set once at startup: the API client, the catalog, kopf's indexes (for
+    the resync loop, which runs outside kopf's handlers) and the per-object locks."""
     api: Optional[KubeApi] = None
     catalog: Optional[Catalog] = None
+    indexes: dict[str, kopf.Index] = {}
+    resync: Optional[ResyncLoop] = None
     locks: dict[str, threading.Lock] = {}
     locks_guard = threading.Lock()
-    # The status this process last wrote, per object. Only the operator writes status, so this is
-    # the newest one even when kopf hands over a body from before that write (no double Events).
-    written: dict[str, dict] = {}
+    # The status this process last wrote and the resourceVersion it made, per uid: a body from
+    # before that write (the watch has not delivered it yet) is planned with it instead.
+    written: dict[str, tuple[dict, str]] = {}
 
     @classmethod
-    def with_latest_status(cls, body: kopf.Body, uid: str) -> dict:
-        status = cls.written.get(uid)
-        return dict(body) if status is None else {**dict(body), "status": status}
+    def latest(cls, body: kopf.Body, uid: str) -> tuple[dict, Optional[str]]:
+        """(the body to plan from, the resourceVersion its status write must find). Only the
+        operator writes status, so a body whose status differs from the last written one predates
+        that write. A conflict drops the entry (``forget_written``), so a wrong guess heals."""
+        raw = dict(body)
+        mine = cls.written.get(uid)
+        if mine is None or (raw.get("status") or {}) == mine[0]:
+            return raw, body.metadata.get("resourceVersion")
+        return {**raw, "status": mine[0]}, mine[1]
 
     @classmethod
     def lock(cls, uid: str) -> threading.Lock:
@@ -62,13 +74,13 @@ def _load_catalog() -> Catalog:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     settings.peering.standalone = True
     settings.posting.level = logging.WARNING   # kopf's own noise; our Events are posted explicitly
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.execution.max_workers = 8
-    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"   # earlier versions added it; kopf now removes it
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     try:
@@ -78,6 +90,15 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     Runtime.api = KubeApi(client.ApiClient())
     Runtime.catalog = _load_catalog()
     SCHEDULE.set_resync(float(os.environ.get("TUNESERVE_RESYNC_SECONDS", DEFAULT_RESYNC_SECONDS)))
+    Runtime.indexes = _indexes(kwargs)   # kopf's live index objects, filled as the watches stream
+    Runtime.resync = ResyncLoop(SCHEDULE, plan_due)
+    Runtime.resync.start()
+
+
+@kopf.on.cleanup()
+def stop_resync(**_: Any) -> None:
+    if Runtime.resync is not None:
+        Runtime.resync.stop()
 
 
 # ----------------------------------------------------------------------------------- reconcile
@@ -91,44 +112,50 @@ def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> Worl
                  progress_configmap=progress, secrets=secret_keys(namespace, indexes))
 
 
-def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str) -> None:
+def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str,
+               version: Optional[str]) -> None:
+    """Status first, guarded by the resourceVersion it was planned from (it records the attempt
+    before the attempt's children exist, so a crash at any point converges to one attempt), then
+    its Events, then the children."""
     api = Runtime.api
-    patched = []
     try:
+        if plan.status is not None:
+            new_version = api.write_status(plural, namespace, name, plan.status, version)
+            if new_version is None:
+                Runtime.written.pop(uid, None)
+                return   # changed since it was read: its own event plans it again from the new copy
+            Runtime.written[uid] = (plan.status, new_version)
+        for event in plan.events:
+            api.post_event(body, event)
         for obj in plan.apply:
             api.apply(obj)
         for api_version, kind, child in plan.delete:
             api.delete(api_version, kind, child, namespace)
         for patch in plan.patch:
             if api.json_patch(patch.api_version, patch.kind, patch.name, namespace, patch.ops) and patch.event:
-                patched.append(patch.event)
-        if plan.status is not None:
-            api.write_status(plural, namespace, name, plan.status)
-            Runtime.written[uid] = plan.status
+                api.post_event(body, patch.event)
     except ApiException as exc:
         if exc.status == 404 or (exc.status == 403 and "being terminated" in (exc.body or "")):
             return   # the object or its namespace is going away
         raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}: {(exc.body or '')[:300]}", delay=5)
-    for event in plan.events + patched:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
-def _schedule(plural: str, namespace: str, name: str, plan: Plan, body: kopf.Body, uid: str) -> None:
+def _schedule(plural: str, namespace: str, name: str, plan: Plan, planned_from: Mapping[str, Any]) -> None:
     """When to plan it next (schedule.py): sooner while it waits for capacity. Also after an API
     error, so a failing write is retried at the schedule's pace, not at every tick."""
-    phase = (plan.status or Runtime.with_latest_status(body, uid).get("status") or {}).get("phase")
+    phase = (plan.status or planned_from.get("status") or {}).get("phase")
     SCHEDULE.planned((plural, namespace, name), time.monotonic(), plan.requeue_after,
                      settled=phase not in (None, "Pending", "Waiting"))
 
 
 def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
-        plan = plan_finetunejob(Runtime.with_latest_status(body, uid), _world(namespace, name, indexes),
-                                Runtime.catalog, datetime.now(timezone.utc))
+        latest, version = Runtime.latest(body, uid)
+        plan = plan_finetunejob(latest, _world(namespace, name, indexes), Runtime.catalog, datetime.now(timezone.utc))
         try:
-            _carry_out(plan, body, "finetunejobs", namespace, name, uid)
+            _carry_out(plan, body, "finetunejobs", namespace, name, uid, version)
         finally:
-            _schedule("finetunejobs", namespace, name, plan, body, uid)
+            _schedule("finetunejobs", namespace, name, plan, latest)
 
 
 def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> ServeWorld:
@@ -143,12 +170,13 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
 
 def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
-        plan = plan_modelserve(Runtime.with_latest_status(body, uid), _serve_world(body, namespace, name, indexes),
-                               Runtime.catalog, datetime.now(timezone.utc))
+        latest, version = Runtime.latest(body, uid)
+        plan = plan_modelserve(latest, _serve_world(body, namespace, name, indexes), Runtime.catalog,
+                               datetime.now(timezone.utc))
         try:
-            _carry_out(plan, body, "modelserves", namespace, name, uid)
+            _carry_out(plan, body, "modelserves", namespace, name, uid, version)
         finally:
-            _schedule("modelserves", namespace, name, plan, body, uid)
+            _schedule("modelserves", namespace, name, plan, latest)
 
 
 def _indexes(kwargs: Mapping[str, Any]) -> dict[str, kopf.Index]:
@@ -165,9 +193,16 @@ def _deleted(plural: str, body: kopf.Body, event_type: Optional[str] = None) -> 
     return False
 
 
-def _due(plural: str, body: kopf.Body) -> bool:
-    return not _deleted(plural, body) and \
-        SCHEDULE.due((plural, body.metadata.get("namespace"), body.metadata.get("name")), time.monotonic())
+def plan_due(key: Hashable) -> None:
+    """The resync loop's entry (resync.py): plan the object at ``key`` from its index entry, or
+    forget it when it is gone or being deleted."""
+    plural, namespace, name = key
+    body = next(iter(Runtime.indexes[f"{plural}_index"].get((namespace, name), [])), None)
+    if body is None or _deleted(plural, kopf.Body(body)):
+        SCHEDULE.forget(key)
+        return
+    reconcile = reconcile_finetunejob if plural == "finetunejobs" else reconcile_modelserve
+    reconcile(kopf.Body(body), namespace, name, body["metadata"]["uid"], Runtime.indexes)
 
 
 @kopf.on.event(*FTJ)
@@ -177,21 +212,9 @@ def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type
     SCHEDULE.wake_namespace("modelserves", namespace)   # their adapters may come from this job
 
 
-@kopf.timer(*FTJ, interval=SCHEDULE.tick, idle=None)
-def finetunejob_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if _due("finetunejobs", body):
-        reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
-
-
 @kopf.on.event(*MS)
 def modelserve_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if not _deleted("modelserves", body, type):
-        reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
-
-
-@kopf.timer(*MS, interval=SCHEDULE.tick, idle=None)
-def modelserve_resync(body: kopf.Body, namespace: str, name: str, uid: str, **kwargs: Any) -> None:
-    if _due("modelserves", body):
         reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
 
 

@@ -102,10 +102,22 @@ def secrets_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
     return {namespace: (name, keys)}
 
 
+def _owner_body(body: kopf.Body) -> dict[str, Any]:
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata),
+            "spec": dict(body.spec), "status": dict(body.status)}
+
+
 @kopf.index(*FTJ)
 def finetunejobs_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
-    """ModelServes read the FineTuneJobs their adapters come from (phase, artifact, base model)."""
-    return {(namespace, name): {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
+    """The resync plans a due FineTuneJob from here; ModelServes read the FineTuneJobs their
+    adapters come from (phase, artifact, base model)."""
+    return {(namespace, name): _owner_body(body)}
+
+
+@kopf.index(*MS)
+def modelserves_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+    """The resync plans a due ModelServe from here."""
+    return {(namespace, name): _owner_body(body)}
 
 
 def _child_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:

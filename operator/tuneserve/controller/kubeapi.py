@@ -1,16 +1,21 @@
 """The operator's only way of writing to the cluster: server-side apply with one field manager,
-deletes, status writes, and guarded JSON patches of objects KubeRay owns. Reads come from kopf's
+deletes, status writes (guarded by the resourceVersion they were planned from), Events, and
+guarded JSON patches of objects KubeRay owns. Reads come from kopf's
 indexes (indexes.py), not from here; of Secrets only the key names are indexed, never values."""
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
 
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 
 from tuneserve import API_GROUP, API_VERSION, FIELD_MANAGER
+from tuneserve.core.plan import Event
+
+EVENT_SOURCE = "tuneserve-operator"
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +67,39 @@ class KubeApi:
         log.info("patched %s %s/%s", kind, namespace, name)
         return True
 
-    def write_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        """Replaces the whole status (a merge patch would leave fields that were dropped)."""
-        self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, namespace, plural, name,
-            body=[{"op": "add", "path": "/status", "value": status}],
-            _content_type="application/json-patch+json")
+    def write_status(self, plural: str, namespace: str, name: str, status: dict[str, Any],
+                     resource_version: Optional[str]) -> Optional[str]:
+        """Replaces the whole status (a merge patch would leave fields that were dropped), only if
+        the object is still at ``resource_version`` (the copy the status was planned from). The
+        object's new resourceVersion; None, and nothing written, when it changed since."""
+        ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}] \
+            if resource_version else []
+        ops.append({"op": "add", "path": "/status", "value": status})
+        try:
+            written = self.custom.patch_namespaced_custom_object_status(
+                API_GROUP, API_VERSION, namespace, plural, name, body=ops, _content_type="application/json-patch+json")
+        except ApiException as exc:
+            if exc.status == 409 or (exc.status == 422 and not _causes(exc)):
+                log.info("not writing the status of %s/%s: it changed since it was read", namespace, name)
+                return None
+            raise
+        return (written.get("metadata") or {}).get("resourceVersion") or ""
+
+    def post_event(self, involved: Mapping[str, Any], event: Event) -> None:
+        """A core/v1 Event about ``involved`` (a FineTuneJob or ModelServe body). Never raises: a
+        lost Event must not fail or repeat a reconcile whose writes are done."""
+        meta = involved.get("metadata") or {}
+        now = datetime.now(timezone.utc)
+        body = {
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+            "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                               "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")},
+            "type": event.type, "reason": event.reason, "message": event.message[:1024],
+            "source": {"component": EVENT_SOURCE}, "reportingComponent": EVENT_SOURCE,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta.get("namespace"), body)
+        except ApiException as exc:
+            log.warning("could not post Event %s on %s/%s: %s", event.reason, meta.get("namespace"), meta.get("name"),
+                        exc.reason)

@@ -46,6 +46,11 @@ class Schedule:
         with self._guard:
             return now >= self._next.get(key, 0.0)
 
+    def due_keys(self, now: float) -> list[Hashable]:
+        """Every key whose time has come (woken, requeued or at its resync)."""
+        with self._guard:
+            return [key for key, at in self._next.items() if now >= at]
+
     def planned(self, key: Hashable, now: float, requeue_after: Optional[float], settled: bool = True) -> None:
         """Planned at ``now``. ``settled``: only its own and its children's events can change its plan
         (not Pending or Waiting for capacity)."""
