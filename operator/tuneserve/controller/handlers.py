@@ -53,7 +53,7 @@ class Runtime:
     def latest(cls, body: kopf.Body, uid: str) -> tuple[dict, Optional[str]]:
         """(the body to plan from, the resourceVersion its status write must find). Only the
         operator writes status, so a body whose status differs from the last written one predates
-        that write. A conflict drops the entry (``forget_written``), so a wrong guess heals."""
+        that write. A refused write drops the entry (``_carry_out``), so a wrong guess heals."""
         raw = dict(body)
         mine = cls.written.get(uid)
         if mine is None or (raw.get("status") or {}) == mine[0]:

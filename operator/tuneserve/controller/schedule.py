@@ -13,9 +13,8 @@ Pending or Waiting, the capacity other workloads free. So:
 
 ``TUNESERVE_RESYNC_SECONDS`` sets the resync at startup (the chart's ``resyncSeconds``, 60 s;
 ``react`` is 3 s, or the resync when shorter). The wake-ups are what let the resync be 60 s
-without a settled object reacting slower to its children. A timer ticks every ``tick`` seconds
-(1 s, fixed when the handlers are registered; a shorter resync is raised to it) and plans only
-the objects that are due.
+without a settled object reacting slower to its children. The resync loop (resync.py) looks every
+``tick`` seconds (1 s; a shorter resync is raised to it) and plans only the objects that are due.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from tuneserve.api.finetunejob_status import (
 )
 from tuneserve.builders.common import rayjob_name
 from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.core.scheduling.pods import pod_condition, transition_time
 from tuneserve.core.sizing.model import format_duration
 from tuneserve.core.status import (
     ConditionSet, Verdict, accepted_condition, merge_rejections, permanent, placed_condition, unplaceable,
@@ -132,9 +133,8 @@ def devices_held_since(attempt_pods: Iterable[Mapping[str, Any]], workers: int, 
             continue
         if not (pod.get("spec") or {}).get("nodeName"):
             return None
-        scheduled = next((c for c in (pod.get("status") or {}).get("conditions") or []
-                          if c.get("type") == "PodScheduled" and c.get("status") == "True"), {})
-        times.append(_parse_time(scheduled.get("lastTransitionTime")) or now)
+        scheduled = pod_condition(pod, "PodScheduled")
+        times.append((transition_time(scheduled) if scheduled.get("status") == "True" else None) or now)
     return max(times) if times and len(times) >= workers else None
 
 

@@ -22,6 +22,7 @@ from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
 from tuneserve.builders.common import openai_service_name, rayservice_name
 from tuneserve.modelserve.builders.serve import endpoint_url
 from tuneserve.core.scheduling.fit import Outcome
+from tuneserve.core.scheduling.pods import pod_condition
 from tuneserve.core.status import (
     ConditionSet, Verdict, accepted_condition, merge_rejections, permanent, placed_condition, unplaceable,
 )
@@ -293,6 +294,5 @@ def service_endpoints(serve_pods: list[Mapping[str, Any]], ray_service: Optional
         labels = (pod.get("metadata") or {}).get("labels") or {}
         if labels.get("ray.io/serve") != "true" or (active and labels.get("ray.io/cluster") != active):
             continue
-        conditions = ((pod.get("status") or {}).get("conditions")) or []
-        count += any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        count += pod_condition(pod, "Ready").get("status") == "True"
     return count

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
 
 from tuneserve.api.conditions import ChoiceRejection, RejectionCode
+from tuneserve.core.scheduling.pods import pod_condition, transition_time
 from tuneserve.core.sizing.model import format_duration
 
 D = TypeVar("D")
@@ -40,16 +41,12 @@ def unschedulable_since(pods: Iterable[Mapping[str, Any]]) -> Optional[datetime]
     reason Unschedulable); None when no pod is unschedulable now."""
     times = []
     for pod in pods:
-        status = pod.get("status") or {}
-        if status.get("phase") not in (None, "Pending"):
+        if (pod.get("status") or {}).get("phase") not in (None, "Pending"):
             continue
-        for cond in status.get("conditions") or []:
-            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
-                stamp = cond.get("lastTransitionTime")
-                if isinstance(stamp, str):
-                    stamp = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-                if stamp is not None:
-                    times.append(stamp)
+        cond = pod_condition(pod, "PodScheduled")
+        stamp = transition_time(cond)
+        if cond.get("status") == "False" and cond.get("reason") == "Unschedulable" and stamp is not None:
+            times.append(stamp)
     return min(times) if times else None
 
 
