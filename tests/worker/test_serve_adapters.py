@@ -21,9 +21,11 @@ class FakeEngine:
         self.loaded: dict[str, str] = {}
         self.calls: list[tuple] = []
         self.fail = set(fail)
+        self.load_hook = lambda name: None
 
     async def load(self, name, path):
         self.calls.append(("load", name))
+        self.load_hook(name)
         if name in self.fail:
             raise RuntimeError("engine says no")
         self.loaded[name] = path
@@ -82,8 +84,14 @@ def test_reconciler_follows_the_file_and_isolates_failures(tmp_path):
         assert st["gone"][0] == "Failed" and "not found" in st["gone"][1]
         assert st["boom"] == ("Failed", "RuntimeError: engine says no")
         assert rec.counts() == {"Loading": 0, "Loaded": 2, "Failed": 4}
+        seen_during_retry = []
+        engine.load_hook = lambda name: seen_during_retry.append(states(rec)[name])
+        await rec.sync()                                 # a retry that fails again
+        assert ("Failed", "RuntimeError: engine says no") in seen_during_retry
+        assert states(rec)["boom"] == ("Failed", "RuntimeError: engine says no")
         engine.fail.clear()
         await rec.sync()                                 # retry_after=0: failed ones retried
+        assert all(s[0] == "Failed" for s in seen_during_retry), "a retry never shows Loading"
         assert states(rec)["boom"] == ("Loaded", None)
         f.write_text("{broken")                          # half-written: keep the current set
         await rec.sync()

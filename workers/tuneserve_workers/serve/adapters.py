@@ -9,7 +9,9 @@ few hundred bytes every ``interval`` seconds) and reconciles:
   (``Loader.load``); state ``Loading`` -> ``Loaded`` or ``Failed`` with a message;
 - loaded, no longer desired -> unload (``Loader.unload``) and forget it;
 - a ``Failed`` adapter is retried after ``retry_after`` seconds (storage may come back) or as
-  soon as its entry in the file changes. Failures never touch the other adapters.
+  soon as its entry in the file changes. A retry keeps reporting ``Failed`` with the last message
+  until it succeeds, so the status does not flap through ``Loading`` every ``retry_after``.
+  Failures never touch the other adapters.
 
 Validation before the engine sees an adapter: the directory exists and holds
 ``adapter_config.json``; its rank (``r`` and any ``rank_pattern`` value) is at most the engine's
@@ -246,21 +248,30 @@ class AdapterReconciler:
             return changed
 
     async def _load(self, st: AdapterState) -> None:
-        st.state, st.message, st.since, st.attempted_at = LOADING, None, time.time(), time.time()
+        retry = st.state == FAILED
+        st.attempted_at = time.time()
+        if not retry:
+            st.state, st.message, st.since = LOADING, None, st.attempted_at
         try:
             path, rank = await asyncio.to_thread(validate, st.uri, self.base, self.max_rank)
             st.path, st.rank = path, rank
             await self.loader.load(st.name, path)
         except AdapterError as e:
-            st.state, st.message = FAILED, str(e)
+            self._settle(st, FAILED, str(e))
         except Exception as e:  # engine errors: keep the message, keep going
-            st.state, st.message = FAILED, f"{type(e).__name__}: {e}"
+            self._settle(st, FAILED, f"{type(e).__name__}: {e}")
         else:
-            st.state = LOADED
-        st.since = time.time()
+            self._settle(st, LOADED, None)
         (log.info if st.state == LOADED else log.warning)(
             "adapter %s (%s): %s%s", st.name, st.uri, st.state,
             f": {st.message}" if st.message else "")
+
+    @staticmethod
+    def _settle(st: AdapterState, state: str, message: Optional[str]) -> None:
+        """The outcome of a load; ``since`` moves only when the state does."""
+        if state != st.state:
+            st.since = time.time()
+        st.state, st.message = state, message
 
     async def run(self) -> None:
         while True:
