@@ -90,3 +90,9 @@ def test_secret_values_have_no_field():
     base = load_example("finetunejob-minimal.yaml")
     with pytest.raises(ValidationError):
         FineTuneJob.from_body(merge_patch(base, {"spec": {"credentials": {"huggingFaceToken": {"name": "a", "key": "b", "value": "hf_x"}}}}))
+
+
+@pytest.mark.parametrize("uri", ["s3://demo/a..b/chat.jsonl", "pvc://data/.hidden/x", "/data/x../y", "hf://org/name/..data"])
+def test_dots_inside_a_segment_are_no_parent_segment(uri):
+    body = merge_patch(load_example("finetunejob-minimal.yaml"), {"spec": {"dataset": {"uri": uri}}})
+    assert FineTuneJob.from_body(body).spec.dataset.uri == uri

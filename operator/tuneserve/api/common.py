@@ -27,6 +27,8 @@ VALUE_MAX = 4096
 # RE2 (apiserver CEL) and Python `re` agree on these: no lookaround, no backreferences.
 LABEL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# A `..` path segment would climb out of the claim, bucket prefix or directory a URI names.
+PARENT_SEGMENT_PATTERN = r"(^|/)[.][.](/|$)"
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,18 @@ class Rule:
 
 
 def uri_rule(field: str, pattern: str, what: str, required: bool = True) -> Rule:
-    """A readable URI check (a bare `pattern` error from the apiserver would print the regex)."""
+    """A readable URI check (a bare `pattern` error from the apiserver would print the regex).
+    Every URI also refuses `..` segments: pvc:// and local paths are joined onto a mount, object
+    keys onto a prefix, and neither may climb out of what the URI names."""
     def check(model: Any) -> bool:
         value = getattr(model, _python_name(type(model), field))
-        return value is None or re.search(pattern, value) is not None
-    cel = f"self.{field}.matches('{pattern}')"
+        return value is None or (re.search(pattern, value) is not None
+                                 and re.search(PARENT_SEGMENT_PATTERN, value) is None)
+    cel = f"self.{field}.matches('{pattern}') && !self.{field}.matches('{PARENT_SEGMENT_PATTERN}')"
     if not required:
-        cel = f"!has(self.{field}) || {cel}"
-    return Rule(cel=cel, message=f"{field} must be {what}", check=check, field_path=f".{field}")
+        cel = f"!has(self.{field}) || ({cel})"
+    return Rule(cel=cel, message=f"{field} must be {what}, without '..' path segments",
+                check=check, field_path=f".{field}")
 
 
 def _python_name(model_cls: type[BaseModel], alias: str) -> str:

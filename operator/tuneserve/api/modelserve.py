@@ -170,6 +170,13 @@ class ModelServeSpec(RayPodOptions):
              message="adapter names must be unique",
              check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
              field_path=".adapters"),
+        Rule(cel="!has(self.adapters) || !self.adapters.exists(a, has(self.servedModelName) ? a.name == self.servedModelName"
+                 " : self.baseModel.uri.startsWith('hf://') ? self.baseModel.uri.matches('^hf://[^@]*/' + a.name + '(@.*)?$')"
+                 " : self.baseModel.uri.matches('/' + a.name + '/*$'))",
+             message="adapter names must differ from the served model name (servedModelName, default the last part "
+                     "of baseModel.uri): both are model names on /v1/models",
+             check=lambda s: s.model_name() not in {a.name for a in s.adapters},
+             field_path=".adapters"),
     )
 
     def model_name(self) -> str:
