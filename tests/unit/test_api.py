@@ -92,7 +92,23 @@ def test_secret_values_have_no_field():
         FineTuneJob.from_body(merge_patch(base, {"spec": {"credentials": {"huggingFaceToken": {"name": "a", "key": "b", "value": "hf_x"}}}}))
 
 
+def test_admission_knows_the_catalogs_names():
+    """The names the CRD enforces are the ones the operator's catalog resolves (one data file)."""
+    from tuneserve.api.workload import CATALOG_PRODUCTS
+    from tuneserve.core.catalog import load_catalog
+    known: dict[str, set[str]] = {}
+    for profile in load_catalog().profiles:
+        known.setdefault(profile.vendor, set()).update(n.lower() for n in (profile.product, *profile.aliases))
+    assert {vendor: set(names) for vendor, names in CATALOG_PRODUCTS.items()} == known
+
+
 @pytest.mark.parametrize("uri", ["s3://demo/a..b/chat.jsonl", "pvc://data/.hidden/x", "/data/x../y", "hf://org/name/..data"])
 def test_dots_inside_a_segment_are_no_parent_segment(uri):
     body = merge_patch(load_example("finetunejob-minimal.yaml"), {"spec": {"dataset": {"uri": uri}}})
     assert FineTuneJob.from_body(body).spec.dataset.uri == uri
+
+
+def test_product_names_are_case_insensitive_and_vendor_checked():
+    body = merge_patch(load_example("finetunejob-minimal.yaml"), {"spec": {
+        "accelerators": {"choices": [{"vendor": "nvidia", "product": "h100-SXM"}, {"product": "Trainium"}]}}})
+    assert [c.product for c in FineTuneJob.from_body(body).spec.accelerators.choices] == ["h100-SXM", "Trainium"]

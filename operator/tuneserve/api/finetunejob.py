@@ -21,7 +21,7 @@ from tuneserve.api.common import (
 )
 from tuneserve.api.sources import _STORAGE_WHAT, _VENDOR_PATTERN, DATASET_URI_PATTERN, STORAGE_URI_PATTERN, BaseModelSource
 from tuneserve.api.finetunejob_status import FineTuneJobStatus
-from tuneserve.api.workload import AcceleratorSelector, RayPodOptions
+from tuneserve.api.workload import AcceleratorSelector, RayPodOptions, vendor_list_rule
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -110,6 +110,8 @@ class AutoAcceleratorRequest(ApiModel):
         json_schema_extra={"items": {"type": "string", "maxLength": SHORT_MAX, "pattern": _VENDOR_PATTERN}, "x-kubernetes-list-type": "set"},
         description="Only these vendors (default: any but cpu).")
 
+    rules: ClassVar[tuple[Rule, ...]] = (vendor_list_rule("vendors", "vendors", "accelerators.auto.vendors"),)
+
 
 class AcceleratorRequest(ApiModel):
     """Where training may run: an ordered list of choices, or an automatic request."""
@@ -186,7 +188,7 @@ class FineTuneJobSpec(RayPodOptions, FineTuneRequest):
     backoff_limit: int = Field(2, ge=0, le=10, description="Restarts of the Ray job (each resumes from the last checkpoint) before the job fails.")
     suspend: bool = Field(False, description="Suspend (delete the Ray cluster, keep checkpoints) or resume; the only mutable field.")
 
-    rules: ClassVar[tuple[Rule, ...]] = (
+    rules: ClassVar[tuple[Rule, ...]] = RayPodOptions.rules + (
         Rule(cel="self.method != 'qlora' || !has(self.training.precision) || self.training.precision != 'fp32'",
              message="method qlora computes in bf16 or fp16; set training.precision to bf16 or fp16",
              check=lambda s: not (s.method == Method.qlora and s.training.precision == Precision.fp32),

@@ -165,7 +165,7 @@ class ModelServeSpec(RayPodOptions):
                     "(Ray's default; measured 8-11% less throughput than bare vLLM on an H100, Direct 1-2%). "
                     "Changing it rolls out a new Ray cluster.")
 
-    rules: ClassVar[tuple[Rule, ...]] = (
+    rules: ClassVar[tuple[Rule, ...]] = RayPodOptions.rules + (
         Rule(cel="!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
              message="adapter names must be unique",
              check=lambda s: len({a.name for a in s.adapters}) == len(s.adapters),
