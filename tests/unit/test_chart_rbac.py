@@ -41,6 +41,7 @@ NAMESPACED = {
     ("rbac.authorization.k8s.io", "roles"): APPLY,
     ("rbac.authorization.k8s.io", "rolebindings"): APPLY,
     ("", "secrets"): READ,
+    ("", "persistentvolumeclaims"): READ,   # names only: a spec's pvc:// URIs (core/references.py)
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
@@ -49,6 +50,7 @@ CLUSTER_SCOPED = {
     ("", "nodes"): READ,
     ("apiextensions.k8s.io", "customresourcedefinitions"): READ,
     ("", "namespaces"): READ,
+    ("scheduling.k8s.io", "priorityclasses"): READ,   # names only: a spec's priorityClassName
 }
 # Namespaced kinds read cluster-wide even when watchNamespaces is set, and why: placement counts
 # the requests of every pod bound to an accelerator node, whatever its namespace.

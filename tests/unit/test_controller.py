@@ -59,9 +59,10 @@ def runtime(monkeypatch):
     return api, EventReasons(api)
 
 
-def _indexes(secrets):
+def _indexes(secrets, service_accounts=(), claims=(), priority_classes=("training",)):
     out = {"nodes_index": {None: fleet()}, "pods_index": {}, "rayclusters_index": {}, "finetunejobs_index": {},
-           "secrets_index": {"bank": list(secrets.items())}}
+           "secrets_index": {"bank": list(secrets.items())}, "serviceaccounts_index": {"bank": list(service_accounts)},
+           "persistentvolumeclaims_index": {"bank": list(claims)}, "priorityclasses_index": {None: list(priority_classes)}}
     out.update({c.index_id: {} for c in CHILD_KINDS})
     return out
 

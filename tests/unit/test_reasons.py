@@ -14,9 +14,10 @@ def _names(reasons, pick):
 def test_which_reasons_are_warnings():
     assert _names(ConditionReason, lambda r: r.severity == Severity.Warning) == {
         "InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "TrainingFailed", "BackoffLimitExceeded",
-        "SecretNotFound", "FellBack"}
+        "SecretNotFound", "ReferenceNotFound", "FellBack"}
     assert _names(ServeConditionReason, lambda r: r.severity == Severity.Warning) == {
-        "InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "SecretNotFound", "FellBack", "ApplicationFailed",
+        "InvalidSpec", "ModelSizeUnknown", "NoAcceptableChoice", "SecretNotFound", "ReferenceNotFound", "FellBack",
+        "ApplicationFailed",
         "AdaptersFailed", "ReplicasUnavailable", "AdaptersUnavailable", "ApplicationUnhealthy", "ReplicaFailed"}
 
 

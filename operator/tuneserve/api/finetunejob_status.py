@@ -46,6 +46,9 @@ class ConditionReason(Reason):
     InvalidSpec = "InvalidSpec"
     ModelSizeUnknown = "ModelSizeUnknown"
     SecretNotFound = "SecretNotFound"        # a referenced Secret or key is missing (not terminal)
+    # a ServiceAccount, PersistentVolumeClaim or PriorityClass the spec names is missing (not
+    # terminal; the message names the field): core/references.py
+    ReferenceNotFound = "ReferenceNotFound"
     # Placed
     Placing = "Placing"
     FitsNow = "FitsNow"
@@ -74,7 +77,7 @@ class ConditionReason(Reason):
     def warnings(cls) -> frozenset[Reason]:
         return frozenset({
             cls.InvalidSpec, cls.ModelSizeUnknown, cls.NoAcceptableChoice, cls.TrainingFailed,
-            cls.BackoffLimitExceeded, cls.SecretNotFound, cls.FellBack,
+            cls.BackoffLimitExceeded, cls.SecretNotFound, cls.ReferenceNotFound, cls.FellBack,
         })
 
     @classmethod
@@ -85,7 +88,7 @@ class ConditionReason(Reason):
 
 
 _R = ConditionReason
-_ACCEPTED = frozenset({_R.SpecValid, _R.InvalidSpec, _R.ModelSizeUnknown, _R.SecretNotFound})
+_ACCEPTED = frozenset({_R.SpecValid, _R.InvalidSpec, _R.ModelSizeUnknown, _R.SecretNotFound, _R.ReferenceNotFound})
 # The reasons each condition type may carry (KubeRay's style: reasons belong to their type).
 REASONS: dict[ConditionType, frozenset[ConditionReason]] = {
     ConditionType.Accepted: _ACCEPTED,

@@ -38,7 +38,10 @@ class ServeConditionReason(Reason):
     SpecValid = "SpecValid"
     InvalidSpec = "InvalidSpec"
     ModelSizeUnknown = "ModelSizeUnknown"
-    SecretNotFound = "SecretNotFound"
+    SecretNotFound = "SecretNotFound"        # a referenced Secret or key is missing (not terminal)
+    # a ServiceAccount, PersistentVolumeClaim or PriorityClass the spec names is missing (not
+    # terminal; the message names the field): core/references.py
+    ReferenceNotFound = "ReferenceNotFound"
     # Placed
     Placing = "Placing"
     FitsNow = "FitsNow"
@@ -73,7 +76,7 @@ class ServeConditionReason(Reason):
     @classmethod
     def warnings(cls) -> frozenset[Reason]:
         return frozenset({
-            cls.InvalidSpec, cls.ModelSizeUnknown, cls.NoAcceptableChoice, cls.SecretNotFound, cls.FellBack,
+            cls.InvalidSpec, cls.ModelSizeUnknown, cls.NoAcceptableChoice, cls.SecretNotFound, cls.ReferenceNotFound, cls.FellBack,
             cls.ApplicationFailed, cls.AdaptersFailed, cls.ReplicasUnavailable, cls.AdaptersUnavailable,
             cls.ApplicationUnhealthy, cls.ReplicaFailed,
         })
@@ -88,7 +91,8 @@ class ServeConditionReason(Reason):
 _R = ServeConditionReason
 # The reasons each condition type may carry (KubeRay's style: reasons belong to their type).
 REASONS: dict[ServeConditionType, frozenset[ServeConditionReason]] = {
-    ServeConditionType.Accepted: frozenset({_R.SpecValid, _R.InvalidSpec, _R.ModelSizeUnknown, _R.SecretNotFound}),
+    ServeConditionType.Accepted: frozenset({_R.SpecValid, _R.InvalidSpec, _R.ModelSizeUnknown, _R.SecretNotFound,
+                                            _R.ReferenceNotFound}),
     ServeConditionType.Placed: frozenset({_R.Placing, _R.FitsNow, _R.WaitingForCapacity, _R.FellBack, _R.NoAcceptableChoice}),
     ServeConditionType.Ready: frozenset({_R.NotPlaced, _R.RayServiceStarting, _R.ApplicationDeploying, _R.ApplicationFailed,
                                          _R.NoReadyReplicas, _R.NotInService, _R.ReplicaFailed, _R.ScaledToZero, _R.Serving}),

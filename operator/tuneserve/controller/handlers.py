@@ -23,8 +23,9 @@ from tuneserve import API_GROUP
 from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap_name
 from tuneserve.core.catalog import Catalog, load_catalog
 from tuneserve.controller.indexes import (
-    CHILD_KINDS, FTJ, MANAGED, MS, ChildKind, children, everything, of_kind, secret_keys,
+    CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, ChildKind, children, everything, known_names, of_kind, secret_keys,
 )
+from tuneserve.core.references import CLUSTER_SCOPED
 from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.controller.resync import ResyncLoop
 from tuneserve.controller.schedule import DEFAULT_RESYNC_SECONDS, Schedule
@@ -109,7 +110,8 @@ def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> Worl
     progress = live.get(("ConfigMap", progress_configmap_name(name)))
     return World(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
                  job_pods=everything(indexes["pods_index"], key), ray_jobs=of_kind(live, "RayJob"), children=live,
-                 progress_configmap=progress, secrets=secret_keys(namespace, indexes))
+                 progress_configmap=progress, secrets=secret_keys(namespace, indexes),
+                 known=known_names(namespace, indexes))
 
 
 def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str,
@@ -144,8 +146,9 @@ def _schedule(plural: str, namespace: str, name: str, plan: Plan, planned_from: 
     """When to plan it next (schedule.py): sooner while it waits for capacity. Also after an API
     error, so a failing write is retried at the schedule's pace, not at every tick."""
     phase = (plan.status or planned_from.get("status") or {}).get("phase")
-    SCHEDULE.planned((plural, namespace, name), time.monotonic(), plan.requeue_after,
-                     settled=phase not in (None, "Pending", "Waiting"))
+    key = (plural, namespace, name)
+    SCHEDULE.planned(key, time.monotonic(), plan.requeue_after, settled=phase not in (None, "Pending", "Waiting"))
+    SCHEDULE.wait_for(key, [(kind, None if kind in CLUSTER_SCOPED else namespace, ref) for kind, ref in plan.waiting_for])
 
 
 def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
@@ -165,7 +168,8 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
     ray_clusters = {obj["metadata"]["name"]: obj for obj in indexes["rayclusters_index"].get(key, [])}
     return ServeWorld(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
                       serve_pods=everything(indexes["pods_index"], key), children=children(key, indexes), jobs=jobs,
-                      secrets=secret_keys(namespace, indexes), ray_clusters=ray_clusters)
+                      secrets=secret_keys(namespace, indexes), ray_clusters=ray_clusters,
+                      known=known_names(namespace, indexes))
 
 
 def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
@@ -230,3 +234,14 @@ for _child in (*CHILD_KINDS, ChildKind("ray.io/v1", "RayCluster", "rayclusters")
     kopf.on.event(_child.group, _child.version, _child.plural, labels=MANAGED, id=f"wake_owner_of_{_child.plural}")(_wake_owner)
 for _label in (JOB_LABEL, SERVE_LABEL):
     kopf.on.event("", "v1", "pods", labels={_label: kopf.PRESENT}, id=f"wake_owner_of_pods_{_label.rsplit('/', 1)[1]}")(_wake_owner)
+
+
+def _wake_blocked_on(kind: str):
+    def wake(name: str, namespace: Optional[str], **_: Any) -> None:
+        """An object a spec may name changed (created, most likely): wake the owners blocked on it."""
+        SCHEDULE.appeared((kind, namespace, name))
+    return wake
+
+
+for _group, _version, _plural, _kind in NAMED_KINDS:
+    kopf.on.event(_group, _version, _plural, id=f"wake_blocked_on_{_plural}")(_wake_blocked_on(_kind))

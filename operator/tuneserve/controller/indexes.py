@@ -1,17 +1,19 @@
 """kopf indexes: the operator's read side. Nodes and pods (slimmed) for placement, the FineTuneJobs
-ModelServes read their adapters from, RayClusters for the replica bounds, Secrets' key names, and every child kind the
+ModelServes read their adapters from, RayClusters for the replica bounds, Secrets' key names, the
+names of the ServiceAccounts, PersistentVolumeClaims and PriorityClasses a spec may name, and every child kind the
 builders render, under (owner label, namespace, owner name). ``CHILD_KINDS`` is the one registry of
 those child kinds: it registers their indexes, and a unit test checks that every kind a builder
 returns is in it (a child without an index would be re-applied on every reconcile)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import kopf
 
 from tuneserve import API_GROUP, API_VERSION
 from tuneserve.builders.common import JOB_LABEL, MANAGED_BY, SERVE_LABEL
+from tuneserve.core.references import KnownNames
 
 FTJ = (API_GROUP, API_VERSION, "finetunejobs")
 MS = (API_GROUP, API_VERSION, "modelserves")
@@ -102,6 +104,20 @@ def secrets_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
     return {namespace: (name, keys)}
 
 
+# Objects a spec may name (core/references.py), by name only: the planners say which is missing.
+NAMED_KINDS = (("", "v1", "serviceaccounts", "ServiceAccount"), ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
+               ("scheduling.k8s.io", "v1", "priorityclasses", "PriorityClass"))
+
+
+def _name_only(name: str, namespace: Optional[str], **_: Any) -> dict:
+    """Namespace (None: cluster-scoped) -> the object's name; nothing else of it is kept."""
+    return {namespace: name}
+
+
+for _group, _version, _plural, _kind in NAMED_KINDS:
+    kopf.index(_group, _version, _plural, id=f"{_plural}_index")(_name_only)
+
+
 def _owner_body(body: kopf.Body) -> dict[str, Any]:
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata),
             "spec": dict(body.spec), "status": dict(body.status)}
@@ -143,6 +159,15 @@ def children(key: tuple, indexes: Mapping[str, kopf.Index]) -> dict[tuple[str, s
 def secret_keys(namespace: str, indexes: Mapping[str, kopf.Index]) -> dict[str, frozenset[str]]:
     """The namespace's Secrets: name -> key names."""
     return dict(indexes["secrets_index"].get(namespace, []))
+
+
+def known_names(namespace: str, indexes: Mapping[str, kopf.Index]) -> KnownNames:
+    """What a spec in ``namespace`` may name and exists: its ServiceAccounts and claims, the
+    cluster's PriorityClasses."""
+    def names(plural: str, key: Optional[str]) -> frozenset[str]:
+        return frozenset(indexes[f"{plural}_index"].get(key, []))
+    return KnownNames(service_accounts=names("serviceaccounts", namespace),
+                      claims=names("persistentvolumeclaims", namespace), priority_classes=names("priorityclasses", None))
 
 
 def of_kind(live: Mapping[tuple[str, str], Mapping[str, Any]], kind: str) -> dict[str, Mapping[str, Any]]:

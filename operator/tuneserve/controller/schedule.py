@@ -9,6 +9,8 @@ Pending or Waiting, the capacity other workloads free. So:
   status write every second);
 - a Pending or Waiting object is planned every ``react`` seconds (capacity may have freed);
 - a plan's ``requeue_after`` (a fallback deadline, a missing Secret) is honoured when sooner;
+- an object blocked on a missing ServiceAccount, PersistentVolumeClaim or PriorityClass
+  (``Plan.waiting_for``) is woken by that object's event (``appeared``), like a child's;
 - every object is planned at least every ``resync`` seconds: the safety net for a missed event.
 
 ``TUNESERVE_RESYNC_SECONDS`` sets the resync at startup (the chart's ``resyncSeconds``, 60 s;
@@ -19,7 +21,7 @@ without a settled object reacting slower to its children. The resync loop (resyn
 from __future__ import annotations
 
 import threading
-from typing import Hashable, Optional
+from typing import Hashable, Iterable, Optional
 
 
 DEFAULT_RESYNC_SECONDS = 60.0
@@ -32,6 +34,7 @@ class Schedule:
         self.resync = self.react = tick_seconds
         self._next: dict[Hashable, float] = {}
         self._last: dict[Hashable, float] = {}
+        self._waiting: dict[Hashable, frozenset[tuple]] = {}   # key -> (kind, namespace, name) it is blocked on
         self._guard = threading.Lock()
         self.set_resync(resync_seconds)
 
@@ -76,7 +79,24 @@ class Schedule:
         for key in keys:
             self.wake(key)
 
+    def wait_for(self, key: Hashable, refs: Iterable[tuple]) -> None:
+        """``key`` is blocked on these (kind, namespace, name) objects (none: not blocked)."""
+        refs = frozenset(refs)
+        with self._guard:
+            if refs:
+                self._waiting[key] = refs
+            else:
+                self._waiting.pop(key, None)
+
+    def appeared(self, ref: tuple) -> None:
+        """An object (kind, namespace, name) changed: wake whoever is blocked on it."""
+        with self._guard:
+            keys = [key for key, refs in self._waiting.items() if ref in refs]
+        for key in keys:
+            self.wake(key)
+
     def forget(self, key: Hashable) -> None:
         with self._guard:
             self._next.pop(key, None)
             self._last.pop(key, None)
+            self._waiting.pop(key, None)

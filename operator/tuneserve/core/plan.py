@@ -39,6 +39,9 @@ class Plan:
     status: Optional[dict[str, Any]] = None
     events: list[Event] = field(default_factory=list)
     requeue_after: Optional[float] = None
+    # (kind, name) of the missing objects the owner is blocked on (core/references.py): their
+    # events wake it (controller/schedule.py); Secrets are not watched, the requeue finds them.
+    waiting_for: list[tuple[str, str]] = field(default_factory=list)
 
 
 def readable(exc: ValidationError) -> str:

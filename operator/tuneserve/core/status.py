@@ -12,6 +12,7 @@ from typing import Any, Generic, Iterable, Mapping, Optional, Protocol, Sequence
 
 from tuneserve.api.conditions import PERMANENT_REJECTIONS, ChoiceRejection, ConditionStatus, RejectionCode, StatusModel
 from tuneserve.core.plan import Event, Plan
+from tuneserve.core.references import Blocked
 from tuneserve.core.scheduling.fit import Outcome, Rejection
 
 T, F, U = ConditionStatus.true, ConditionStatus.false, ConditionStatus.unknown
@@ -71,11 +72,12 @@ class _Decision(Protocol):
     rejections: Sequence[Rejection]
 
 
-def accepted_condition(reasons: type[R], spec_error: Optional[str], spec_error_reason: R, blocked: Optional[str]) -> Verdict[R]:
+def accepted_condition(reasons: type[R], spec_error: Optional[str], spec_error_reason: R,
+                       blocked: Optional[Blocked]) -> Verdict[R]:
     if spec_error:
         return Verdict(F, spec_error_reason, spec_error)
     if blocked:
-        return Verdict(F, reasons("SecretNotFound"), blocked)
+        return Verdict(F, reasons(blocked.reason), blocked.message)
     return Verdict(T, reasons("SpecValid"), "spec is valid and the model size is known")
 
 

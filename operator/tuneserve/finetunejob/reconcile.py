@@ -15,7 +15,8 @@ from tuneserve.api.finetunejob_status import TERMINAL_PHASES, ConditionReason, F
 from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
 from tuneserve.core.catalog import Catalog
 from tuneserve.core.hashing import to_apply
-from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Plan, finish, missing_secrets, readable
+from tuneserve.core.plan import Plan, finish, readable
+from tuneserve.core.references import Blocked, KnownNames, check_references, spec_references
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.inventory import build_inventory
@@ -37,6 +38,7 @@ class World:
     children: dict[tuple[str, str], Mapping[str, Any]]  # (kind, name) -> live child, for the hash check
     progress_configmap: Optional[Mapping[str, Any]]
     secrets: Mapping[str, frozenset[str]]             # the namespace's Secrets: name -> key names (never values)
+    known: Optional[KnownNames] = None                # ServiceAccounts, claims, PriorityClasses (None: not checked)
 
 
 def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:
@@ -109,9 +111,9 @@ def _sooner(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional
 
 
 def _render(plan: Plan, job: FineTuneJob, world: World, catalog: Catalog, placing: Placing[PlacementDecision],
-            previous: Optional[FineTuneJobStatus]) -> Optional[str]:
-    """Plan the children of the current attempt (unless a referenced Secret is missing: returned)
-    and the deletion of earlier attempts' RayJobs."""
+            previous: Optional[FineTuneJobStatus]) -> Optional[Blocked]:
+    """Plan the children of the current attempt (unless a referenced Secret or object is missing:
+    returned) and the deletion of earlier attempts' RayJobs."""
     placement = previous.placement if previous else None
     decision = placing.decision
     if decision is not None and decision.candidate is not None:
@@ -121,14 +123,19 @@ def _render(plan: Plan, job: FineTuneJob, world: World, catalog: Catalog, placin
     else:
         return None
     children = build_finetune_children(job, candidate, pool, placing.attempt, catalog)
-    blocked = missing_secrets(children, world.secrets)
+    blocked = check_references(plan, children, spec_references(job.spec, uris(job)), world.known, world.secrets)
     if blocked is None:
         plan.apply.extend(to_apply(children, world.children))
-    else:
-        plan.requeue_after = BLOCKED_REQUEUE_SECONDS
     current = rayjob_name(job.metadata.name, placing.attempt)
     plan.delete.extend(("ray.io/v1", "RayJob", name) for name in sorted(world.ray_jobs) if name != current)
     return blocked
+
+
+def uris(job: FineTuneJob) -> dict[str, Optional[str]]:
+    """The spec's URIs by field path (their pvc:// claims are references)."""
+    spec = job.spec
+    return {"spec.baseModel.uri": spec.base_model.location(), "spec.dataset.uri": spec.dataset.uri,
+            "spec.output.uri": spec.output.uri, "spec.checkpoint.uri": spec.checkpoint.uri if spec.checkpoint else None}
 
 
 def _finish(plan: Plan, job: FineTuneJob, observed: Observed, previous: Optional[FineTuneJobStatus],

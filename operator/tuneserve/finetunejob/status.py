@@ -20,6 +20,7 @@ from tuneserve.api.finetunejob_status import (
     REASONS, FineTuneJobStatus, Phase, PlacementStatus, ProgressStatus, UsageStatus,
 )
 from tuneserve.builders.common import rayjob_name
+from tuneserve.core.references import Blocked
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.pods import pod_condition, transition_time
 from tuneserve.core.sizing.model import format_duration
@@ -46,7 +47,7 @@ class Observed:
     ray_job: Optional[Mapping[str, Any]] = None
     progress: Optional[Progress] = None
     timed_out: tuple[ChoiceRejection, ...] = field(default=())
-    blocked: Optional[str] = None   # e.g. a referenced Secret is missing: Pending, retried, not terminal
+    blocked: Optional[Blocked] = None   # a referenced Secret or object is missing: Pending, retried, not terminal
     attempt_pods: tuple[Mapping[str, Any], ...] = ()   # the current attempt's pods (billing starts when bound)
 
 
@@ -278,7 +279,7 @@ def _phase(job: FineTuneJob, observed: Observed, placement: Optional[PlacementSt
         return (Phase.Failed, R.NoAcceptableChoice, decision.reason) if permanent(decision) else \
             (Phase.Pending, None, decision.reason)
     if observed.blocked:
-        return Phase.Pending, None, observed.blocked
+        return Phase.Pending, None, observed.blocked.message
     if _succeeded(progress, rj):
         return Phase.Succeeded, None, None
     if _ray_job_failed(progress, rj):

@@ -25,7 +25,8 @@ from tuneserve.builders.common import rayservice_name, serve_status_configmap_na
 from tuneserve.modelserve.builders.rayservice import raycluster_scaling_patch
 from tuneserve.core.catalog import Catalog
 from tuneserve.core.hashing import to_apply
-from tuneserve.core.plan import BLOCKED_REQUEUE_SECONDS, Event, JsonPatch, Plan, finish, missing_secrets, readable
+from tuneserve.core.plan import Event, JsonPatch, Plan, finish, readable
+from tuneserve.core.references import Blocked, KnownNames, check_references, spec_references
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.inventory import build_inventory
@@ -51,6 +52,7 @@ class ServeWorld:
     secrets: Mapping[str, frozenset[str]]              # the namespace's Secrets: name -> key names
     # RayClusters KubeRay made from this ModelServe's RayService, by name (worker groups' bounds).
     ray_clusters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    known: Optional[KnownNames] = None   # ServiceAccounts, claims, PriorityClasses (None: not checked)
 
 
 def rollout_fingerprint(serve: ModelServe) -> str:
@@ -109,9 +111,9 @@ def _place(serve: ModelServe, world: ServeWorld, catalog: Catalog, previous: Opt
 
 def _render(plan: Plan, serve: ModelServe, world: ServeWorld, catalog: Catalog,
             placing: Placing[ServePlacementDecision], previous: Optional[ModelServeStatus],
-            resolution: AdapterResolution) -> Optional[str]:
+            resolution: AdapterResolution) -> Optional[Blocked]:
     """Plan the children (the RayService annotated with the rollout fingerprint), unless a
-    referenced Secret is missing: that is returned."""
+    referenced Secret or object is missing: that is returned."""
     placement = previous.placement if previous else None
     decision = placing.decision
     if decision is not None and decision.candidate is not None:
@@ -123,9 +125,8 @@ def _render(plan: Plan, serve: ModelServe, world: ServeWorld, catalog: Catalog,
     else:
         return None
     children = build_modelserve_children(serve, candidate, pool, resolution.desired, catalog)
-    blocked = missing_secrets(children, world.secrets)
+    blocked = check_references(plan, children, spec_references(serve.spec, uris(serve)), world.known, world.secrets)
     if blocked is not None:
-        plan.requeue_after = BLOCKED_REQUEUE_SECONDS
         return blocked
     fingerprint = rollout_fingerprint(serve)
     for i, child in enumerate(children):
@@ -134,6 +135,13 @@ def _render(plan: Plan, serve: ModelServe, world: ServeWorld, catalog: Catalog,
                 **(child["metadata"].get("annotations") or {}), ROLLOUT_ANNOTATION: fingerprint}}}
     plan.apply.extend(to_apply(children, world.children))
     return None
+
+
+def uris(serve: ModelServe) -> dict[str, Optional[str]]:
+    """The spec's URIs by field path (their pvc:// claims are references)."""
+    out: dict[str, Optional[str]] = {"spec.baseModel.uri": serve.spec.base_model.location()}
+    out.update({f"spec.adapters[{i}].uri": a.uri for i, a in enumerate(serve.spec.adapters)})
+    return out
 
 
 def live_cluster_names(ray_service: Optional[Mapping[str, Any]]) -> list[str]:

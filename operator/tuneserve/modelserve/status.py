@@ -21,6 +21,7 @@ from tuneserve.api.modelserve_status import (
 from tuneserve.api.conditions import ChoiceRejection, ConditionStatus
 from tuneserve.builders.common import openai_service_name, rayservice_name
 from tuneserve.modelserve.builders.serve import endpoint_url
+from tuneserve.core.references import Blocked
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.pods import pod_condition
 from tuneserve.core.status import (
@@ -39,7 +40,7 @@ class ServeObserved:
     a fallback, or a rollout-relevant spec change); otherwise the previous placement stands."""
     spec_error: Optional[str] = None
     spec_error_reason: ServeConditionReason = R.InvalidSpec
-    blocked: Optional[str] = None                        # e.g. a referenced Secret is missing
+    blocked: Optional[Blocked] = None                    # a referenced Secret or object is missing
     decision: Optional[ServePlacementDecision] = None
     attempt: int = 1
     fallback_reason: Optional[str] = None
@@ -152,7 +153,7 @@ def _not_placed(observed: ServeObserved, placement: Optional[ServePlacementStatu
         message = observed.spec_error or (decision.reason if decision else None)
         return phase, Verdict(F, R.NotPlaced, message or ""), message
     if observed.blocked:
-        return ServePhase.Pending, Verdict(F, R.NotPlaced, observed.blocked), observed.blocked
+        return ServePhase.Pending, Verdict(F, R.NotPlaced, observed.blocked.message), observed.blocked.message
     if placement is None:
         return ServePhase.Pending, Verdict(F, R.NotPlaced, "choosing an accelerator"), None
     return None
