@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..contract import CheckpointRef, DataParallel, TrainJobConfig
 from ..cpu import detect_cpu_bf16
-from . import fastpath
+from . import drain, fastpath
 from .checkpoint import CheckpointStore, scratch_dir
 from .data import (PreparedData, SampleStream, collate, prepare, rank_positions, read_dataset,
                    step_layout, total_steps)
@@ -70,13 +70,14 @@ def _broadcast(obj, src: int = 0):
     return box[0]
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when any rank says so (one tiny all-reduce): keeps time-based decisions in step."""
+def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true when any rank says so (one tiny all-reduce): keeps time-based decisions and
+    drain requests in step, so every rank runs the same collectives."""
     if process_group()[1] == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return flags
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def _gather(obj) -> list:
@@ -137,6 +138,7 @@ class Run:
     messages: list = field(default_factory=list)
     t_start: float = 0.0
     t_ckpt: float = 0.0
+    drained: bool = False
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -322,12 +324,14 @@ def _step_batches(run: Run, stream: SampleStream) -> list[dict]:
     return batches
 
 
-def save(run: Run) -> None:
+def save(run: Run, drained: Optional[str] = None) -> None:
     """Evaluate, then publish the checkpoint of this step (collectives on every rank, the write on
-    rank 0)."""
+    rank 0). ``drained``: an emergency checkpoint (drain.py), marked so in its meta and written
+    without the eval, which could outlast the pod's grace period."""
     c = run.counters
-    c.eval_loss = evaluate(run.model, run.data.validation, run.data.info["pad_id"],
-                           run.cfg.training.micro_batch_size, run.amp_dtype, run.device)
+    if drained is None:
+        c.eval_loss = evaluate(run.model, run.data.validation, run.data.info["pad_id"],
+                               run.cfg.training.micro_batch_size, run.amp_dtype, run.device)
     rngs = _gather(rng_state(run.device))
     adapter = run.parallel.adapter_state()
     optim = run.parallel.optimizer_state(run.optimizer)
@@ -340,7 +344,8 @@ def save(run: Run) -> None:
                                           c.eval_loss), optim, run.scheduler.state_dict(), rngs,
                                  run.world, run.cfg.accelerator.data_parallel.value, run.n_steps)
             torch.save(doc, os.path.join(src, STATE_FILE))
-            saved = run.store.save(c.step, src, meta={"loss": c.loss, "eval_loss": c.eval_loss})
+            meta = {"loss": c.loss, "eval_loss": c.eval_loss, **({"drained": drained} if drained else {})}
+            saved = run.store.save(c.step, src, meta=meta)
         finally:
             shutil.rmtree(src, ignore_errors=True)
         run.last_ref = CheckpointRef(uri=saved.uri, step=saved.step, time=saved.time)
@@ -378,9 +383,11 @@ def train(run: Run) -> None:
             if run.reporter:
                 _report_step(run, window, now)
             due = bool(cfg.checkpoint.interval_steps and c.step % cfg.checkpoint.interval_steps == 0)
-            if interval_s is not None:
-                due = _any_rank(due or now - run.t_ckpt >= interval_s, run.device)
-            if due and c.step < run.n_steps:
+            late, run.drained = _any_rank([interval_s is not None and now - run.t_ckpt >= interval_s,
+                                           drain.requested()], run.device)
+            if run.drained:
+                return _drain(run, saved_at)
+            if (due or late) and c.step < run.n_steps:
                 save(run)
                 saved_at = c.step
         if c.step != saved_at or run.resumed_step is None:   # always end on a checkpoint
@@ -389,6 +396,19 @@ def train(run: Run) -> None:
         raise _oom(run, e) from e
     log.info("rank %d: steps %d..%d took %.1fs", run.rank, run.resumed_step or 0, c.step,
              time.monotonic() - run.t_start)
+
+
+def _drain(run: Run, saved_at: int) -> None:
+    """Every rank stops after this step: its checkpoint committed (unless just saved), reported."""
+    why = drain.reason() if drain.requested() else "drain requested on another rank"
+    if run.counters.step != saved_at:
+        save(run, drained=why)
+    log.info("rank %d: drained (%s) after step %d", run.rank, why, run.counters.step)
+    if run.reporter:
+        run.reporter.update(force=True, state="Running", step=run.counters.step,
+                            message=f"drained ({why}) at step {run.counters.step}: checkpoint "
+                                    f"step {run.last_ref.step if run.last_ref else None} committed; "
+                                    "a resumed run continues from it")
 
 
 def _oom(run: Run, e: Exception) -> ResourceError:
@@ -422,6 +442,11 @@ def finish(run: Run) -> None:
 
 def train_worker(payload: dict) -> None:
     """Ray Train ``train_loop_per_worker``; ``payload = {"config": TrainJobConfig as JSON}``."""
-    run = setup(payload)
-    train(run)
-    finish(run)
+    try:
+        run = setup(payload)
+        drain.note_rank(run.rank)
+        train(run)
+        if not run.drained:
+            finish(run)
+    finally:
+        drain.training_ended()

@@ -1,7 +1,9 @@
 """Entrypoint: read the config, check the data, run Ray Train, report the outcome.
 
 Exit status: 0 when the adapter is written, 1 for a failed job (progress state ``Failed`` with the
-reason), 2 when the config itself cannot be read. The dataset is read and validated here, before
+reason), 2 when the config itself cannot be read, 3 when the run was drained (SIGTERM to a training
+process, drain.py): it stopped on an emergency checkpoint of its last step, so a resubmitted run
+resumes from it with no step lost (progress keeps state ``Running`` and says so in its message). The dataset is read and validated here, before
 any Ray worker starts, so a malformed row fails in seconds with its file and line.
 
 Ray: connects to the cluster in ``RAY_ADDRESS`` (the RayJob's) or starts a local one. In a
@@ -21,8 +23,10 @@ import os
 import sys
 import uuid
 
-from ..contract import CONFIG_ENV, AcceleratorRuntime, DataParallel, Method, TrainJobConfig
+from ..contract import CONFIG_ENV, AcceleratorRuntime, DataParallel, Method, Progress, TrainJobConfig
+from .checkpoint import CheckpointStore
 from .config import checkpoint_uri_of, load_config
+from .drain import DRAINED_EXIT_CODE
 from .data import read_dataset
 from .errors import ConfigError, TrainError
 from .progress import Reporter
@@ -74,7 +78,9 @@ def rank_resources(acc: AcceleratorRuntime) -> dict[str, float]:
 def run_ray(cfg: TrainJobConfig) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from .ray_drain import DrainingTorchConfig
 
     acc = cfg.accelerator
     forward = os.environ.get("TUNESERVE_FORWARD_ENV") == "1"
@@ -86,7 +92,7 @@ def run_ray(cfg: TrainJobConfig) -> None:
     trainer = TorchTrainer(
         _train,
         train_loop_config={"config": cfg.model_dump(mode="json")},
-        torch_config=TorchConfig(backend=backend),
+        torch_config=DrainingTorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=acc.world_size, use_gpu=acc.ray_resource == "GPU",
                                      resources_per_worker=rank_resources(acc)),
         run_config=RunConfig(name=f"{cfg.job_name}-{uuid.uuid4().hex[:8]}", storage_path=storage,
@@ -111,6 +117,17 @@ def train_error_in(exc: BaseException) -> TrainError | None:
             v = getattr(e, attr, None)
             todo += list(v.values()) if isinstance(v, dict) else list(v or [])
     return None
+
+
+def drained_at(cfg: TrainJobConfig, final: Progress | None) -> int | None:
+    """The step a drained run stopped at: its newest checkpoint is marked drained and it has no
+    artifact (a run drained at its last step still ends Succeeded once resumed and finished)."""
+    if final is not None and final.state == "Succeeded":
+        return None
+    newest = next(iter(CheckpointStore(cfg.checkpoint.uri).committed()), None)
+    if newest is None or not newest.marker.get("meta", {}).get("drained"):
+        return None
+    return newest.step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         reporter.update(force=True, state="Failed", message=msg)
         return 1
     final = reporter.load_previous()
+    drained = drained_at(cfg, final)
+    if drained is not None:
+        log.info("drained: stopped at step %d on its checkpoint; resubmit to resume", drained)
+        return DRAINED_EXIT_CODE
     if final is None or final.state != "Succeeded":
         reporter.update(force=True, state="Failed", message="training ended without an artifact")
         return 1
