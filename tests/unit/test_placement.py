@@ -201,3 +201,38 @@ def test_unschedulable_since_reads_pod_conditions():
     running = {"status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"}]}}
     assert unschedulable_since([running, pending]) == datetime(2026, 9, 1, 11, 40, tzinfo=timezone.utc)
     assert unschedulable_since([running]) is None
+
+
+H100_POOL = "choice 1: NVIDIA H100 80GB: spec.nodeSelector tuneserve.dev/pool=mi300x matches no node that has NVIDIA H100 80GB (pool h100 has tuneserve.dev/pool=h100)"
+A100_LABEL = ("choice 1: NVIDIA H100 80GB: spec.nodeSelector nvidia.com/gpu.product=NVIDIA-A100-SXM4-80GB contradicts the "
+              "catalog's node label nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3")
+
+
+@pytest.mark.parametrize("selector, chosen, rejected", [
+    # spec.nodeSelector, the choice placed (None: none fits), the rejections in order (code, message)
+    ({"tuneserve.dev/pool": "h100"}, "nvidia/h100-80gb 1x8", []),
+    ({"tuneserve.dev/pool": "mi300x"}, "amd/mi300x 1x8", [("NoMatchingNodes", H100_POOL)]),
+    ({"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}, None, [
+        ("Unsupported", A100_LABEL),
+        ("NoMatchingNodes", "choice 2: AMD Instinct MI300X 192GB: spec.nodeSelector nvidia.com/gpu.product=NVIDIA-A100-SXM4-80GB "
+                            "matches no node that has AMD Instinct MI300X 192GB (pool mi300x has nvidia.com/gpu.product=unset)"),
+        ("NoMatchingNodes", "choice 3: Huawei Ascend 910B 64GB: spec.nodeSelector nvidia.com/gpu.product=NVIDIA-A100-SXM4-80GB "
+                            "matches no node that has Huawei Ascend 910B 64GB (pool ascend910b has nvidia.com/gpu.product=unset)"),
+    ]),
+], ids=["selector-agrees", "pool-contradicted", "catalog-label-contradicted"])
+def test_a_node_selector_contradicting_a_choice_rejects_it_naming_the_label(selector, chosen, rejected):
+    decision = decide_placement(bank_spec(nodeSelector=selector), CATALOG, build_inventory(FLEET, []))
+    assert (decision.candidate.key if decision.candidate else None) == chosen
+    assert [(r.code.value, r.message) for r in decision.rejections] == rejected
+    if chosen is None:
+        assert decision.outcome == Outcome.Unplaceable
+        assert decision.reason == "no accelerator choice can run this job: " + "; ".join(m for _, m in rejected)
+
+
+def test_a_serve_node_selector_contradicting_its_first_choice_takes_the_next():
+    from tuneserve.api.modelserve import ModelServe
+    from tuneserve.modelserve.placement import decide_serve_placement
+    body = merge_patch(load_example("modelserve-qwen-bank.yaml"), {"spec": {"nodeSelector": {"tuneserve.dev/pool": "mi300x"}}})
+    decision = decide_serve_placement(ModelServe.from_body(body).spec, CATALOG, build_inventory(FLEET, []))
+    assert (decision.candidate.key, decision.pool) == ("amd/mi300x 1x1", "mi300x")
+    assert [(r.code.value, r.message) for r in decision.rejections] == [("NoMatchingNodes", H100_POOL)]

@@ -17,7 +17,9 @@ from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec
 from tuneserve.api.conditions import RejectionCode
 from tuneserve.api.finetunejob_status import PlacementStatus
 from tuneserve.core.catalog import Catalog
-from tuneserve.core.scheduling.fit import Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches
+from tuneserve.core.scheduling.fit import (
+    Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches, selector_conflict,
+)
 from tuneserve.core.scheduling.inventory import Inventory
 from tuneserve.core.sizing.model import ModelShape, format_duration, model_shape
 from tuneserve.core.sizing.training import (
@@ -67,6 +69,10 @@ def _auto_candidates(spec: FineTuneJobSpec, catalog: Catalog, shape: ModelShape,
         if auto.min_memory_gib_per_device and profile.memory_gib < auto.min_memory_gib_per_device:
             rejections.append(Rejection(profile.key, RejectionCode.Excluded,
                                         f"{profile.display_name} has {profile.memory_gib:g} GiB per device, below minMemoryGiBPerDevice {auto.min_memory_gib_per_device}"))
+            continue
+        conflict = selector_conflict(profile, spec, inventory)
+        if conflict is not None and conflict.code is not None:
+            rejections.append(Rejection(profile.key, conflict.code, f"auto: {profile.display_name}: {conflict.message}"))
             continue
         per_node = [int(n.allocatable.get(profile.resource_name, 0)) if profile.resource_name else int(n.allocatable.get("cpu", 0))
                     for n in inventory.nodes if node_matches(n, profile, spec)]

@@ -98,8 +98,56 @@ def _slots(amounts: Mapping[str, Decimal], request: Mapping[str, Decimal]) -> in
     return min((int(amounts.get(r, Decimal(0)) // q) for r, q in request.items() if q > 0), default=0)
 
 
+def _catalog_conflict(profile: AcceleratorProfile, selector: Mapping[str, str]) -> Optional[str]:
+    """The first spec.nodeSelector label the catalog's node labels for ``profile`` contradict."""
+    for key, value in sorted(selector.items()):
+        wanted = profile.node_labels.get(key)
+        if wanted is not None and wanted != value:
+            return f"spec.nodeSelector {key}={value} contradicts the catalog's node label {key}={wanted}"
+        any_of = profile.node_labels_any_of.get(key)
+        if any_of is not None and value not in any_of:
+            return f"spec.nodeSelector {key}={value} contradicts the catalog's node labels {key} in ({'|'.join(any_of)})"
+    return None
+
+
+def _pool_conflicts(nodes: list[NodeSnapshot], selector: Mapping[str, str]) -> str:
+    """Per pool of ``nodes`` (none of which matches ``selector``), the label it contradicts."""
+    pools: dict[str, list[NodeSnapshot]] = {}
+    for node in nodes:
+        pools.setdefault(node.pool, []).append(node)
+    parts = []
+    for pool, members in sorted(pools.items()):
+        key, value = next(((k, v) for k, v in sorted(selector.items()) if all(n.labels.get(k) != v for n in members)),
+                          sorted(selector.items())[0])
+        have = "|".join(sorted({n.labels[key] for n in members if key in n.labels})) or "unset"
+        parts.append(f"pool {pool} has {key}={have}")
+    return ", ".join(parts)
+
+
+def selector_conflict(profile: AcceleratorProfile, spec: RayPodOptions, inventory: Inventory) -> Optional[Fit]:
+    """spec.nodeSelector against the chosen accelerator: a label the catalog contradicts (no node
+    can ever match: Unsupported), or one that no pool holding the accelerator has (NoMatchingNodes);
+    the choice is rejected with the label named. None when the selector is no obstacle."""
+    selector = dict(spec.node_selector or {})
+    if not selector:
+        return None
+    conflict = _catalog_conflict(profile, selector)
+    if conflict:
+        return Fit(None, False, False, conflict, RejectionCode.Unsupported)
+    bare = spec.model_copy(update={"node_selector": None})
+    nodes = [n for n in inventory.nodes if node_matches(n, profile, bare)]
+    if not nodes or any(node_matches(n, profile, spec) for n in nodes):
+        return None
+    wanted = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    return Fit(None, False, False, f"spec.nodeSelector {wanted} matches no node that has {profile.display_name} "
+                                   f"({_pool_conflicts(nodes, selector)})", RejectionCode.NoMatchingNodes)
+
+
 def fit_candidate(candidate: Candidate, spec: RayPodOptions, inventory: Inventory) -> Fit:
     profile = candidate.profile
+    conflict = selector_conflict(profile, spec, inventory)
+    if conflict is not None:
+        return conflict
     request = {k: parse_quantity(v) for k, v in profile.worker_resources(candidate.devices_per_worker).items()}
     device_resource = profile.resource_name or "cpu"
     need = f"needs {candidate.workers} worker{'s' if candidate.workers > 1 else ''} x {request[device_resource]} {device_resource}"
