@@ -244,6 +244,25 @@ def test_missing_secret_blocks_with_a_condition_then_proceeds(kube, namespace, o
     wait_for(lambda: kube.list("ray.io/v1", "RayJob", namespace), 60, "the RayJob once the Secrets exist")
 
 
+def test_missing_claim_and_service_account_block_naming_the_fields_then_proceed(kube, namespace, operator):
+    """Issue 15: the objects a spec names are checked from the indexes; their creation wakes the job."""
+    kube.apply(example("finetunejob-minimal.yaml", dataset={"uri": "pvc://train-data/chat.jsonl"},
+                       serviceAccountName="trainer"), namespace)
+    message = ("spec.serviceAccountName: ServiceAccount 'trainer' not found; "
+               "spec.dataset.uri: PersistentVolumeClaim 'train-data' not found")
+    job = wait_for(lambda: (lambda o: o if (condition(o, "Accepted") or {}).get("reason") == "ReferenceNotFound" else None)(
+        ftj(kube, "tiny", namespace)), 60, "Accepted=False ReferenceNotFound")
+    assert condition(job, "Accepted")["message"] == message and job["status"]["phase"] == "Pending"
+    assert not kube.list("ray.io/v1", "RayJob", namespace), "no children while a reference is missing"
+    assert any(e["type"] == "Warning" and e["reason"] == "ReferenceNotFound" and message in e["message"]
+               for e in kube.events_for(namespace, "tiny"))
+    kube.apply([{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "trainer"}},
+                {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "train-data"},
+                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}], namespace)
+    wait_for(lambda: kube.list("ray.io/v1", "RayJob", namespace), 60, "the RayJob once the claim and account exist")
+    assert (condition(ftj(kube, "tiny", namespace), "Accepted") or {}).get("reason") == "SpecValid"
+
+
 # -------------------------------------------------------------- progress, restart, clean-up
 
 def write_progress(kube, namespace, name, **fields):
