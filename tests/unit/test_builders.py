@@ -195,3 +195,28 @@ def test_config_carries_the_sizing_decision(model, choice, data_parallel, world_
     recorded = placement_status(decision, 1, job.metadata.name, datetime(2026, 9, 1, tzinfo=timezone.utc))
     restarted = candidate_from_status(type(recorded).model_validate(recorded.to_wire()), CATALOG)
     assert config_of(restarted) == config
+
+
+def _ray_pods(rayjob: dict) -> list[dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_training_pods_drain_into_a_checkpoint_and_are_locked_down(name):
+    """Every Ray pod of a job: a grace period long enough for the emergency checkpoint, a preStop
+    that signals the training processes (the pod's SIGTERM reaches only ``ray start``), and the
+    restricted securityContext the worker images allow (they run as root: no runAsNonRoot)."""
+    from tuneserve.builders.raycluster import DRAIN_PRE_STOP, TRAIN_TERMINATION_GRACE_S
+    from tuneserve_workers.train.drain import DEFAULT_DRAIN_DIR, DRAIN_DIR_ENV
+    key, per_worker, workers, pool = GOLDEN_CASES[name]
+    rayjob = build_rayjob(bank_job(CHOICES[name]), Candidate(CATALOG.get(key), per_worker, workers, "c"), pool, 1, CATALOG)
+    assert TRAIN_TERMINATION_GRACE_S >= 120
+    assert f"${{{DRAIN_DIR_ENV}:-{DEFAULT_DRAIN_DIR}}}" in DRAIN_PRE_STOP   # the workers' directory
+    for pod in _ray_pods(rayjob):
+        assert pod["terminationGracePeriodSeconds"] == TRAIN_TERMINATION_GRACE_S
+        assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+        (container,) = pod["containers"]
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["/bin/sh", "-c", DRAIN_PRE_STOP]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert "runAsNonRoot" not in container["securityContext"] and "runAsUser" not in pod["securityContext"]

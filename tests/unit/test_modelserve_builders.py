@@ -360,3 +360,15 @@ def test_a_cpu_replica_computes_on_every_core_its_pod_reserves():
     rs = build_rayservice(bank_serve(), Candidate(cpu, 4, 1, "test"), None, CATALOG)
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
     assert app["args"]["tensor_parallel_size"] == 1 and app["deployments"][0]["ray_actor_options"] == {"num_cpus": 4}
+
+
+def test_serve_pods_are_locked_down_without_the_training_drain():
+    """Serving pods get the same securityContext as training pods; no checkpoint to drain into,
+    so Kubernetes' default grace period and no preStop."""
+    cluster = _rayservice(render(bank_serve()))["spec"]["rayClusterConfig"]
+    for pod in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]:
+        assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
+        assert "terminationGracePeriodSeconds" not in pod
+        for container in pod["containers"]:
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+            assert "lifecycle" not in container

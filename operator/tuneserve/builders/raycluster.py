@@ -16,6 +16,31 @@ from tuneserve_workers import contract
 RAY_VERSION = "2.60.0"
 RESERVED_ENV_PREFIX = "TUNESERVE_"
 
+TRAIN_TERMINATION_GRACE_S = 300
+"""Grace period of the training pods: SIGTERM (pod deletion, node drain) lets the step in flight
+finish and commits an emergency checkpoint (workers' drain.py): a step of the largest catalog
+bases takes up to about a minute, the checkpoint (LoRA adapter + its optimizer state, tens to
+hundreds of MB) another minute or two to an object store; 300 s leaves margin. Kubernetes' default
+30 s would cut the upload. A spot reclaim gives less (the cloud's notice, kubelet's node shutdown
+grace): there the drain helps only as far as that notice lasts."""
+
+DRAIN_PRE_STOP = (
+    'd="${TUNESERVE_DRAIN_DIR:-/tmp/tuneserve-drain}"; '
+    'for f in "$d"/*; do [ -e "$f" ] && kill -TERM "${f##*/}" 2>/dev/null || rm -f "$f"; done; '
+    'while :; do left=0; for f in "$d"/*; do [ -e "$f" ] || continue; '
+    'if kill -0 "${f##*/}" 2>/dev/null; then left=1; else rm -f "$f"; fi; done; '
+    '[ "$left" = 0 ] && exit 0; sleep 1; done')
+"""preStop of the training containers: the pod's SIGTERM reaches only PID 1 (``ray start``), which
+does not pass it on and whose exit kills the training processes. This signals each training process
+registered in the drain directory, then waits (within the grace period) until each has committed
+its checkpoint and unregistered, or is gone."""
+
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+"""What holds for every Ray container. No runAsNonRoot/runAsUser: the worker images run as root
+(images/*.Containerfile have no USER; the local CPU image mounts a venv under /root by hostPath),
+so a non-root uid needs image changes and a real-node run first."""
+POD_SECURITY = {"seccompProfile": {"type": "RuntimeDefault"}}
+
 
 def secret_env(name: str, ref: Any) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
@@ -62,16 +87,21 @@ def node_affinity(profile: AcceleratorProfile) -> Optional[dict[str, Any]]:
 
 def pod_spec(spec: RayPodOptions, profile: AcceleratorProfile, service_account: str, container: dict[str, Any],
              volumes: list[dict[str, Any]], node_selector: dict[str, str],
-             affinity: Optional[dict[str, Any]], *, on_accelerator: bool = True) -> dict[str, Any]:
+             affinity: Optional[dict[str, Any]], *, on_accelerator: bool = True,
+             grace_s: Optional[int] = None) -> dict[str, Any]:
     """A Ray pod. Only pods that use the accelerator tolerate its taint: the head (no devices)
-    stays off the accelerator nodes, keeping their CPU and memory for the workers."""
+    stays off the accelerator nodes, keeping their CPU and memory for the workers. ``grace_s``:
+    its terminationGracePeriodSeconds (training pods: TRAIN_TERMINATION_GRACE_S)."""
     tolerations = pod_tolerations(profile, spec) if on_accelerator else [dict(t) for t in user_tolerations(spec)]
     out: dict[str, Any] = {
         "serviceAccountName": service_account,
         "containers": [container],
         "volumes": volumes,
         "tolerations": tolerations,
+        "securityContext": dict(POD_SECURITY),
     }
+    if grace_s is not None:
+        out["terminationGracePeriodSeconds"] = grace_s
     if node_selector:
         out["nodeSelector"] = dict(sorted(node_selector.items()))
     if affinity:
@@ -101,13 +131,18 @@ def image_for(spec: RayPodOptions, profile: AcceleratorProfile, default: str) ->
 
 
 def ray_container(name: str, image: str, env: list[dict[str, Any]], resources: dict[str, str],
-                  mounts: list[dict[str, Any]], ports: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
-    """A Ray head or worker container: requests equal limits (extended resources need it)."""
+                  mounts: list[dict[str, Any]], ports: Optional[list[dict[str, Any]]] = None, *,
+                  drain: bool = False) -> dict[str, Any]:
+    """A Ray head or worker container: requests equal limits (extended resources need it).
+    ``drain``: training containers, whose preStop drains the training processes (DRAIN_PRE_STOP)."""
     container: dict[str, Any] = {"name": name, "image": image, "env": env}
     if ports:
         container["ports"] = ports
     container["resources"] = {"requests": resources, "limits": resources}
     container["volumeMounts"] = mounts
+    container["securityContext"] = plain_tree(CONTAINER_SECURITY)
+    if drain:
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sh", "-c", DRAIN_PRE_STOP]}}}
     return container
 
 

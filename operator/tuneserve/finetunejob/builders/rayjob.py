@@ -13,7 +13,7 @@ from tuneserve.builders.common import (
     object_meta, progress_configmap_name, rayjob_name,
 )
 from tuneserve.builders.raycluster import (
-    RAY_VERSION, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec,
+    RAY_VERSION, TRAIN_TERMINATION_GRACE_S, credential_env, host_volumes, image_for, node_affinity, plain_tree, pod_spec,
     pvc_volumes, ray_container, ray_start_resources, submitter_pod_template, with_user_env, worker_node_selector,
 )
 from tuneserve.finetunejob.builders.rbac import pod_service_account
@@ -69,9 +69,9 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
     user_selector = dict(job.spec.node_selector or {})
 
     volumes, mounts = storage(job, profile, attempt)
-    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), mounts)
+    head_container = ray_container("ray-head", image, env, dict(catalog.defaults.head), mounts, drain=True)
     worker_container = ray_container("ray-worker", image, env,
-                                     profile.worker_resources(candidate.devices_per_worker), mounts)
+                                     profile.worker_resources(candidate.devices_per_worker), mounts, drain=True)
     worker_selector = worker_node_selector(profile, user_selector, pool)
 
     name = rayjob_name(job.metadata.name, attempt)
@@ -94,7 +94,8 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(job.spec, profile, pod_service_account(job), head_container, volumes, user_selector, None, on_accelerator=False),
+                        "spec": pod_spec(job.spec, profile, pod_service_account(job), head_container, volumes, user_selector, None, on_accelerator=False,
+                                         grace_s=TRAIN_TERMINATION_GRACE_S),
                     },
                 },
                 "workerGroupSpecs": [{
@@ -105,7 +106,8 @@ def build_rayjob(job: FineTuneJob, candidate: Candidate, pool: Optional[str], at
                     "rayStartParams": ray_start_resources(profile, candidate.devices_per_worker),
                     "template": {
                         "metadata": {"labels": pod_labels},
-                        "spec": pod_spec(job.spec, profile, pod_service_account(job), worker_container, volumes, worker_selector, node_affinity(profile)),
+                        "spec": pod_spec(job.spec, profile, pod_service_account(job), worker_container, volumes, worker_selector, node_affinity(profile),
+                                         grace_s=TRAIN_TERMINATION_GRACE_S),
                     },
                 }],
             },
