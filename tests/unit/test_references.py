@@ -107,15 +107,41 @@ def test_every_missing_reference_and_secret_is_named_in_one_message():
     assert accepted(plan)["message"] == (
         "spec.serviceAccountName: ServiceAccount 'trainer' not found; "
         "spec.priorityClassName: PriorityClass 'training' not found; "
-        "spec.dataset.uri: PersistentVolumeClaim 'data' not found; Secret 'hf-token' not found")
+        "spec.dataset.uri: PersistentVolumeClaim 'data' not found; "
+        "spec.credentials.huggingFaceToken: Secret 'hf-token' not found")
     assert plan.waiting_for == [("ServiceAccount", "trainer"), ("PriorityClass", "training"),
                                 ("PersistentVolumeClaim", "data")]
 
 
 def test_only_secrets_missing_keeps_the_secret_reason():
     plan = plan_job(job(), ALL, secrets={"bank-s3": SECRETS["bank-s3"]})
-    assert (accepted(plan)["reason"], accepted(plan)["message"]) == ("SecretNotFound", "Secret 'hf-token' not found")
+    assert (accepted(plan)["reason"], accepted(plan)["message"]) == (
+        "SecretNotFound", "spec.credentials.huggingFaceToken: Secret 'hf-token' not found")
     assert plan.waiting_for == []
+
+
+SECRET_CASES = [
+    # credentials, the namespace's Secrets (name -> keys), the message: each reference named by its field
+    ({"objectStore": {"accessKeyId": {"name": "s3", "key": "id"}, "secretAccessKey": {"name": "s3", "key": "secret"}}},
+     {"s3": {"id"}}, "spec.credentials.objectStore.secretAccessKey: Secret 's3' has no key 'secret'"),
+    ({"secretEnv": [{"name": "A", "secretKeyRef": {"name": "a", "key": "k"}},
+                    {"name": "B", "secretKeyRef": {"name": "b", "key": "k"}}]},
+     {"a": {"k"}}, "spec.credentials.secretEnv[1].secretKeyRef: Secret 'b' not found"),
+    ({"huggingFaceToken": {"name": "hf", "key": "token"}, "objectStore": {
+        "accessKeyId": {"name": "s3", "key": "id"}, "secretAccessKey": {"name": "s3", "key": "secret"},
+        "sessionToken": {"name": "sts", "key": "t"}}},
+     {"hf": {"token"}, "s3": {"id", "secret"}}, "spec.credentials.objectStore.sessionToken: Secret 'sts' not found"),
+]
+
+
+@pytest.mark.parametrize("credentials, secrets, message", SECRET_CASES)
+@pytest.mark.parametrize("planner, make", [(plan_job, job), (plan_serve, serve)], ids=["finetunejob", "modelserve"])
+def test_a_missing_secret_is_named_by_its_field(planner, make, credentials, secrets, message):
+    body = make(credentials=None)
+    body["spec"]["credentials"] = credentials
+    plan = planner(body, ALL, secrets={k: frozenset(v) for k, v in secrets.items()})
+    assert plan.apply == []
+    assert (accepted(plan)["reason"], accepted(plan)["message"]) == ("SecretNotFound", message)
 
 
 def test_the_name_indexes_hold_names_only():

@@ -52,16 +52,19 @@ def readable(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def missing_secrets(children: list[dict[str, Any]], secrets: Mapping[str, frozenset[str]]) -> Optional[str]:
+def missing_secrets(children: list[dict[str, Any]], secrets: Mapping[str, frozenset[str]],
+                    fields: Optional[Mapping[tuple[str, str], str]] = None) -> Optional[str]:
     """What is wrong with the Secrets the children reference (``secrets``: the namespace's Secrets'
-    key names, from the index), or None when every referenced key exists."""
+    key names, from the index), or None when every referenced key exists. ``fields``: the spec
+    field of each (name, key), named first ("spec.credentials.huggingFaceToken: ...")."""
     problems = []
     for name, key in sorted(set(secret_refs(children))):
         keys = secrets.get(name)
+        where = f"{fields[(name, key)]}: " if fields and (name, key) in fields else ""
         if keys is None:
-            problems.append(f"Secret {name!r} not found")
+            problems.append(f"{where}Secret {name!r} not found")
         elif key not in keys:
-            problems.append(f"Secret {name!r} has no key {key!r}")
+            problems.append(f"{where}Secret {name!r} has no key {key!r}")
     return "; ".join(problems) or None
 
 

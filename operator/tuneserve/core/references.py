@@ -66,6 +66,24 @@ def spec_references(spec: RayPodOptions, uris: Mapping[str, Optional[str]]) -> l
     return refs
 
 
+def secret_fields(spec: RayPodOptions) -> dict[tuple[str, str], str]:
+    """(Secret name, key) -> the spec field that names it (the first, when several do)."""
+    creds, out = spec.credentials, {}
+    if creds is None:
+        return out
+    store = creds.object_store
+    named = [("spec.credentials.huggingFaceToken", creds.hugging_face_token),
+             ("spec.credentials.objectStore.accessKeyId", store.access_key_id if store else None),
+             ("spec.credentials.objectStore.secretAccessKey", store.secret_access_key if store else None),
+             ("spec.credentials.objectStore.sessionToken", store.session_token if store else None)]
+    named += [(f"spec.credentials.secretEnv[{i}].secretKeyRef", item.secret_key_ref)
+              for i, item in enumerate(creds.secret_env or [])]
+    for field, ref in named:
+        if ref is not None:
+            out.setdefault((ref.name, ref.key), field)
+    return out
+
+
 def missing_references(refs: Iterable[Reference], known: Optional[KnownNames]) -> list[Reference]:
     """The references whose object does not exist (none when ``known`` is None: not observed)."""
     if known is None:
@@ -88,11 +106,13 @@ def blocked(missing: list[Reference], secrets: Optional[str]) -> Optional[Blocke
     return Blocked(reason, message, tuple(dict.fromkeys((r.kind, r.name) for r in missing)))
 
 
-def check_references(plan: Plan, children: list[dict[str, Any]], refs: Iterable[Reference], known: Optional[KnownNames],
-                     secrets: Mapping[str, frozenset[str]]) -> Optional[Blocked]:
-    """What blocks the rendered ``children``: the spec's missing objects and the children's
-    missing Secrets. When blocked, the plan is requeued and names what it waits for."""
-    found = blocked(missing_references(refs, known), missing_secrets(children, secrets))
+def check_references(plan: Plan, children: list[dict[str, Any]], spec: RayPodOptions, uris: Mapping[str, Optional[str]],
+                     known: Optional[KnownNames], secrets: Mapping[str, frozenset[str]]) -> Optional[Blocked]:
+    """What blocks the rendered ``children`` of ``spec``: its missing objects (``uris``: its URIs by
+    field path) and the children's missing Secrets, each named by its field. When blocked, the
+    plan is requeued and names what it waits for."""
+    missing = missing_references(spec_references(spec, uris), known)
+    found = blocked(missing, missing_secrets(children, secrets, secret_fields(spec)))
     if found is not None:
         plan.requeue_after = BLOCKED_REQUEUE_SECONDS
         plan.waiting_for = list(found.waiting_for)

@@ -16,7 +16,7 @@ from tuneserve.builders.common import ATTEMPT_LABEL, rayjob_name
 from tuneserve.core.catalog import Catalog
 from tuneserve.core.hashing import to_apply
 from tuneserve.core.plan import Plan, finish, readable
-from tuneserve.core.references import Blocked, KnownNames, check_references, spec_references
+from tuneserve.core.references import Blocked, KnownNames, check_references
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.inventory import build_inventory
@@ -123,7 +123,7 @@ def _render(plan: Plan, job: FineTuneJob, world: World, catalog: Catalog, placin
     else:
         return None
     children = build_finetune_children(job, candidate, pool, placing.attempt, catalog)
-    blocked = check_references(plan, children, spec_references(job.spec, uris(job)), world.known, world.secrets)
+    blocked = check_references(plan, children, job.spec, uris(job), world.known, world.secrets)
     if blocked is None:
         plan.apply.extend(to_apply(children, world.children))
     current = rayjob_name(job.metadata.name, placing.attempt)

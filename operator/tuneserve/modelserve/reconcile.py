@@ -26,7 +26,7 @@ from tuneserve.modelserve.builders.rayservice import raycluster_scaling_patch
 from tuneserve.core.catalog import Catalog
 from tuneserve.core.hashing import to_apply
 from tuneserve.core.plan import Event, JsonPatch, Plan, finish, readable
-from tuneserve.core.references import Blocked, KnownNames, check_references, spec_references
+from tuneserve.core.references import Blocked, KnownNames, check_references
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.inventory import build_inventory
@@ -125,7 +125,7 @@ def _render(plan: Plan, serve: ModelServe, world: ServeWorld, catalog: Catalog,
     else:
         return None
     children = build_modelserve_children(serve, candidate, pool, resolution.desired, catalog)
-    blocked = check_references(plan, children, spec_references(serve.spec, uris(serve)), world.known, world.secrets)
+    blocked = check_references(plan, children, serve.spec, uris(serve), world.known, world.secrets)
     if blocked is not None:
         return blocked
     fingerprint = rollout_fingerprint(serve)
