@@ -3,7 +3,9 @@
 Both in-cluster channels of the workers go through here: the training progress sink
 (train/progress.py, a merge patch of ``progress.json``) and the serve replica's report writer and
 desired-adapters reader (serve/report.py, a merge patch of its own key, a GET of the adapters
-key). A merge patch of one key never conflicts with other writers of the same ConfigMap.
+key). A merge patch of one key never conflicts with other writers of the same ConfigMap; the serve
+replicas' pruning of stale reports is guarded by the ``resourceVersion`` it read instead
+(``patch(..., resource_version=)``, ``Conflict`` when another writer came first).
 
 Credentials are the pod's service-account token and CA in ``/var/run/secrets/kubernetes.io/
 serviceaccount``; ``TUNESERVE_SERVICEACCOUNT_DIR`` overrides that directory for a worker run
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import urllib.error
 import urllib.request
 from typing import Optional
 
@@ -43,6 +46,10 @@ def api_server() -> str:
     return f"https://{host}:{port}"
 
 
+class Conflict(Exception):
+    """409: the ConfigMap changed since the resourceVersion a guarded write was planned from."""
+
+
 class ConfigMap:
     """One ConfigMap, ``ref`` = "<namespace>/<name>"; ``what`` names the setting in errors."""
 
@@ -58,6 +65,22 @@ class ConfigMap:
     def patch_key(self, key: str, doc: str) -> None:
         """Merge-patch ``data[key] = doc`` (other keys stay as they are)."""
         self._call("PATCH", {"data": {key: doc}})
+
+    def read(self) -> tuple[dict, str]:
+        """(data, resourceVersion) of the ConfigMap as it is now."""
+        obj = json.loads(self._call("GET") or b"{}")
+        return obj.get("data") or {}, (obj.get("metadata") or {}).get("resourceVersion", "")
+
+    def patch(self, data: dict, *, resource_version: str) -> None:
+        """Merge-patch ``data`` (a None value deletes its key), only if the ConfigMap is still at
+        ``resource_version``; Conflict otherwise."""
+        try:
+            self._call("PATCH", {"metadata": {"resourceVersion": resource_version}, "data": data})
+        except urllib.error.HTTPError as e:
+            if e.code == 409:
+                raise Conflict(f"ConfigMap {self.namespace}/{self.name} changed since "
+                               f"resourceVersion {resource_version}") from e
+            raise
 
     def get_key(self, key: str) -> bytes:
         """``data[key]``; FileNotFoundError when the ConfigMap has no such key."""
