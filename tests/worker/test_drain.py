@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from worker_helpers import (STEPS, entrypoint_env, job_config, progress_at, run_entrypoint,
+from worker_helpers import (PYTHONPATH, STEPS, entrypoint_env, job_config, progress_at, run_entrypoint,
                             start_entrypoint, wait_for)
 from tuneserve_workers.contract import MANIFEST_FILE, AdapterManifest
 from tuneserve_workers.train.checkpoint import CheckpointStore
@@ -92,3 +94,30 @@ def test_sigterm_drains_on_a_checkpoint_of_the_last_step_and_resume_loses_none(
     assert final.step == STEPS
     manifest = AdapterManifest.model_validate_json((tmp_path / "out" / MANIFEST_FILE).read_text())
     assert manifest.final_step == STEPS
+
+
+HANDLER_CHECK = """
+import os, signal, time
+from tuneserve_workers.train import drain
+seen = []
+signal.signal(signal.SIGTERM, lambda s, f: seen.append("previous handler"))
+assert drain.install()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+assert drain.requested() and drain.reason() == "SIGTERM" and seen == [], seen
+assert os.listdir(drain.drain_dir()) == [str(os.getpid())]
+drain.training_ended()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+assert seen == ["previous handler"] and os.listdir(drain.drain_dir()) == [], seen
+print("ok")
+"""
+
+
+def test_the_handler_only_flags_while_training_and_passes_on_otherwise(tmp_path):
+    """While training SIGTERM only sets the flag; once training ended it goes to the handler the
+    process had (Ray's exits an idle worker), and the pid is unregistered for the preStop hook."""
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, TUNESERVE_DRAIN_DIR=str(tmp_path / "drain"))
+    out = subprocess.run([sys.executable, "-c", HANDLER_CHECK], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

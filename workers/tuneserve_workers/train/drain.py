@@ -30,14 +30,28 @@ DEFAULT_DRAIN_DIR = "/tmp/tuneserve-drain"
 DRAINED_EXIT_CODE = 3      # the driver's exit status after a drain (main.py)
 
 _requested = threading.Event()
+_training = threading.Event()      # between install() and training_ended()
 _signal_name: Optional[str] = None
+_previous = signal.SIG_DFL
 
 
 def _on_signal(signum, frame) -> None:
-    """Only note the request: the loop stops at the next step boundary."""
+    """While training: only note the request, the loop stops at the next step boundary. Before or
+    after: what the process did before (Ray's handler exits the worker), so SIGTERM still stops an
+    idle actor."""
     global _signal_name
+    if not _training.is_set():
+        return _pass_on(signum, frame)
     _signal_name = signal.Signals(signum).name
     _requested.set()
+
+
+def _pass_on(signum, frame) -> None:
+    if callable(_previous):
+        _previous(signum, frame)
+    elif _previous != signal.SIG_IGN:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def requested() -> bool:
@@ -61,7 +75,11 @@ def install() -> bool:
     if threading.current_thread() is not threading.main_thread():
         log.warning("drain: not on the main thread; SIGTERM keeps its default action")
         return False
-    signal.signal(signal.SIGTERM, _on_signal)
+    global _previous
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    if previous is not _on_signal:
+        _previous = previous
+    _training.set()
     try:
         os.makedirs(drain_dir(), exist_ok=True)
         with open(_pid_file(), "w") as f:
@@ -82,7 +100,8 @@ def note_rank(rank: int) -> None:
 
 
 def training_ended() -> None:
-    """Unregister: the preStop hook stops waiting for this process."""
+    """Unregister: the preStop hook stops waiting for this process; SIGTERM acts as before."""
+    _training.clear()
     try:
         os.remove(_pid_file())
     except OSError:
