@@ -55,6 +55,7 @@ def runtime(monkeypatch):
     monkeypatch.setattr(handlers.Runtime, "api", api)
     monkeypatch.setattr(handlers.Runtime, "catalog", load_catalog())
     monkeypatch.setattr(handlers.Runtime, "written", {})
+    monkeypatch.setattr(handlers.Runtime, "recent", handlers.RecentlyApplied())
     monkeypatch.setattr(handlers, "SCHEDULE", handlers.Schedule(resync_seconds=60))
     return api, EventReasons(api)
 
@@ -136,6 +137,19 @@ def test_a_body_from_before_the_last_write_is_planned_with_that_write(runtime):
     api.calls.clear()
     handlers.reconcile_finetunejob(kopf.Body(bank_body()), "bank", "fin-v1", "uid-3", _indexes(SECRETS))
     assert first and list(events) == [] and "status" not in [c[0] for c in api.calls]
+
+
+def test_a_second_plan_before_the_watch_delivers_the_children_applies_none_again(runtime):
+    """A new job is planned on ADDED and again on its own status write's MODIFIED, before the
+    children reach the indexes: the second plan must not apply them all again."""
+    api, _ = runtime
+    handlers.reconcile_finetunejob(kopf.Body(bank_body()), "bank", "fin-v1", "uid-4", _indexes(SECRETS))
+    applied = [c for c in api.calls if c[0] == "apply"]
+    assert applied
+    api.calls.clear()
+    handlers.Runtime.written.clear()            # as if the status write's MODIFIED event arrived
+    handlers.reconcile_finetunejob(kopf.Body(bank_body(version="8")), "bank", "fin-v1", "uid-4", _indexes(SECRETS))
+    assert [c for c in api.calls if c[0] == "apply"] == []
 
 
 def test_the_resync_loop_plans_due_objects_from_the_index_and_forgets_deleted_ones(runtime, monkeypatch):

@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 from tuneserve import API_GROUP
 from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap_name
 from tuneserve.core.catalog import Catalog, load_catalog
+from tuneserve.controller.applied import RecentlyApplied
 from tuneserve.controller.indexes import (
     CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, ChildKind, children, everything, known_names, of_kind, secret_keys,
 )
@@ -49,6 +50,8 @@ class Runtime:
     # The status this process last wrote and the resourceVersion it made, per uid: a body from
     # before that write (the watch has not delivered it yet) is planned with it instead.
     written: dict[str, tuple[dict, str]] = {}
+    # Children applied a moment ago, not yet in the indexes: not applied again (applied.py).
+    recent = RecentlyApplied()
 
     @classmethod
     def latest(cls, body: kopf.Body, uid: str) -> tuple[dict, Optional[str]]:
@@ -80,7 +83,7 @@ def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     settings.posting.level = logging.WARNING   # kopf's own noise; our Events are posted explicitly
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = 16   # reconciles wait on the API server, not the CPU
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"   # earlier versions added it; kopf now removes it
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
@@ -130,7 +133,9 @@ def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: s
         for event in plan.events:
             api.post_event(body, event)
         for obj in plan.apply:
-            api.apply(obj)
+            if not Runtime.recent.just_applied(obj):
+                api.apply(obj)
+                Runtime.recent.record(obj)
         for api_version, kind, child in plan.delete:
             api.delete(api_version, kind, child, namespace)
         for patch in plan.patch:
