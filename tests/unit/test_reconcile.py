@@ -95,3 +95,34 @@ def test_terminal_jobs_are_left_alone():
     b["status"] = {"phase": "Succeeded"}
     plan = plan_finetunejob(b, world(), CATALOG, NOW)
     assert plan.apply == [] and plan.status is None
+
+
+def test_the_last_choice_timing_out_fails_the_job_and_deletes_its_stuck_rayjob():
+    """Otherwise the unschedulable pods of a Failed job would start training once capacity frees."""
+    b = body()
+    b["spec"]["accelerators"]["choices"] = b["spec"]["accelerators"]["choices"][:1]
+    first = plan_finetunejob(copy.deepcopy(b), world(), CATALOG, NOW)
+    b["status"] = first.status
+    children = live(first)
+    ray_jobs = {k[1]: v for k, v in children.items() if k[0] == "RayJob"}
+    stuck = {"metadata": {"labels": {"tuneserve.dev/finetunejob": "fin-v1", "tuneserve.dev/attempt": "1"}},
+             "spec": {}, "status": {"phase": "Pending", "conditions": [
+                 {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                  "lastTransitionTime": NOW.isoformat()}]}}
+    late = plan_finetunejob(copy.deepcopy(b), world(children=children, ray_jobs=ray_jobs, job_pods=[stuck]),
+                            CATALOG, NOW + timedelta(minutes=16))
+    assert late.status["phase"] == "Failed", late.status
+    assert late.delete == [("ray.io/v1", "RayJob", "fin-v1-1")] and late.apply == []
+
+
+def test_a_finished_job_keeps_its_own_rayjob_and_loses_only_those_it_moved_past():
+    """A crash between the terminal status write and the delete: the next plan deletes it."""
+    b = body()
+    ray_jobs = {"fin-v1-1": {}, "fin-v1-2": {}}
+    b["status"] = {"phase": "Failed"}                                   # no placement left
+    assert plan_finetunejob(copy.deepcopy(b), world(ray_jobs=ray_jobs), CATALOG, NOW).delete == [
+        ("ray.io/v1", "RayJob", "fin-v1-1"), ("ray.io/v1", "RayJob", "fin-v1-2")]
+    done = plan_finetunejob(body(), world(), CATALOG, NOW).status
+    b["status"] = {**done, "phase": "Succeeded", "placement": {**done["placement"], "attempt": 2}}
+    plan = plan_finetunejob(copy.deepcopy(b), world(ray_jobs=ray_jobs), CATALOG, NOW)
+    assert plan.delete == [("ray.io/v1", "RayJob", "fin-v1-1")] and plan.apply == [] and plan.status is None

@@ -56,7 +56,12 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
     previous_raw = body.get("status") or None
     previous = FineTuneJobStatus.model_validate(previous_raw) if previous_raw else None
     if previous and previous.phase in TERMINAL_PHASES:
-        return plan   # finished: children stay until the job is deleted (owner references)
+        # Finished: children stay until the job is deleted (owner references), but not a RayJob of
+        # an attempt the status moved past (a crash between the Failed status and that delete must
+        # not leave unschedulable pods that would start a failed job once capacity frees).
+        attempt = previous.placement.attempt if previous.placement else None
+        plan.delete.extend(_other_rayjobs(world, body["metadata"]["name"], attempt))
+        return plan
     try:
         job = FineTuneJob.from_body(body)
     except ValidationError as exc:
@@ -116,6 +121,8 @@ def _render(plan: Plan, job: FineTuneJob, world: World, catalog: Catalog, placin
     returned) and the deletion of earlier attempts' RayJobs."""
     placement = previous.placement if previous else None
     decision = placing.decision
+    # Earlier attempts' RayJobs go also when no choice is left (the last one timed out).
+    plan.delete.extend(_other_rayjobs(world, job.metadata.name, placing.attempt))
     if decision is not None and decision.candidate is not None:
         candidate, pool = decision.candidate, decision.pool
     elif decision is None and placement is not None:
@@ -126,9 +133,13 @@ def _render(plan: Plan, job: FineTuneJob, world: World, catalog: Catalog, placin
     blocked = check_references(plan, children, job.spec, uris(job), world.known, world.secrets)
     if blocked is None:
         plan.apply.extend(to_apply(children, world.children))
-    current = rayjob_name(job.metadata.name, placing.attempt)
-    plan.delete.extend(("ray.io/v1", "RayJob", name) for name in sorted(world.ray_jobs) if name != current)
     return blocked
+
+
+def _other_rayjobs(world: World, job_name: str, attempt: Optional[int]) -> list[tuple[str, str, str]]:
+    """Deletions of the RayJobs of every attempt but ``attempt`` (all of them when None)."""
+    current = rayjob_name(job_name, attempt) if attempt else None
+    return [("ray.io/v1", "RayJob", name) for name in sorted(world.ray_jobs) if name != current]
 
 
 def uris(job: FineTuneJob) -> dict[str, Optional[str]]:
