@@ -27,6 +27,8 @@ VALUE_MAX = 4096
 # RE2 (apiserver CEL) and Python `re` agree on these: no lookaround, no backreferences.
 LABEL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Env names the operator sets itself (worker contract, serve app); a spec may not set them.
+RESERVED_ENV_PREFIX = "TUNESERVE_"
 # A `..` path segment would climb out of the claim, bucket prefix or directory a URI names.
 PARENT_SEGMENT_PATTERN = r"(^|/)[.][.](/|$)"
 
@@ -62,6 +64,14 @@ def uri_rule(field: str, pattern: str, what: str, required: bool = True) -> Rule
         cel = f"!has(self.{field}) || ({cel})"
     return Rule(cel=cel, message=f"{field} must be {what}, without '..' path segments",
                 check=check, field_path=f".{field}")
+
+
+def reserved_env_rule(field: str) -> Rule:
+    """Names under TUNESERVE_ are the operator's (worker contract, serve app): rejected instead of
+    silently dropped or, for Secret env, overriding the operator's own."""
+    return Rule(cel=f"!self.name.startsWith('{RESERVED_ENV_PREFIX}')",
+                message=f"{field} names starting with {RESERVED_ENV_PREFIX} are reserved for the operator",
+                check=lambda e: not e.name.startswith(RESERVED_ENV_PREFIX), field_path=".name")
 
 
 def _python_name(model_cls: type[BaseModel], alias: str) -> str:
@@ -131,6 +141,8 @@ class EnvVar(ApiModel):
     name: str = Field(min_length=1, max_length=SHORT_MAX * 2, pattern=ENV_NAME_PATTERN, description="Variable name.")
     value: str = Field("", max_length=VALUE_MAX, description="Literal value (never a secret: it is visible in the RayJob).")
 
+    rules: ClassVar[tuple[Rule, ...]] = (reserved_env_rule("spec.env"),)
+
 
 class SecretKeyRef(ApiModel):
     """A key of a Secret in the job's namespace. Only the reference is copied into the Ray pods
@@ -143,6 +155,8 @@ class SecretEnvVar(ApiModel):
     """An environment variable whose value comes from a Secret key."""
     name: str = Field(min_length=1, max_length=SHORT_MAX * 2, pattern=ENV_NAME_PATTERN, description="Variable name.")
     secret_key_ref: SecretKeyRef = Field(description="Where the value comes from.")
+
+    rules: ClassVar[tuple[Rule, ...]] = (reserved_env_rule("spec.credentials.secretEnv"),)
 
 
 class ObjectMeta(BaseModel):

@@ -183,7 +183,7 @@ class FineTuneJobSpec(RayPodOptions, FineTuneRequest):
     # options, then these).
     pod_option_descriptions: ClassVar[dict[str, str]] = {
         "image_overrides": "Training image per catalog vendor, e.g. {nvidia: registry/train:cu128}.",
-        "env": "Extra plain env vars for the training containers.",
+        "env": "Extra plain env vars for the training containers (names starting with TUNESERVE_ are reserved for the operator and rejected).",
     }
     backoff_limit: int = Field(2, ge=0, le=10, description="Restarts of the Ray job (each resumes from the last checkpoint) before the job fails.")
     suspend: bool = Field(False, description="Suspend (delete the Ray cluster, keep checkpoints) or resume; the only mutable field.")

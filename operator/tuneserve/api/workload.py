@@ -103,7 +103,7 @@ class RayPodOptions(ApiModel):
     image_overrides: Optional[dict[str, str]] = Field(
         None, max_length=16, json_schema_extra={"additionalProperties": {"type": "string", "minLength": 1, "maxLength": 512}},
         description="Container image per catalog vendor, e.g. {nvidia: registry/serve:cu128}.")
-    env: Optional[list[EnvVar]] = Field(None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description="Extra plain env vars for the Ray containers (names starting with TUNESERVE_ are reserved).")
+    env: Optional[list[EnvVar]] = Field(None, max_length=64, json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}, description="Extra plain env vars for the Ray containers (names starting with TUNESERVE_ are reserved for the operator and rejected).")
     credentials: Optional[Credentials] = Field(None, description="Secret references for the model hub and object store.")
 
     # Not emitted for this base class: each spec adds them to its own rules.
