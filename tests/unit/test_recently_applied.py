@@ -36,6 +36,17 @@ def test_recent_apply_is_skipped_only_when_identical_and_recent(later, after_s, 
     assert recent.just_applied(later) is skipped
 
 
+def test_a_change_and_its_undo_inside_the_window_are_both_applied():
+    clock = Clock()
+    recent = RecentlyApplied(window_s=30, clock=clock)
+    recent.record(child(data="a"))
+    clock.now += 1
+    assert not recent.just_applied(child(data="b"))
+    recent.record(child(data="b"))
+    clock.now += 1
+    assert not recent.just_applied(child(data="a")), "the live copy is b now: a must be applied again"
+
+
 def test_entries_expire_so_memory_stays_bounded():
     clock = Clock()
     recent = RecentlyApplied(window_s=30, clock=clock)
