@@ -327,9 +327,10 @@ def _step_batches(run: Run, stream: SampleStream) -> list[dict]:
 def save(run: Run, drained: Optional[str] = None) -> None:
     """Evaluate, then publish the checkpoint of this step (collectives on every rank, the write on
     rank 0). ``drained``: an emergency checkpoint (drain.py), marked so in its meta and written
-    without the eval, which could outlast the pod's grace period."""
+    without the eval, which could outlast the pod's grace period (except the last step's: the
+    resumed run's manifest reports its eval loss)."""
     c = run.counters
-    if drained is None:
+    if drained is None or c.step >= run.n_steps:
         c.eval_loss = evaluate(run.model, run.data.validation, run.data.info["pad_id"],
                                run.cfg.training.micro_batch_size, run.amp_dtype, run.device)
     rngs = _gather(rng_state(run.device))
