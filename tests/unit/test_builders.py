@@ -129,7 +129,9 @@ def test_secrets_are_references_only_and_env_is_ordered():
 
 
 def test_user_env_cannot_override_operator_env():
-    job = bank_job(env=[{"name": "TUNESERVE_CONFIG", "value": "/tmp/evil"}, {"name": "HF_TOKEN", "value": "x"}])
+    with pytest.raises(ValueError, match="TUNESERVE_ are reserved"):      # refused at admission
+        bank_job(env=[{"name": "TUNESERVE_CONFIG", "value": "/tmp/evil"}])
+    job = bank_job(env=[{"name": "HF_TOKEN", "value": "x"}])
     env = _worker(render(job)[-1])["template"]["spec"]["containers"][0]["env"]
     assert [e for e in env if e["name"] == "TUNESERVE_CONFIG"] == [{"name": "TUNESERVE_CONFIG", "value": "/etc/tuneserve/config.json"}]
     assert len([e for e in env if e["name"] == "HF_TOKEN"]) == 1

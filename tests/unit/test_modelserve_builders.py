@@ -174,7 +174,9 @@ def test_neuron_plugin_from_catalog():
 
 
 def test_secrets_are_references_and_user_env_cannot_override():
-    serve = bank_serve(env=[{"name": "TUNESERVE_ADAPTERS_FILE", "value": "/tmp/evil"}, {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}])
+    with pytest.raises(ValueError, match="TUNESERVE_ are reserved"):      # refused at admission
+        bank_serve(env=[{"name": "TUNESERVE_ADAPTERS_FILE", "value": "/tmp/evil"}])
+    serve = bank_serve(env=[{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}])
     env = _rayservice(render(serve))["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
     by_name = {e["name"]: e for e in env}
     assert by_name["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}

@@ -9,7 +9,7 @@ from helpers import llama_spec, load_example, merge_patch, node, pod_on
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.api.conditions import RejectionCode
-from tuneserve.core.catalog import load_catalog
+from tuneserve.core.catalog import default_catalog_document, load_catalog
 from tuneserve.core.scheduling.inventory import build_inventory, parse_quantity, pod_requests
 from tuneserve.finetunejob.status import placement_status
 from tuneserve.core.scheduling.fallback import fallback_verdict, unschedulable_since
@@ -132,11 +132,15 @@ def test_the_mode_survives_an_operator_restart():
 
 
 def test_unknown_product_and_missing_nodes():
+    """Admission knows the packaged catalog's products; a catalog override that drops one (here
+    the A10G) leaves placement to refuse it by name."""
+    document = default_catalog_document()
+    del document["vendors"]["nvidia"]["products"]["a10g"]
     spec = bank_spec(baseModel={"uri": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
-                     accelerators={"choices": [{"vendor": "nvidia", "product": "B200"}, {"vendor": "google"}, {"product": "L4"}]})
-    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+                     accelerators={"choices": [{"vendor": "nvidia", "product": "A10G"}, {"vendor": "google"}, {"product": "L4"}]})
+    decision = decide_placement(spec, load_catalog(base=document), build_inventory(FLEET, []))
     codes = [(r.choice, r.code) for r in decision.rejections]
-    assert codes == [("nvidia/B200", RejectionCode.UnknownAccelerator), ("google/tpu-v5e 1x1", RejectionCode.NoMatchingNodes)]
+    assert codes == [("nvidia/A10G", RejectionCode.UnknownAccelerator), ("google/tpu-v5e 1x1", RejectionCode.NoMatchingNodes)]
     assert decision.candidate.profile.key == "nvidia/l4" and decision.pool == "l4"
 
 

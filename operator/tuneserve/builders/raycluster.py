@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from tuneserve.api.common import RESERVED_ENV_PREFIX  # also refused at admission; dropped here as well
 from tuneserve.api.workload import RayPodOptions
 from tuneserve.core.catalog import AcceleratorProfile
 from tuneserve.core.scheduling.inventory import DEFAULT_POOL, POOL_LABEL
@@ -14,7 +15,6 @@ from tuneserve.core.scheduling.fit import pod_tolerations, user_tolerations
 from tuneserve_workers import contract
 
 RAY_VERSION = "2.60.0"
-RESERVED_ENV_PREFIX = "TUNESERVE_"
 
 TRAIN_TERMINATION_GRACE_S = 300
 """Grace period of the training pods: SIGTERM (pod deletion, node drain) lets the step in flight
