@@ -60,6 +60,22 @@ def fleet_without_real_node() -> dict:
     return fleet
 
 
+def start_cluster(prefix: str, fleet: dict) -> LocalCluster:
+    """A local control plane in a fresh temporary directory with tuneserve's CRDs established."""
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix=prefix)) / "cluster", fleet=fleet).start()
+    files = sorted((REPO / "crds").glob("tuneserve.dev_*.yaml"))
+    cluster.kubectl("apply", "--server-side", *[a for f in files for a in ("-f", str(f))])
+    cluster.wait_crds_established([f.name.removeprefix("tuneserve.dev_").removesuffix(".yaml") + ".tuneserve.dev"
+                                   for f in files], 60)
+    return cluster
+
+
+def create_namespace(kube: Kube, name: str) -> None:
+    """The namespace, once its default ServiceAccount exists (pods need it)."""
+    kube.core.create_namespace({"metadata": {"name": name}})
+    wait_for(lambda: kube.get("v1", "ServiceAccount", "default", name), 60, "the default ServiceAccount")
+
+
 def jobs(n: int, namespace: str) -> list[dict]:
     base = yaml.safe_load((REPO / "crds" / "examples" / "finetunejob-qwen-bank.yaml").read_text())
     base["metadata"]["namespace"] = namespace
@@ -140,17 +156,11 @@ def main() -> int:
     ap.add_argument("--settle-timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = ap.parse_args()
-    state = Path(tempfile.mkdtemp(prefix="tuneserve-rest-"))
-    cluster = LocalCluster(state / "cluster", fleet=fleet_without_real_node()).start()
+    cluster = start_cluster("tuneserve-rest-", fleet_without_real_node())
     op = None
     try:
-        files = sorted((REPO / "crds").glob("tuneserve.dev_*.yaml"))
-        cluster.kubectl("apply", "--server-side", *[a for f in files for a in ("-f", str(f))])
-        cluster.wait_crds_established([f.name.removeprefix("tuneserve.dev_").removesuffix(".yaml") + ".tuneserve.dev"
-                                       for f in files], 60)
         kube = Kube(cluster.kubeconfig)
-        kube.core.create_namespace({"metadata": {"name": "bank"}})
-        wait_for(lambda: kube.get("v1", "ServiceAccount", "default", "bank"), 60, "the default ServiceAccount")
+        create_namespace(kube, "bank")
         for name, keys in (("bank-s3", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")), ("hf-token", ("token",))):
             kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
                         "stringData": {k: "x" for k in keys}}, "bank")
