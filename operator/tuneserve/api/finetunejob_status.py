@@ -203,7 +203,8 @@ class FineTuneJobStatus(StatusModel):
     usage: Optional[UsageStatus] = None
     start_time: Optional[datetime] = None
     completion_time: Optional[datetime] = None
-    restarts: int = 0
+    restarts: int = Field(0, description="Failed runs of the Ray job that KubeRay retried (the RayJob's status.failed); "
+                                         "spec.backoffLimit caps them, each resumes from the last checkpoint.")
 
     def condition(self, type_: ConditionType) -> Optional[Condition]:
         return next((c for c in self.conditions if c.type == type_), None)
