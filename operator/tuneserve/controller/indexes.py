@@ -50,6 +50,12 @@ CHILD_KINDS = (
 )
 
 
+def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The object's metadata without managedFields (no planner reads them; they are the largest
+    part of a small object's metadata, and the indexes hold every object: issue 15)."""
+    return {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+
+
 def _slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     """What placement and fallback need of a pod: no env, no volumes, no secrets."""
     spec, status = body.get("spec") or {}, body.get("status") or {}
@@ -66,7 +72,7 @@ def _slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
 
 @kopf.index("nodes")
 def nodes_index(body: kopf.Body, **_: Any) -> dict:
-    return {None: {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}}
+    return {None: {"metadata": _metadata(body), "spec": dict(body.spec), "status": dict(body.status)}}
 
 
 @kopf.index("pods")
@@ -119,7 +125,7 @@ for _group, _version, _plural, _kind in NAMED_KINDS:
 
 
 def _owner_body(body: kopf.Body) -> dict[str, Any]:
-    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body.metadata),
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _metadata(body),
             "spec": dict(body.spec), "status": dict(body.status)}
 
 
@@ -136,9 +142,19 @@ def modelserves_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> d
     return {(namespace, name): _owner_body(body)}
 
 
+def _slim_child(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the planners read of a child: its kind, name and annotations (the applied hash, the
+    rollout fingerprint), its status (RayJob, RayService) and a ConfigMap's data (the progress and
+    serve-status reports). Not the spec: a RayJob's pod templates are most of its size."""
+    slim = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": _metadata(body)}
+    slim.update({k: body[k] for k in ("status", "data") if k in body})
+    return slim
+
+
 def _child_index(body: kopf.Body, namespace: str, labels: Mapping[str, str], **_: Any) -> dict:
     """Children are indexed under (owner label, namespace, owner name)."""
-    return {(owner_label, namespace, labels[owner_label]): dict(body)
+    slim = _slim_child(body)
+    return {(owner_label, namespace, labels[owner_label]): slim
             for owner_label in (JOB_LABEL, SERVE_LABEL) if owner_label in labels}
 
 
