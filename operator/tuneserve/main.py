@@ -26,7 +26,6 @@ from kubernetes import client, config
 
 import tuneserve.controller.handlers  # noqa: F401  (registers the handlers)
 from tuneserve.controller.leader import LeaderElector
-from tuneserve.controller.memory import limit_arenas
 
 log = logging.getLogger("tuneserve.main")
 
@@ -147,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     # kopf logs every handler run at INFO; the operator logs what it writes (kubeapi.py) instead.
     logging.getLogger("kopf.objects").setLevel(os.environ.get("TUNESERVE_KOPF_LOG_LEVEL", "WARNING"))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)   # a line per liveness probe otherwise
-    limit_arenas()   # before kopf's and the resync's threads exist
     settings = Settings.from_env()
     if settings.leader_election:
         return run_elected(settings)

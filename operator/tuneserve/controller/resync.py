@@ -12,7 +12,6 @@ import threading
 import time
 from typing import Callable, Hashable, Optional
 
-from tuneserve.controller.memory import Trimmer
 from tuneserve.controller.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,6 @@ class ResyncLoop:
         self.plan_due = plan_due
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.trimmer = Trimmer()   # the loop runs every tick anyway: it also hands freed memory back
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tuneserve-resync", daemon=True)
@@ -51,4 +49,3 @@ class ResyncLoop:
     def _run(self) -> None:
         while not self._stop.wait(self.schedule.tick):
             self.run_once(time.monotonic())
-            self.trimmer.maybe_trim(time.monotonic())
