@@ -27,6 +27,14 @@ def world(children=None, ray_jobs=None, job_pods=(), secrets=("hf-token", "bank-
                  secrets={name: frozenset(keys[name]) for name in secrets})
 
 
+def unschedulable_pod(since, attempt=1):
+    """A worker pod of fin-v1's attempt that the scheduler has refused since ``since``."""
+    return {"metadata": {"labels": {"tuneserve.dev/finetunejob": "fin-v1", "tuneserve.dev/attempt": str(attempt)}},
+            "spec": {}, "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "lastTransitionTime": since.isoformat()}]}}
+
+
 def live(plan):
     """The cluster after carrying out a plan: what the next reconcile observes."""
     return {(o["kind"], o["metadata"]["name"]): o for o in plan.apply}
@@ -73,10 +81,7 @@ def test_pods_unschedulable_past_the_timeout_move_to_the_next_choice():
     children = live(first)
     ray_jobs = {k[1]: v for k, v in children.items() if k[0] == "RayJob"}
     since = NOW + timedelta(seconds=10)
-    stuck = {"metadata": {"labels": {"tuneserve.dev/finetunejob": "fin-v1", "tuneserve.dev/attempt": "1"}},
-             "spec": {}, "status": {"phase": "Pending", "conditions": [
-                 {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                  "lastTransitionTime": since.isoformat()}]}}
+    stuck = unschedulable_pod(since)
     early = plan_finetunejob(copy.deepcopy(b), world(children=children, ray_jobs=ray_jobs, job_pods=[stuck]),
                              CATALOG, since + timedelta(minutes=1))
     assert early.delete == [] and early.requeue_after > 0
@@ -105,10 +110,7 @@ def test_the_last_choice_timing_out_fails_the_job_and_deletes_its_stuck_rayjob()
     b["status"] = first.status
     children = live(first)
     ray_jobs = {k[1]: v for k, v in children.items() if k[0] == "RayJob"}
-    stuck = {"metadata": {"labels": {"tuneserve.dev/finetunejob": "fin-v1", "tuneserve.dev/attempt": "1"}},
-             "spec": {}, "status": {"phase": "Pending", "conditions": [
-                 {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                  "lastTransitionTime": NOW.isoformat()}]}}
+    stuck = unschedulable_pod(NOW)
     late = plan_finetunejob(copy.deepcopy(b), world(children=children, ray_jobs=ray_jobs, job_pods=[stuck]),
                             CATALOG, NOW + timedelta(minutes=16))
     assert late.status["phase"] == "Failed", late.status
