@@ -9,7 +9,9 @@ import pytest
 from helpers import fleet, load_example
 from tuneserve.core.catalog import load_catalog
 from tuneserve.controller import handlers
-from tuneserve.controller.indexes import CHILD_KINDS
+from tuneserve.controller.indexes import CHILD_KINDS, job_reservations_index
+from tuneserve.controller.promised import Promised
+from tuneserve.core.scheduling.reservations import Reservation
 
 
 class EventReasons:
@@ -56,6 +58,7 @@ def runtime(monkeypatch):
     monkeypatch.setattr(handlers.Runtime, "catalog", load_catalog())
     monkeypatch.setattr(handlers.Runtime, "written", {})
     monkeypatch.setattr(handlers.Runtime, "recent", handlers.RecentlyApplied())
+    monkeypatch.setattr(handlers.Runtime, "promised", handlers.Promised())
     monkeypatch.setattr(handlers, "SCHEDULE", handlers.Schedule(resync_seconds=60))
     return api, EventReasons(api)
 
@@ -63,7 +66,8 @@ def runtime(monkeypatch):
 def _indexes(secrets, service_accounts=(), claims=(), priority_classes=("training",)):
     out = {"nodes_index": {None: fleet()}, "pods_index": {}, "rayclusters_index": {}, "finetunejobs_index": {},
            "secrets_index": {"bank": list(secrets.items())}, "serviceaccounts_index": {"bank": list(service_accounts)},
-           "persistentvolumeclaims_index": {"bank": list(claims)}, "priorityclasses_index": {None: list(priority_classes)}}
+           "persistentvolumeclaims_index": {"bank": list(claims)}, "priorityclasses_index": {None: list(priority_classes)},
+           "job_reservations_index": {}, "serve_reservations_index": {}}
     out.update({c.index_id: {} for c in CHILD_KINDS})
     return out
 
@@ -173,3 +177,43 @@ def test_no_handler_needs_a_finalizer():
     registry = kopf.get_default_registry()
     assert not registry._spawning.get_all_handlers()   # timers, daemons
     assert not registry._changing.get_all_handlers()                                   # create/update/delete
+
+
+def burst_body(name):
+    body = bank_body(uid=f"uid-{name}")
+    body["metadata"]["name"] = name
+    return body
+
+
+def test_a_burst_planned_before_the_watch_delivers_any_status_does_not_overcommit(runtime):
+    """Issue 15: jobs created together are planned before any of their statuses reaches the
+    reservation indexes; what the earlier plans placed counts (two 8-device H100 nodes, 1x8 jobs)."""
+    pools = []
+    for name in ("burst-0", "burst-1", "burst-2"):
+        handlers.reconcile_finetunejob(kopf.Body(burst_body(name)), "bank", name, f"uid-{name}", _indexes(SECRETS))
+        pools.append(handlers.Runtime.written[f"uid-{name}"][0]["placement"]["pool"])
+    assert pools == ["h100", "h100", "mi300x"]
+    handlers._deleted("finetunejobs", kopf.Body(burst_body("burst-0")), "DELETED")
+    handlers.reconcile_finetunejob(kopf.Body(burst_body("burst-3")), "bank", "burst-3", "uid-burst-3", _indexes(SECRETS))
+    assert handlers.Runtime.written["uid-burst-3"][0]["placement"]["pool"] == "h100", "a deleted job reserves nothing"
+
+
+def test_the_reservation_indexes_hold_placed_objects_only(runtime):
+    api, _ = runtime
+    body = bank_body()
+    assert job_reservations_index(kopf.Body(body)) == {}
+    handlers.reconcile_finetunejob(kopf.Body(body), "bank", "fin-v1", "uid-3", _indexes(SECRETS))
+    placed = {**body, "status": handlers.Runtime.written["uid-3"][0]}
+    (reservation,) = job_reservations_index(kopf.Body(placed)).values()
+    assert reservation.owner == ("FineTuneJob", "bank", "fin-v1") and reservation.pool == "h100"
+
+
+def test_what_was_planned_overrides_what_the_indexes_saw():
+    promised = Promised()
+    a = Reservation(("FineTuneJob", "bank", "a"), "h100", "nvidia/h100-80gb", 1, 8)
+    b = Reservation(("ModelServe", "bank", "b"), "h100", "nvidia/h100-80gb", 1, 8)
+    promised.record(a.owner, None)       # a's last plan finished it: the index has not seen that yet
+    promised.record(b.owner, b)          # b was placed a moment ago: the index has not seen it yet
+    assert promised.merged([a]) == (b,)
+    promised.forget(a.owner)
+    assert promised.merged([a]) == (a, b)

@@ -165,7 +165,8 @@ def _indexes(claims=(), priority_classes=()):
     from tuneserve.controller.indexes import CHILD_KINDS
     out = {"nodes_index": {None: fleet()}, "pods_index": {}, "rayclusters_index": {}, "finetunejobs_index": {},
            "secrets_index": {"bank": list(SECRETS.items())}, "serviceaccounts_index": {},
-           "persistentvolumeclaims_index": {"bank": list(claims)}, "priorityclasses_index": {None: list(priority_classes)}}
+           "persistentvolumeclaims_index": {"bank": list(claims)}, "priorityclasses_index": {None: list(priority_classes)},
+           "job_reservations_index": {}, "serve_reservations_index": {}}
     out.update({c.index_id: {} for c in CHILD_KINDS})
     return out
 
@@ -176,6 +177,7 @@ def test_the_controller_blocks_on_the_indexes_and_the_event_of_the_missing_objec
     monkeypatch.setattr(handlers.Runtime, "api", api)
     monkeypatch.setattr(handlers.Runtime, "catalog", CATALOG)
     monkeypatch.setattr(handlers.Runtime, "written", {})
+    monkeypatch.setattr(handlers.Runtime, "promised", handlers.Promised())
     monkeypatch.setattr(handlers, "SCHEDULE", Schedule(resync_seconds=60))
     body = job(dataset={"uri": "pvc://data/train.jsonl"})
     handlers.reconcile_finetunejob(kopf.Body(body), "bank", "fin-v1", "uid-1", _indexes(priority_classes=("training",)))

@@ -24,14 +24,18 @@ from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap
 from tuneserve.core.catalog import Catalog, load_catalog
 from tuneserve.controller.applied import RecentlyApplied
 from tuneserve.controller.indexes import (
-    CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, ChildKind, children, everything, known_names, of_kind, secret_keys,
+    CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, ChildKind, children, everything, known_names, of_kind, reservations,
+    secret_keys,
 )
+from tuneserve.controller.promised import Promised
 from tuneserve.core.references import CLUSTER_SCOPED
 from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.controller.resync import ResyncLoop
 from tuneserve.controller.schedule import DEFAULT_RESYNC_SECONDS, Schedule
 from tuneserve.core.plan import Plan
+from tuneserve.finetunejob.placement import job_owner, job_reservation
 from tuneserve.finetunejob.reconcile import World, plan_finetunejob
+from tuneserve.modelserve.placement import serve_owner, serve_reservation
 from tuneserve.modelserve.reconcile import ServeWorld, plan_modelserve
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ class Runtime:
     written: dict[str, tuple[dict, str]] = {}
     # Children applied a moment ago, not yet in the indexes: not applied again (applied.py).
     recent = RecentlyApplied()
+    # Reservations planned a moment ago, not yet in the indexes; plans are made one at a time (promised.py).
+    promised = Promised()
 
     @classmethod
     def latest(cls, body: kopf.Body, uid: str) -> tuple[dict, Optional[str]]:
@@ -114,7 +120,7 @@ def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> Worl
     return World(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
                  job_pods=everything(indexes["pods_index"], key), ray_jobs=of_kind(live, "RayJob"), children=live,
                  progress_configmap=progress, secrets=secret_keys(namespace, indexes),
-                 known=known_names(namespace, indexes))
+                 known=known_names(namespace, indexes), reservations=Runtime.promised.merged(reservations(indexes)))
 
 
 def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str,
@@ -156,10 +162,17 @@ def _schedule(plural: str, namespace: str, name: str, plan: Plan, planned_from: 
     SCHEDULE.wait_for(key, [(kind, None if kind in CLUSTER_SCOPED else namespace, ref) for kind, ref in plan.waiting_for])
 
 
+def _planned(latest: Mapping[str, Any], plan: Plan) -> Mapping[str, Any]:
+    """The object as its plan leaves it: the status it writes, else the one it was planned from."""
+    return {**latest, "status": plan.status} if plan.status is not None else latest
+
+
 def reconcile_finetunejob(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
         latest, version = Runtime.latest(body, uid)
-        plan = plan_finetunejob(latest, _world(namespace, name, indexes), Runtime.catalog, datetime.now(timezone.utc))
+        with Runtime.promised.planning:
+            plan = plan_finetunejob(latest, _world(namespace, name, indexes), Runtime.catalog, datetime.now(timezone.utc))
+            Runtime.promised.record(job_owner(namespace, name), job_reservation(_planned(latest, plan)))
         try:
             _carry_out(plan, body, "finetunejobs", namespace, name, uid, version)
         finally:
@@ -174,14 +187,16 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
     return ServeWorld(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
                       serve_pods=everything(indexes["pods_index"], key), children=children(key, indexes), jobs=jobs,
                       secrets=secret_keys(namespace, indexes), ray_clusters=ray_clusters,
-                      known=known_names(namespace, indexes))
+                      known=known_names(namespace, indexes), reservations=Runtime.promised.merged(reservations(indexes)))
 
 
 def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:
     with Runtime.lock(uid):
         latest, version = Runtime.latest(body, uid)
-        plan = plan_modelserve(latest, _serve_world(body, namespace, name, indexes), Runtime.catalog,
-                               datetime.now(timezone.utc))
+        with Runtime.promised.planning:
+            plan = plan_modelserve(latest, _serve_world(body, namespace, name, indexes), Runtime.catalog,
+                                   datetime.now(timezone.utc))
+            Runtime.promised.record(serve_owner(namespace, name), serve_reservation(_planned(latest, plan)))
         try:
             _carry_out(plan, body, "modelserves", namespace, name, uid, version)
         finally:
@@ -197,6 +212,8 @@ def _deleted(plural: str, body: kopf.Body, event_type: Optional[str] = None) -> 
     checkpoints are never touched."""
     if event_type == "DELETED" or body.metadata.get("deletionTimestamp"):
         Runtime.written.pop(body.metadata.get("uid"), None)
+        owner = job_owner if plural == "finetunejobs" else serve_owner
+        Runtime.promised.forget(owner(body.metadata.get("namespace") or "default", body.metadata.get("name") or ""))
         SCHEDULE.forget((plural, body.metadata.get("namespace"), body.metadata.get("name")))
         return True
     return False

@@ -1,4 +1,5 @@
-"""kopf indexes: the operator's read side. Nodes and pods (slimmed) for placement, the FineTuneJobs
+"""kopf indexes: the operator's read side. Nodes and pods (slimmed) and the placed objects'
+reservations for placement, the FineTuneJobs
 ModelServes read their adapters from, RayClusters for the replica bounds, Secrets' key names, the
 names of the ServiceAccounts, PersistentVolumeClaims and PriorityClasses a spec may name, and every child kind the
 builders render, under (owner label, namespace, owner name). ``CHILD_KINDS`` is the one registry of
@@ -14,6 +15,9 @@ import kopf
 from tuneserve import API_GROUP, API_VERSION
 from tuneserve.builders.common import JOB_LABEL, MANAGED_BY, SERVE_LABEL
 from tuneserve.core.references import KnownNames
+from tuneserve.core.scheduling.reservations import Reservation
+from tuneserve.finetunejob.placement import job_reservation
+from tuneserve.modelserve.placement import serve_reservation
 
 FTJ = (API_GROUP, API_VERSION, "finetunejobs")
 MS = (API_GROUP, API_VERSION, "modelserves")
@@ -140,6 +144,26 @@ def finetunejobs_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> 
 def modelserves_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
     """The resync plans a due ModelServe from here."""
     return {(namespace, name): _owner_body(body)}
+
+
+@kopf.index(*FTJ)
+def job_reservations_index(body: kopf.Body, **_: Any) -> dict:
+    """What each placed FineTuneJob holds until its workers are bound (core/scheduling/reservations.py),
+    parsed once per event, not once per placement."""
+    reservation = job_reservation(body)
+    return {None: reservation} if reservation is not None else {}
+
+
+@kopf.index(*MS)
+def serve_reservations_index(body: kopf.Body, **_: Any) -> dict:
+    """What each placed ModelServe holds until its workers are bound."""
+    reservation = serve_reservation(body)
+    return {None: reservation} if reservation is not None else {}
+
+
+def reservations(indexes: Mapping[str, kopf.Index]) -> list[Reservation]:
+    """Every placed object's reservation, as the indexes last saw them."""
+    return everything(indexes["job_reservations_index"]) + everything(indexes["serve_reservations_index"])
 
 
 def _slim_child(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,16 +11,20 @@ Moving on after pods stay unschedulable is decided by ``fallback_verdict``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
+
+from pydantic import ValidationError
 
 from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec
 from tuneserve.api.conditions import RejectionCode
-from tuneserve.api.finetunejob_status import PlacementStatus
+from tuneserve.api.finetunejob_status import TERMINAL_PHASES, Phase, PlacementStatus
+from tuneserve.builders.common import ATTEMPT_LABEL, JOB_LABEL
 from tuneserve.core.catalog import Catalog
 from tuneserve.core.scheduling.fit import (
     Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches, selector_conflict,
 )
 from tuneserve.core.scheduling.inventory import Inventory
+from tuneserve.core.scheduling.reservations import OwnerKey, Reservation
 from tuneserve.core.sizing.model import ModelShape, format_duration, model_shape
 from tuneserve.core.sizing.training import (
     MemoryEstimate, MemoryPlan, RunEstimate, estimate_run, memory_choice, memory_shortfall, plan_memory,
@@ -161,3 +165,32 @@ def candidate_from_status(placement: PlacementStatus, catalog: Catalog) -> Candi
     profile = catalog.get(f"{placement.vendor}/{placement.product}")
     return Candidate(profile, placement.devices_per_worker, placement.workers, "recorded placement",
                      placement.data_parallel)
+
+
+# Phases whose pods are gone or going: finished, or suspended (the RayJob is suspended).
+_RESERVE_NOTHING = frozenset(p.value for p in (*TERMINAL_PHASES, Phase.Suspended))
+
+
+def job_owner(namespace: str, name: str) -> OwnerKey:
+    """Who holds a reservation: matched against the object being placed, so it never blocks itself."""
+    return ("FineTuneJob", namespace, name)
+
+
+def job_reservation(body: Mapping[str, Any]) -> Optional[Reservation]:
+    """What a FineTuneJob's recorded placement (status.placement) holds on its pool until the
+    workers of that attempt are bound; None when it is not placed, suspended or finished (its
+    pods are gone or going), or its status does not parse."""
+    status = dict(body.get("status") or {})
+    raw = status.get("placement")
+    if not raw or status.get("phase") in _RESERVE_NOTHING:
+        return None
+    try:
+        placement = PlacementStatus.model_validate(dict(raw))
+    except ValidationError:
+        return None
+    if not placement.pool:
+        return None
+    meta = body["metadata"]
+    return Reservation(job_owner(meta.get("namespace") or "default", meta["name"]), placement.pool,
+                       f"{placement.vendor}/{placement.product}", placement.workers, placement.devices_per_worker,
+                       {JOB_LABEL: meta["name"], ATTEMPT_LABEL: str(placement.attempt)})

@@ -19,11 +19,12 @@ from tuneserve.core.plan import Plan, finish, readable
 from tuneserve.core.references import Blocked, KnownNames, check_references
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
-from tuneserve.core.scheduling.inventory import build_inventory
+from tuneserve.core.scheduling.inventory import Inventory
+from tuneserve.core.scheduling.reservations import Reservation, placement_inventory
 from tuneserve.core.sizing.model import ModelSizeUnknown
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.finetunejob.builders.children import build_finetune_children
-from tuneserve.finetunejob.placement import PlacementDecision, candidate_from_status, decide_placement
+from tuneserve.finetunejob.placement import PlacementDecision, candidate_from_status, decide_placement, job_owner
 from tuneserve.finetunejob.status import Observed, derive_status
 from tuneserve_workers.contract import PROGRESS_KEY, Progress
 
@@ -39,6 +40,9 @@ class World:
     progress_configmap: Optional[Mapping[str, Any]]
     secrets: Mapping[str, frozenset[str]]             # the namespace's Secrets: name -> key names (never values)
     known: Optional[KnownNames] = None                # ServiceAccounts, claims, PriorityClasses (None: not checked)
+    # What every placed FineTuneJob and ModelServe holds until its workers are bound (this one's
+    # own entry is skipped when it is placed).
+    reservations: tuple[Reservation, ...] = ()
 
 
 def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:
@@ -85,18 +89,23 @@ def pods_of_attempt(world: World, attempt: int) -> list[Mapping[str, Any]]:
     return [p for p in world.job_pods if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(attempt)]
 
 
+def _inventory(job: FineTuneJob, world: World, catalog: Catalog) -> Inventory:
+    """Free capacity for this job's placement: bound pods and other objects' reservations out."""
+    owner = job_owner(job.metadata.namespace, job.metadata.name)
+    return placement_inventory(world.nodes, world.pods, world.reservations, catalog, owner)
+
+
 def _place(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[FineTuneJobStatus],
            now: datetime) -> Placing[PlacementDecision]:
     """First placement; a fallback when the attempt's pods stayed unschedulable past the timeout;
     a sooner choice while waiting for capacity. Raises ModelSizeUnknown."""
     placement = previous.placement if previous else None
     if placement is None:
-        inventory = build_inventory(world.nodes, world.pods)
-        return Placing(1, decide_placement(job.spec, catalog, inventory, timed_out_history(previous)))
+        return Placing(1, decide_placement(job.spec, catalog, _inventory(job, world, catalog), timed_out_history(previous)))
     attempt_pods = pods_of_attempt(world, placement.attempt)
     moved = fall_back(placement.choice, placement.attempt, unschedulable_since(attempt_pods),
                       timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now, timed_out_history(previous),
-                      lambda history: decide_placement(job.spec, catalog, build_inventory(world.nodes, world.pods), history))
+                      lambda history: decide_placement(job.spec, catalog, _inventory(job, world, catalog), history))
     if moved is not None:
         return moved
     if placement.waiting and not any((p.get("spec") or {}).get("nodeName") for p in attempt_pods):
@@ -107,7 +116,7 @@ def _place(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[
 def _sooner(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[FineTuneJobStatus],
             placement: PlacementStatus) -> Placing[PlacementDecision]:
     """Waiting for capacity and nothing bound yet: a choice may fit now."""
-    fresh = decide_placement(job.spec, catalog, build_inventory(world.nodes, world.pods), timed_out_history(previous))
+    fresh = decide_placement(job.spec, catalog, _inventory(job, world, catalog), timed_out_history(previous))
     if fresh.outcome != Outcome.Placed or fresh.candidate is None:
         return Placing(placement.attempt)
     if fresh.candidate.key == placement.choice:

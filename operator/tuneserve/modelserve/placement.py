@@ -13,12 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
-from tuneserve.api.modelserve import ModelServeSpec, Quantization
+from pydantic import ValidationError
+
+from tuneserve.api.modelserve import ModelServeSpec, Quantization, ReplicaConfig
+from tuneserve.api.modelserve_status import ServePhase, ServePlacementStatus
+from tuneserve.builders.common import SERVE_LABEL
 from tuneserve.api.conditions import RejectionCode
 from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.inventory import Inventory
+from tuneserve.core.scheduling.reservations import OwnerKey, Reservation
 from tuneserve.core.scheduling.fit import Candidate, Outcome, Rejection, fit_candidate, node_matches
 from tuneserve.core.sizing.model import ModelShape, model_shape
 from tuneserve.core.sizing.serving import (
@@ -141,3 +146,29 @@ def decide_serve_placement(spec: ModelServeSpec, catalog: Catalog, inventory: In
 def serve_candidate(profile: AcceleratorProfile, tensor_parallel_size: int, replicas_min: int) -> Candidate:
     """Rebuild the candidate of a recorded placement (e.g. after an operator restart)."""
     return Candidate(profile, tensor_parallel_size, max(replicas_min, 1), "recorded placement")
+
+
+def serve_owner(namespace: str, name: str) -> OwnerKey:
+    """Who holds a reservation: matched against the object being placed, so it never blocks itself."""
+    return ("ModelServe", namespace, name)
+
+
+def serve_reservation(body: Mapping[str, Any]) -> Optional[Reservation]:
+    """What a ModelServe's recorded placement holds on its pool until its replicas' worker pods
+    are bound: max(replicas.min, 1) replicas of tensorParallelSize devices, as placement fitted
+    them. None when it is not placed or Failed, or its status or replicas do not parse."""
+    status = dict(body.get("status") or {})
+    raw = status.get("placement")
+    if not raw or status.get("phase") == ServePhase.Failed.value:
+        return None
+    try:
+        placement = ServePlacementStatus.model_validate(dict(raw))
+        replicas = ReplicaConfig.model_validate(dict((body.get("spec") or {}).get("replicas") or {}))
+    except ValidationError:
+        return None
+    if not placement.pool:
+        return None
+    meta = body["metadata"]
+    return Reservation(serve_owner(meta.get("namespace") or "default", meta["name"]), placement.pool,
+                       f"{placement.vendor}/{placement.product}", max(replicas.min, 1), placement.tensor_parallel_size,
+                       {SERVE_LABEL: meta["name"]})

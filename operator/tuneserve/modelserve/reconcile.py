@@ -29,11 +29,12 @@ from tuneserve.core.plan import Event, JsonPatch, Plan, finish, readable
 from tuneserve.core.references import Blocked, KnownNames, check_references
 from tuneserve.core.status import invalid_spec, status_patch, timed_out_history
 from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
-from tuneserve.core.scheduling.inventory import build_inventory
+from tuneserve.core.scheduling.inventory import Inventory
+from tuneserve.core.scheduling.reservations import Reservation, placement_inventory
 from tuneserve.core.sizing.model import ModelSizeUnknown
 from tuneserve.modelserve.adapters import AdapterResolution, read_replica_reports, resolve_adapters
 from tuneserve.modelserve.builders.children import build_modelserve_children
-from tuneserve.modelserve.placement import ServePlacementDecision, decide_serve_placement, serve_candidate
+from tuneserve.modelserve.placement import ServePlacementDecision, decide_serve_placement, serve_candidate, serve_owner
 from tuneserve.modelserve.status import ServeObserved, derive_modelserve_status, service_endpoints
 
 ROLLOUT_ANNOTATION = "tuneserve.dev/rollout-fingerprint"
@@ -53,6 +54,9 @@ class ServeWorld:
     # RayClusters KubeRay made from this ModelServe's RayService, by name (worker groups' bounds).
     ray_clusters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     known: Optional[KnownNames] = None   # ServiceAccounts, claims, PriorityClasses (None: not checked)
+    # What every placed FineTuneJob and ModelServe holds until its workers are bound (this one's
+    # own entry is skipped when it is placed).
+    reservations: tuple[Reservation, ...] = ()
 
 
 def rollout_fingerprint(serve: ModelServe) -> str:
@@ -89,6 +93,12 @@ def plan_modelserve(body: Mapping[str, Any], world: ServeWorld, catalog: Catalog
     return _finish(plan, serve, observed, previous, now)
 
 
+def _inventory(serve: ModelServe, world: ServeWorld, catalog: Catalog) -> Inventory:
+    """Free capacity for this ModelServe's placement: bound pods and other objects' reservations out."""
+    owner = serve_owner(serve.metadata.namespace, serve.metadata.name)
+    return placement_inventory(world.nodes, world.pods, world.reservations, catalog, owner)
+
+
 def _place(serve: ModelServe, world: ServeWorld, catalog: Catalog, previous: Optional[ModelServeStatus],
            live_rs: Optional[Mapping[str, Any]], now: datetime) -> Placing[ServePlacementDecision]:
     """First placement; placement again when a rollout field changed; a fallback when the pods stayed
@@ -96,7 +106,7 @@ def _place(serve: ModelServe, world: ServeWorld, catalog: Catalog, previous: Opt
     placement = previous.placement if previous else None
     live_fingerprint = ((live_rs or {}).get("metadata", {}).get("annotations") or {}).get(ROLLOUT_ANNOTATION)
     if placement is None or (live_fingerprint is not None and live_fingerprint != rollout_fingerprint(serve)):
-        decision = decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods), timed_out_history(previous))
+        decision = decide_serve_placement(serve.spec, catalog, _inventory(serve, world, catalog), timed_out_history(previous))
         if placement is None:
             return Placing(1, decision)
         if decision.candidate is not None and decision.candidate.key != placement.choice:
@@ -104,8 +114,7 @@ def _place(serve: ModelServe, world: ServeWorld, catalog: Catalog, previous: Opt
         return Placing(placement.attempt, decision)
     moved = fall_back(placement.choice, placement.attempt, unschedulable_since(world.serve_pods),
                       timedelta(minutes=serve.spec.accelerators.fallback_after_minutes), now, timed_out_history(previous),
-                      lambda history: decide_serve_placement(serve.spec, catalog, build_inventory(world.nodes, world.pods),
-                                                             history))
+                      lambda history: decide_serve_placement(serve.spec, catalog, _inventory(serve, world, catalog), history))
     return moved if moved is not None else Placing(placement.attempt)
 
 

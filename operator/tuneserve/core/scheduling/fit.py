@@ -143,6 +143,12 @@ def selector_conflict(profile: AcceleratorProfile, spec: RayPodOptions, inventor
                                    f"({_pool_conflicts(nodes, selector)})", RejectionCode.NoMatchingNodes)
 
 
+def _reserved_note(inventory: Inventory, pool: str) -> str:
+    """Why a pool with idle devices is busy when placed objects' pods are not bound yet."""
+    devices = inventory.reserved.get(pool, 0)
+    return f", {devices} devices reserved by placed jobs not yet running" if devices else ""
+
+
 def fit_candidate(candidate: Candidate, spec: RayPodOptions, inventory: Inventory) -> Fit:
     profile = candidate.profile
     conflict = selector_conflict(profile, spec, inventory)
@@ -170,7 +176,7 @@ def fit_candidate(candidate: Candidate, spec: RayPodOptions, inventory: Inventor
             return Fit(pool, True, True, f"{need}; pool {pool} has room for {free_slots}")
         free_devices = [int(n.free.get(device_resource, 0)) for n in members]
         prefix = f"pool {pool}: " if len(pools) > 1 else ""
-        busy_parts.append(f"{prefix}free per node: {free_devices}")
+        busy_parts.append(f"{prefix}free per node: {free_devices}{_reserved_note(inventory, pool)}")
         if idle_slots >= candidate.workers and could_pool is None:
             could_pool = pool
     detail = "; ".join(busy_parts)

@@ -56,6 +56,9 @@ class NodeSnapshot:
 @dataclass(frozen=True)
 class Inventory:
     nodes: tuple[NodeSnapshot, ...]
+    # Devices per pool already taken out of ``free`` for placed objects whose pods are not bound
+    # yet (reservations.reserve); placement messages name them.
+    reserved: Mapping[str, int] = field(default_factory=dict)
 
 
 _TERMINATED = {"Succeeded", "Failed"}
