@@ -78,15 +78,15 @@ def job_body(name: str, status: dict | None = None, **spec_patch) -> dict:
     return doc
 
 
-def job_world(reservations=(), pods=()) -> World:
+def job_world(reservations=(), pods=(), secrets=SECRETS) -> World:
     return World(nodes=SMALL, pods=list(pods), job_pods=[], ray_jobs={}, children={}, progress_configmap=None,
-                 secrets=SECRETS, reservations=tuple(reservations))
+                 secrets=secrets, reservations=tuple(reservations))
 
 
-def place_job(name: str, reservations=(), pods=(), **spec_patch) -> dict:
+def place_job(name: str, reservations=(), pods=(), secrets=SECRETS, **spec_patch) -> dict:
     """The job's body after its first reconcile (the status the plan writes)."""
     body = job_body(name, **spec_patch)
-    plan = plan_finetunejob(body, job_world(reservations, pods), CATALOG, NOW)
+    plan = plan_finetunejob(body, job_world(reservations, pods, secrets), CATALOG, NOW)
     return {**body, "status": plan.status}
 
 
@@ -137,6 +137,12 @@ def test_only_live_placed_jobs_reserve(phase, reserves):
     placed["status"]["phase"] = phase
     assert (job_reservation(placed) is not None) == reserves
     assert job_reservation(job_body("unplaced")) is None
+
+
+def test_a_job_blocked_on_a_missing_secret_renders_no_pods_and_reserves_nothing():
+    blocked = place_job("a", secrets={})
+    assert blocked["status"]["placement"]["pool"] == "h100"
+    assert job_reservation(blocked) is None
 
 
 def test_a_job_reservation_selects_the_workers_of_its_recorded_attempt():

@@ -24,7 +24,7 @@ from tuneserve.core.scheduling.fit import (
     Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches, selector_conflict,
 )
 from tuneserve.core.scheduling.inventory import Inventory
-from tuneserve.core.scheduling.reservations import OwnerKey, Reservation
+from tuneserve.core.scheduling.reservations import OwnerKey, Reservation, live_placement
 from tuneserve.core.sizing.model import ModelShape, format_duration, model_shape
 from tuneserve.core.sizing.training import (
     MemoryEstimate, MemoryPlan, RunEstimate, estimate_run, memory_choice, memory_shortfall, plan_memory,
@@ -167,7 +167,7 @@ def candidate_from_status(placement: PlacementStatus, catalog: Catalog) -> Candi
                      placement.data_parallel)
 
 
-# Phases whose pods are gone or going: finished, or suspended (the RayJob is suspended).
+# Phases whose pods are gone or going: finished, or suspended (KubeRay deletes a suspended RayJob's cluster).
 _RESERVE_NOTHING = frozenset(p.value for p in (*TERMINAL_PHASES, Phase.Suspended))
 
 
@@ -177,18 +177,15 @@ def job_owner(namespace: str, name: str) -> OwnerKey:
 
 
 def job_reservation(body: Mapping[str, Any]) -> Optional[Reservation]:
-    """What a FineTuneJob's recorded placement (status.placement) holds on its pool until the
-    workers of that attempt are bound; None when it is not placed, suspended or finished (its
-    pods are gone or going), or its status does not parse."""
-    status = dict(body.get("status") or {})
-    raw = status.get("placement")
-    if not raw or status.get("phase") in _RESERVE_NOTHING:
-        return None
+    """What a FineTuneJob's recorded placement holds on its pool until the workers of that
+    attempt are bound (``live_placement`` says when it holds none); None also when its
+    status does not parse."""
+    raw = live_placement(body, _RESERVE_NOTHING)
     try:
-        placement = PlacementStatus.model_validate(dict(raw))
+        placement = PlacementStatus.model_validate(raw) if raw else None
     except ValidationError:
         return None
-    if not placement.pool:
+    if placement is None or not placement.pool:
         return None
     meta = body["metadata"]
     return Reservation(job_owner(meta.get("namespace") or "default", meta["name"]), placement.pool,

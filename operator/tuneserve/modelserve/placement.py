@@ -23,7 +23,7 @@ from tuneserve.builders.common import SERVE_LABEL
 from tuneserve.api.conditions import RejectionCode
 from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.inventory import Inventory
-from tuneserve.core.scheduling.reservations import OwnerKey, Reservation
+from tuneserve.core.scheduling.reservations import OwnerKey, Reservation, live_placement
 from tuneserve.core.scheduling.fit import Candidate, Outcome, Rejection, fit_candidate, node_matches
 from tuneserve.core.sizing.model import ModelShape, model_shape
 from tuneserve.core.sizing.serving import (
@@ -148,6 +148,9 @@ def serve_candidate(profile: AcceleratorProfile, tensor_parallel_size: int, repl
     return Candidate(profile, tensor_parallel_size, max(replicas_min, 1), "recorded placement")
 
 
+_RESERVE_NOTHING = frozenset({ServePhase.Failed.value})   # a Failed ModelServe's replicas are not wanted
+
+
 def serve_owner(namespace: str, name: str) -> OwnerKey:
     """Who holds a reservation: matched against the object being placed, so it never blocks itself."""
     return ("ModelServe", namespace, name)
@@ -156,17 +159,15 @@ def serve_owner(namespace: str, name: str) -> OwnerKey:
 def serve_reservation(body: Mapping[str, Any]) -> Optional[Reservation]:
     """What a ModelServe's recorded placement holds on its pool until its replicas' worker pods
     are bound: max(replicas.min, 1) replicas of tensorParallelSize devices, as placement fitted
-    them. None when it is not placed or Failed, or its status or replicas do not parse."""
-    status = dict(body.get("status") or {})
-    raw = status.get("placement")
-    if not raw or status.get("phase") == ServePhase.Failed.value:
-        return None
+    them (``live_placement`` says when it holds none); None also when its status or replicas
+    do not parse."""
+    raw = live_placement(body, _RESERVE_NOTHING)
     try:
-        placement = ServePlacementStatus.model_validate(dict(raw))
+        placement = ServePlacementStatus.model_validate(raw) if raw else None
         replicas = ReplicaConfig.model_validate(dict((body.get("spec") or {}).get("replicas") or {}))
     except ValidationError:
         return None
-    if not placement.pool:
+    if placement is None or not placement.pool:
         return None
     meta = body["metadata"]
     return Reservation(serve_owner(meta.get("namespace") or "default", meta["name"]), placement.pool,

@@ -38,6 +38,19 @@ class Reservation:
         return self.owner[1]
 
 
+def live_placement(body: Mapping[str, Any], idle_phases: frozenset[str]) -> Optional[dict[str, Any]]:
+    """The recorded status.placement of an object that holds capacity, for either kind: placed,
+    not in one of the kind's ``idle_phases`` (finished, failed, suspended: its pods are gone or
+    going) and not refused (Accepted=False: an object blocked on a missing Secret or claim renders
+    no pods, and must not hold a pool while it waits). None otherwise."""
+    status = body.get("status") or {}
+    placement = status.get("placement")
+    if not placement or status.get("phase") in idle_phases:
+        return None
+    refused = any(c.get("type") == "Accepted" and c.get("status") == "False" for c in status.get("conditions") or [])
+    return None if refused else dict(placement)
+
+
 def _bound_worker_counts(pods: Iterable[Mapping[str, Any]],
                          selectors: set[tuple[str, ...]]) -> dict[tuple[Any, ...], int]:
     """Bound, live worker pods counted per (label keys, namespace, label values), for every set of
