@@ -24,11 +24,12 @@ SMALL = [n for n in fleet() if n["metadata"]["name"] in ("h100-a", "mi300x-a")]
 H100 = "nvidia/h100-80gb"
 
 
-def held(owner_name: str, workers: int = 1, attempt: int = 1, pool: str = "h100", kind: str = "FineTuneJob") -> Reservation:
+def held(owner_name: str, workers: int = 1, attempt: int = 1, pool: str = "h100", kind: str = "FineTuneJob",
+         devices: int = 8) -> Reservation:
     """A reservation as a placed FineTuneJob (or ModelServe) in namespace bank records it."""
     label = {"FineTuneJob": "tuneserve.dev/finetunejob", "ModelServe": "tuneserve.dev/modelserve"}[kind]
     selector = {label: owner_name, **({"tuneserve.dev/attempt": str(attempt)} if kind == "FineTuneJob" else {})}
-    return Reservation((kind, "bank", owner_name), pool, H100 if pool == "h100" else "amd/mi300x", workers, 8, selector)
+    return Reservation((kind, "bank", owner_name), pool, H100 if pool == "h100" else "amd/mi300x", workers, devices, selector)
 
 
 def worker_pod(owner_name: str, node: str | None = "h100-a", attempt: int = 1, phase: str = "Running",
@@ -57,6 +58,7 @@ def h100_free(inventory) -> list[int]:
     ((held("a", workers=2),), (worker_pod("a", node="h100-b"),), None, [0, 0], 8),  # one of two bound, one pending
     ((held("a"), held("b"), held("c")), (), None, [0, 0], 16),             # more promised than the pool holds
     ((held("a", pool="mi300x"),), (), None, [8, 8], 0),                    # another pool's reservation
+    ((held("a"), held("b", devices=4), held("c"), held("d", devices=4)), (), None, [0, 0], 16),  # c finds no room, d does
 ])
 def test_reserve_subtracts_pending_workers_per_pool(reservations, pods, planning, free, reserved):
     h100_pool = [n for n in fleet() if n["metadata"]["name"].startswith("h100")]

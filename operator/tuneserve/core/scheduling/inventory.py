@@ -61,7 +61,7 @@ class Inventory:
     reserved: Mapping[str, int] = field(default_factory=dict)
 
 
-_TERMINATED = {"Succeeded", "Failed"}
+TERMINATED_POD_PHASES = frozenset({"Succeeded", "Failed"})   # their requests no longer hold a node
 
 
 def pod_requests(pod: Mapping[str, Any]) -> dict[str, Decimal]:
@@ -100,7 +100,7 @@ def build_inventory(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[s
     used: dict[str, dict[str, Decimal]] = {}
     for pod in pods:
         node_name = (pod.get("spec") or {}).get("nodeName")
-        if not node_name or (pod.get("status") or {}).get("phase") in _TERMINATED:
+        if not node_name or (pod.get("status") or {}).get("phase") in TERMINATED_POD_PHASES:
             continue
         bucket = used.setdefault(node_name, {})
         for k, v in pod_requests(pod).items():

@@ -11,13 +11,12 @@ from decimal import Decimal
 from typing import Any, Iterable, Mapping, Optional
 
 from tuneserve.core.catalog import Catalog
-from tuneserve.core.scheduling.inventory import Inventory, build_inventory, parse_quantity
+from tuneserve.core.scheduling.inventory import TERMINATED_POD_PHASES, Inventory, build_inventory, parse_quantity
 
 # (kind, namespace, name) of the object that holds a reservation.
 OwnerKey = tuple[str, str, str]
 
 WORKER_NODE_TYPE = ("ray.io/node-type", "worker")   # the label KubeRay puts on worker pods
-_TERMINATED = {"Succeeded", "Failed"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ def _bound_worker_counts(pods: Iterable[Mapping[str, Any]],
         labels = meta.get("labels") or {}
         if labels.get(WORKER_NODE_TYPE[0]) != WORKER_NODE_TYPE[1] or not (pod.get("spec") or {}).get("nodeName"):
             continue
-        if (pod.get("status") or {}).get("phase") in _TERMINATED:
+        if (pod.get("status") or {}).get("phase") in TERMINATED_POD_PHASES:
             continue
         for keys in selectors:
             if all(k in labels for k in keys):
@@ -114,14 +113,25 @@ def reserve(inventory: Inventory, reservations: Iterable[Reservation], pods: Ite
     others = sorted((r for r in reservations if r.owner != planning), key=lambda r: r.owner)
     pending = pending_workers(others, pods)
     free = [dict(n.free) for n in inventory.nodes]
+    pools: dict[str, list[int]] = {}
+    for i, node in enumerate(inventory.nodes):
+        if node.schedulable:
+            pools.setdefault(node.pool, []).append(i)
     reserved: dict[str, int] = dict(inventory.reserved)
+    requests: dict[tuple[str, int], Optional[dict[str, Decimal]]] = {}
+    full: set[tuple[str, str, int]] = set()   # (pool, accelerator, devices): no room left, free only shrinks
     for r in others:
-        request = _worker_request(r, catalog)
-        members = [i for i, n in enumerate(inventory.nodes) if n.pool == r.pool and n.schedulable]
-        if request is None or not members:
+        members, count, shape = pools.get(r.pool), pending.get(r.owner, 0), (r.profile_key, r.devices_per_worker)
+        if not members or not count or (r.pool, *shape) in full:
             continue
-        for _ in range(pending.get(r.owner, 0)):
+        if shape not in requests:
+            requests[shape] = _worker_request(r, catalog)
+        request = requests[shape]
+        if request is None:
+            continue
+        for _ in range(count):
             if not _take_first_fit(free, members, request):
+                full.add((r.pool, *shape))
                 break
             reserved[r.pool] = reserved.get(r.pool, 0) + r.devices_per_worker
     nodes = tuple(replace(n, free=f) if f != n.free else n for n, f in zip(inventory.nodes, free))
