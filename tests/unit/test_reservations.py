@@ -161,11 +161,14 @@ def serve_body(name: str, status: dict | None = None) -> dict:
     return doc
 
 
+def serve_world(reservations=(), children=None) -> ServeWorld:
+    return ServeWorld(nodes=SMALL, pods=[], serve_pods=[], children=children or {}, jobs={"fin-v1": None},
+                      secrets=SECRETS, reservations=tuple(reservations))
+
+
 def place_serve(name: str, reservations=()) -> dict:
     body = serve_body(name)
-    world = ServeWorld(nodes=SMALL, pods=[], serve_pods=[], children={}, jobs={"fin-v1": None}, secrets=SECRETS,
-                       reservations=tuple(reservations))
-    return {**body, "status": plan_modelserve(body, world, CATALOG, NOW).status}
+    return {**body, "status": plan_modelserve(body, serve_world(reservations), CATALOG, NOW).status}
 
 
 def test_modelserves_reserve_and_respect_reservations_like_jobs():
@@ -177,6 +180,19 @@ def test_modelserves_reserve_and_respect_reservations_like_jobs():
     second = place_serve("llm-b", [reservation])
     assert second["status"]["placement"]["pool"] == "mi300x"
     assert "8 devices reserved by placed jobs not yet running" in second["status"]["rejectedChoices"][0]["message"]
+
+
+def test_a_modelserve_placed_again_after_a_spec_change_is_not_blocked_by_itself():
+    """A rollout field changed before its replicas were bound: it is placed again, with its own
+    reservation on h100 in the world, and stays there (same choice, same attempt)."""
+    body = serve_body("llm")
+    plan = plan_modelserve(body, serve_world(), CATALOG, NOW)
+    children = {(o["kind"], o["metadata"]["name"]): o for o in plan.apply}
+    placed = {**body, "status": plan.status}
+    changed = merge_patch(placed, {"spec": {"engine": {"maxModelLen": 8192}}})
+    again = plan_modelserve(changed, serve_world([serve_reservation(placed)], children), CATALOG, NOW)
+    assert again.status["placement"]["pool"] == "h100" and again.status["placement"]["attempt"] == 1
+    assert not again.status["placement"]["waiting"]
 
 
 def test_one_kind_respects_the_others_reservation():
