@@ -40,6 +40,7 @@ from tuneserve.modelserve.reconcile import ServeWorld, plan_modelserve
 
 log = logging.getLogger(__name__)
 SCHEDULE = Schedule()   # the resync is set at startup (configure), the tick is fixed here
+RECONCILE_WORKERS = 16   # kopf's handler threads: reconciles wait on the API server, not the CPU
 
 
 class Runtime:
@@ -76,6 +77,15 @@ class Runtime:
             return cls.locks.setdefault(uid, threading.Lock())
 
 
+def _api_client(connections: int) -> client.ApiClient:
+    """A client whose connection pool holds one kept-alive connection per reconcile worker. The
+    default pool (5 per CPU: 10 here) is smaller than the workers, so in a burst every write beyond
+    it opened a new TLS connection and dropped it: a third of the operator's time in handshakes."""
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = connections
+    return client.ApiClient(configuration)
+
+
 def _load_catalog() -> Catalog:
     """Defaults shipped with the package, merged with the Helm chart's ConfigMap when mounted."""
     path = os.environ.get("TUNESERVE_CATALOG_OVERRIDE")
@@ -89,7 +99,7 @@ def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     settings.posting.level = logging.WARNING   # kopf's own noise; our Events are posted explicitly
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
-    settings.execution.max_workers = 16   # reconciles wait on the API server, not the CPU
+    settings.execution.max_workers = RECONCILE_WORKERS
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"   # earlier versions added it; kopf now removes it
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
@@ -97,7 +107,7 @@ def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    Runtime.api = KubeApi(client.ApiClient())
+    Runtime.api = KubeApi(_api_client(RECONCILE_WORKERS + 2))   # + the resync loop, + one spare
     Runtime.catalog = _load_catalog()
     SCHEDULE.set_resync(float(os.environ.get("TUNESERVE_RESYNC_SECONDS", DEFAULT_RESYNC_SECONDS)))
     Runtime.indexes = _indexes(kwargs)   # kopf's live index objects, filled as the watches stream

@@ -27,6 +27,13 @@ def _causes(exc: ApiException) -> list:
         return []
 
 
+def _discard(response: Any) -> None:
+    """Reads an unread reply to its end and hands its connection back to the pool (an unread one
+    cannot be reused, so the next write would open a new TLS connection)."""
+    response.drain_conn()
+    response.release_conn()
+
+
 class KubeApi:
     """Writes only: no response is turned into objects (``serialize=False``, ``_preload_content=False``):
     nothing reads them, and wrapping a RayJob's reply in the client's models cost more CPU than the
@@ -40,14 +47,15 @@ class KubeApi:
     def apply(self, obj: Mapping[str, Any]) -> None:
         res = self.dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
         meta = obj["metadata"]
-        res.server_side_apply(body=dict(obj), name=meta["name"], namespace=meta.get("namespace"),
-                              field_manager=FIELD_MANAGER, force_conflicts=True, serialize=False)
+        _discard(res.server_side_apply(body=dict(obj), name=meta["name"], namespace=meta.get("namespace"),
+                                       field_manager=FIELD_MANAGER, force_conflicts=True, serialize=False))
         log.info("applied %s %s/%s", obj["kind"], meta.get("namespace"), meta["name"])
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str) -> None:
         res = self.dyn.resources.get(api_version=api_version, kind=kind)
         try:
-            res.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"}, serialize=False)
+            _discard(res.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"},
+                                serialize=False))
             log.info("deleted %s %s/%s", kind, namespace, name)
         except ApiException as exc:
             if exc.status != 404:
@@ -59,8 +67,8 @@ class KubeApi:
         again from the fresh copy."""
         res = self.dyn.resources.get(api_version=api_version, kind=kind)
         try:
-            res.patch(body=ops, name=name, namespace=namespace, content_type="application/json-patch+json",
-                      serialize=False)
+            _discard(res.patch(body=ops, name=name, namespace=namespace, content_type="application/json-patch+json",
+                               serialize=False))
         except ApiException as exc:
             if exc.status == 404 or (exc.status == 422 and not _causes(exc)):
                 # A failed test op is a bare 422 (the API server drops the JSON patch error); an
@@ -103,7 +111,7 @@ class KubeApi:
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta.get("namespace"), body, _preload_content=False)
+            _discard(self.core.create_namespaced_event(meta.get("namespace"), body, _preload_content=False))
         except ApiException as exc:
             log.warning("could not post Event %s on %s/%s: %s", event.reason, meta.get("namespace"), meta.get("name"),
                         exc.reason)
