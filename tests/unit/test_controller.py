@@ -217,3 +217,33 @@ def test_what_was_planned_overrides_what_the_indexes_saw():
     assert promised.merged([a]) == (b,)
     promised.forget(a.owner)
     assert promised.merged([a]) == (a, b)
+
+
+class CountingIndex(dict):
+    """A kopf index as a dict that counts the cluster-wide reads (key None: every node, pod, reservation)."""
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reads = 0
+
+    def get(self, key, default=None):
+        self.reads += key is None
+        return super().get(key, default)
+
+
+def test_a_placed_job_planned_again_reads_no_cluster_wide_list(runtime):
+    """At rest most plans are the resync's, of settled objects: they must not pay for a list of
+    every pod, node and reservation, which only placement reads (at 1,000 jobs: most of a plan)."""
+    api, _ = runtime
+    body = load_example("finetunejob-qwen-bank.yaml")
+    body["metadata"].update(namespace="bank", uid="uid-lazy", generation=1)
+    secrets = {"hf-token": frozenset({"token"}), "bank-s3": frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})}
+    indexes = _indexes(secrets)
+    wide = ("nodes_index", "pods_index", "job_reservations_index", "serve_reservations_index")
+    indexes.update({name: CountingIndex(indexes[name]) for name in wide})
+    name = body["metadata"]["name"]
+    handlers.reconcile_finetunejob(kopf.Body(body), "bank", name, "uid-lazy", indexes)
+    assert indexes["nodes_index"].reads == 1 and indexes["pods_index"].reads == 1, "the first plan places"
+    placed = {**body, "status": handlers.Runtime.written["uid-lazy"][0]}
+    handlers.reconcile_finetunejob(kopf.Body(placed), "bank", name, "uid-lazy", indexes)
+    assert [indexes[n].reads for n in wide] == [1, 1, 1, 1]
+    assert placed["status"]["placement"]["attempt"] == 1

@@ -24,7 +24,7 @@ from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap
 from tuneserve.core.catalog import Catalog, load_catalog
 from tuneserve.controller.applied import RecentlyApplied
 from tuneserve.controller.indexes import (
-    CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, ChildKind, children, everything, known_names, of_kind, reservations,
+    CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, ChildKind, Lazily, children, everything, known_names, of_kind, reservations,
     secret_keys,
 )
 from tuneserve.controller.promised import Promised
@@ -123,14 +123,21 @@ def stop_resync(**_: Any) -> None:
 
 # ----------------------------------------------------------------------------------- reconcile
 
+def _reservations(indexes: Mapping[str, kopf.Index]) -> Lazily:
+    """Every placed object's reservation, this process's newest plans over the indexes' copies;
+    computed only if the plan places (Lazily)."""
+    return Lazily(lambda: Runtime.promised.merged(reservations(indexes)))
+
+
 def _world(namespace: str, name: str, indexes: Mapping[str, kopf.Index]) -> World:
     key = (JOB_LABEL, namespace, name)
     live = children(key, indexes)
     progress = live.get(("ConfigMap", progress_configmap_name(name)))
-    return World(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
+    return World(nodes=Lazily(lambda: everything(indexes["nodes_index"])),
+                 pods=Lazily(lambda: everything(indexes["pods_index"])),
                  job_pods=everything(indexes["pods_index"], key), ray_jobs=of_kind(live, "RayJob"), children=live,
                  progress_configmap=progress, secrets=secret_keys(namespace, indexes),
-                 known=known_names(namespace, indexes), reservations=Runtime.promised.merged(reservations(indexes)))
+                 known=known_names(namespace, indexes), reservations=_reservations(indexes))
 
 
 def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: str, uid: str,
@@ -194,10 +201,11 @@ def _serve_world(body: kopf.Body, namespace: str, name: str, indexes: Mapping[st
     refs = {a.get("fineTuneJobRef", {}).get("name") for a in (body.spec.get("adapters") or [])} - {None}
     jobs = {ref: next(iter(indexes["finetunejobs_index"].get((namespace, ref), [])), None) for ref in refs}
     ray_clusters = {obj["metadata"]["name"]: obj for obj in indexes["rayclusters_index"].get(key, [])}
-    return ServeWorld(nodes=everything(indexes["nodes_index"]), pods=everything(indexes["pods_index"]),
+    return ServeWorld(nodes=Lazily(lambda: everything(indexes["nodes_index"])),
+                      pods=Lazily(lambda: everything(indexes["pods_index"])),
                       serve_pods=everything(indexes["pods_index"], key), children=children(key, indexes), jobs=jobs,
                       secrets=secret_keys(namespace, indexes), ray_clusters=ray_clusters,
-                      known=known_names(namespace, indexes), reservations=Runtime.promised.merged(reservations(indexes)))
+                      known=known_names(namespace, indexes), reservations=_reservations(indexes))
 
 
 def reconcile_modelserve(body: kopf.Body, namespace: str, name: str, uid: str, indexes: Mapping[str, kopf.Index]) -> None:

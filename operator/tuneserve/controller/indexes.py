@@ -8,7 +8,7 @@ returns is in it (a child without an index would be re-applied on every reconcil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
 
 import kopf
 
@@ -19,6 +19,7 @@ from tuneserve.core.scheduling.reservations import Reservation
 from tuneserve.finetunejob.placement import job_reservation
 from tuneserve.modelserve.placement import serve_reservation
 
+T = TypeVar("T")
 FTJ = (API_GROUP, API_VERSION, "finetunejobs")
 MS = (API_GROUP, API_VERSION, "modelserves")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
@@ -188,6 +189,21 @@ for _child in CHILD_KINDS:
 
 def everything(index: kopf.Index, key: Any = None) -> list:
     return list(index.get(key, []))
+
+
+class Lazily(Iterable[T]):
+    """An iterable computed on first use. The cluster-wide lists (every node, pod and reservation)
+    only matter to a plan that places; a settled object's plan (the resync's, most of them at rest)
+    then never builds them."""
+
+    def __init__(self, compute: Callable[[], Iterable[T]]):
+        self._compute: Optional[Callable[[], Iterable[T]]] = compute
+        self._items: tuple[T, ...] = ()
+
+    def __iter__(self) -> Iterator[T]:
+        if self._compute is not None:
+            self._items, self._compute = tuple(self._compute()), None
+        return iter(self._items)
 
 
 def children(key: tuple, indexes: Mapping[str, kopf.Index]) -> dict[tuple[str, str], Mapping[str, Any]]:

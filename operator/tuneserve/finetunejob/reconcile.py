@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from pydantic import ValidationError
 
@@ -32,8 +32,8 @@ from tuneserve_workers.contract import PROGRESS_KEY, Progress
 @dataclass(frozen=True)
 class World:
     """What the operator observed for one FineTuneJob (from kopf's indexes)."""
-    nodes: list[Mapping[str, Any]]
-    pods: list[Mapping[str, Any]]                 # every pod in the cluster (for free capacity)
+    nodes: Iterable[Mapping[str, Any]]
+    pods: Iterable[Mapping[str, Any]]             # every pod in the cluster (for free capacity)
     job_pods: list[Mapping[str, Any]]             # pods labelled with this job
     ray_jobs: dict[str, Mapping[str, Any]]        # this job's RayJobs by name
     children: dict[tuple[str, str], Mapping[str, Any]]  # (kind, name) -> live child, for the hash check
@@ -42,7 +42,7 @@ class World:
     known: Optional[KnownNames] = None                # ServiceAccounts, claims, PriorityClasses (None: not checked)
     # What every placed FineTuneJob and ModelServe holds until its workers are bound (this one's
     # own entry is skipped when it is placed).
-    reservations: tuple[Reservation, ...] = ()
+    reservations: Iterable[Reservation] = ()
 
 
 def _parse_progress(cm: Optional[Mapping[str, Any]]) -> Optional[Progress]:

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from pydantic import ValidationError
 
@@ -45,8 +45,8 @@ BOUNDS_UPDATED = "ReplicaBoundsUpdated"
 
 @dataclass(frozen=True)
 class ServeWorld:
-    nodes: list[Mapping[str, Any]]
-    pods: list[Mapping[str, Any]]
+    nodes: Iterable[Mapping[str, Any]]              # every node and pod in the cluster (for free capacity)
+    pods: Iterable[Mapping[str, Any]]
     serve_pods: list[Mapping[str, Any]]
     children: dict[tuple[str, str], Mapping[str, Any]]
     jobs: Mapping[str, Optional[Mapping[str, Any]]]        # referenced FineTuneJobs (None: not found)
@@ -56,7 +56,7 @@ class ServeWorld:
     known: Optional[KnownNames] = None   # ServiceAccounts, claims, PriorityClasses (None: not checked)
     # What every placed FineTuneJob and ModelServe holds until its workers are bound (this one's
     # own entry is skipped when it is placed).
-    reservations: tuple[Reservation, ...] = ()
+    reservations: Iterable[Reservation] = ()
 
 
 def rollout_fingerprint(serve: ModelServe) -> str:
