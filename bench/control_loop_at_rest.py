@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +131,20 @@ def operator_usage(pid: int) -> tuple[float, float]:
     return rss, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def events_since(kube: Kube, since: datetime) -> str:
+    """Who posted the Events of the window: (reporting component, involved kind, reason) -> Events
+    created or repeated since ``since``, over every namespace."""
+    groups: Counter = Counter()
+    for ev in kube.core.list_event_for_all_namespaces().items:
+        when = ev.last_timestamp or ev.event_time or ev.metadata.creation_timestamp
+        if when and when >= since:
+            who = ev.reporting_component or (ev.source.component if ev.source else None) or "?"
+            groups[(who, ev.involved_object.kind, ev.reason)] += 1
+    if not groups:
+        return "none"
+    return "; ".join(f"{who} {kind} {reason}: {n}" for (who, kind, reason), n in groups.most_common(10))
+
+
 def report(delta: Counter, quiet_s: float, n: int, rss: float, cpu_s: float) -> str:
     lines = [f"{n} FineTuneJobs at rest, quiet window {quiet_s:.0f}s; operator RSS {rss:.0f} MiB, "
              f"CPU {cpu_s:.1f}s in the window ({100 * cpu_s / quiet_s:.1f}% of a core)",
@@ -172,11 +187,13 @@ def main() -> int:
         wait_for(lambda: settled(kube, "bank", args.jobs, last), args.settle_timeout,
                  "every FineTuneJob's status to stop changing", interval=10)
         print(f"settled {time.monotonic() - t0:.0f}s after creating {args.jobs} jobs", flush=True)
+        window_start = datetime.now(timezone.utc).replace(microsecond=0)
         before, (_, cpu0), seen = request_counts(cluster), operator_usage(op.proc.pid), statuses(kube, "bank")
         time.sleep(args.quiet_s)     # the measurement window itself: nothing is changed in it
         after, (rss, cpu1) = request_counts(cluster), operator_usage(op.proc.pid)
         text = report(after - before, args.quiet_s, args.jobs, rss, cpu1 - cpu0)
         text += "\nstatus fields that moved in the window: " + status_changes(seen, statuses(kube, "bank"))
+        text += "\nEvents of the window by who posted them: " + events_since(kube, window_start)
         print(text)
         if args.out:
             args.out.write_text(text + "\n")
