@@ -247,3 +247,30 @@ def test_a_placed_job_planned_again_reads_no_cluster_wide_list(runtime):
     handlers.reconcile_finetunejob(kopf.Body(placed), "bank", name, "uid-lazy", indexes)
     assert [indexes[n].reads for n in wide] == [1, 1, 1, 1]
     assert placed["status"]["placement"]["attempt"] == 1
+
+
+def _node(allocatable_gpus: str, heartbeat: str) -> dict:
+    return {"metadata": {"name": "h100-a", "labels": {"tuneserve.dev/pool": "h100"}}, "spec": {},
+            "status": {"allocatable": {"nvidia.com/gpu": allocatable_gpus},
+                       "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]}}
+
+
+def test_waiting_objects_wake_when_a_pod_finishes_or_a_node_offers_more_not_on_heartbeats(runtime, monkeypatch):
+    monkeypatch.setattr(handlers.Runtime, "node_offers", {})
+    key = ("finetunejobs", "bank", "waiting")
+    handlers.node_capacity(kopf.Body(_node("8", "t0")), "h100-a", "ADDED")
+    handlers.SCHEDULE.planned(key, handlers.time.monotonic(), None, settled=False, for_capacity=True)
+    later = handlers.time.monotonic() + handlers.SCHEDULE.react + 0.1
+
+    handlers.node_capacity(kopf.Body(_node("8", "t1")), "h100-a", "MODIFIED")   # a heartbeat
+    handlers.pod_capacity(kopf.Body({"metadata": {"name": "p"}, "status": {"phase": "Running"}}), "MODIFIED")
+    assert not handlers.SCHEDULE.due(key, later)
+
+    handlers.pod_capacity(kopf.Body({"metadata": {"name": "p"}, "status": {"phase": "Succeeded"}}), "MODIFIED")
+    assert handlers.SCHEDULE.due(key, later), "a finished pod frees its node"
+
+    handlers.SCHEDULE.planned(key, handlers.time.monotonic(), None, settled=False, for_capacity=True)
+    later = handlers.time.monotonic() + handlers.SCHEDULE.react + 0.1
+    assert not handlers.SCHEDULE.due(key, later)
+    handlers.node_capacity(kopf.Body(_node("16", "t2")), "h100-a", "MODIFIED")
+    assert handlers.SCHEDULE.due(key, later), "the node offers more devices"

@@ -19,10 +19,23 @@ def test_a_new_object_is_due_then_a_settled_one_waits_for_the_resync():
     assert not schedule.due(KEY, 159.0) and schedule.due(KEY, 160.0)
 
 
-def test_pending_or_waiting_objects_are_planned_every_react_seconds():
+def test_pending_objects_are_planned_every_react_seconds():
     schedule = Schedule(resync_seconds=60)
     schedule.planned(KEY, 100.0, None, settled=False)
     assert not schedule.due(KEY, 102.9) and schedule.due(KEY, 103.0)
+
+
+def test_waiting_objects_are_planned_when_capacity_frees_not_every_few_seconds():
+    schedule = Schedule(resync_seconds=60)
+    schedule.planned(KEY, 100.0, None, settled=False, for_capacity=True)
+    assert not schedule.due(KEY, 130.0), "no polling while nothing frees"
+    schedule.capacity_freed()
+    assert not schedule.due(KEY, 102.9) and schedule.due(KEY, 103.0), "woken, react seconds after its last plan"
+    schedule.planned(KEY, 200.0, None, settled=False, for_capacity=True)
+    assert schedule.due(KEY, 260.0), "the resync still plans it"
+    schedule.planned(KEY, 300.0, None, settled=True)   # placed: no longer waiting
+    schedule.capacity_freed()
+    assert not schedule.due(KEY, 310.0)
 
 
 def test_a_requeue_sooner_than_the_resync_is_honoured_and_a_later_one_capped():

@@ -33,6 +33,7 @@ from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.controller.resync import ResyncLoop
 from tuneserve.controller.schedule import DEFAULT_RESYNC_SECONDS, Schedule
 from tuneserve.core.plan import Plan
+from tuneserve.core.scheduling.inventory import TERMINATED_POD_PHASES, node_offer
 from tuneserve.finetunejob.placement import job_owner, job_reservation
 from tuneserve.finetunejob.reconcile import World, plan_finetunejob
 from tuneserve.modelserve.placement import serve_owner, serve_reservation
@@ -59,6 +60,8 @@ class Runtime:
     recent = RecentlyApplied()
     # Reservations planned a moment ago, not yet in the indexes; plans are made one at a time (promised.py).
     promised = Promised()
+    # What each node offered placement when last seen (inventory.node_offer): a change wakes the waiting.
+    node_offers: dict[str, str] = {}
 
     @classmethod
     def latest(cls, body: kopf.Body, uid: str) -> tuple[dict, Optional[str]]:
@@ -175,7 +178,8 @@ def _schedule(plural: str, namespace: str, name: str, plan: Plan, planned_from: 
     error, so a failing write is retried at the schedule's pace, not at every tick."""
     phase = (plan.status or planned_from.get("status") or {}).get("phase")
     key = (plural, namespace, name)
-    SCHEDULE.planned(key, time.monotonic(), plan.requeue_after, settled=phase not in (None, "Pending", "Waiting"))
+    SCHEDULE.planned(key, time.monotonic(), plan.requeue_after, settled=phase not in (None, "Pending"),
+                     for_capacity=phase == "Waiting")
     SCHEDULE.wait_for(key, [(kind, None if kind in CLUSTER_SCOPED else namespace, ref) for kind, ref in plan.waiting_for])
 
 
@@ -249,17 +253,46 @@ def plan_due(key: Hashable) -> None:
     reconcile(kopf.Body(body), namespace, name, body["metadata"]["uid"], Runtime.indexes)
 
 
+def _releases_capacity(body: kopf.Body, type: Optional[str]) -> bool:
+    """Deleted, being deleted or finished: its reservation and pods free their nodes."""
+    return type == "DELETED" or bool(body.metadata.get("deletionTimestamp")) or \
+        (body.status or {}).get("phase") in ("Succeeded", "Failed")
+
+
 @kopf.on.event(*FTJ)
 def finetunejob_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if not _deleted("finetunejobs", body, type):
         reconcile_finetunejob(body, namespace, name, uid, _indexes(kwargs))
     SCHEDULE.wake_namespace("modelserves", namespace)   # their adapters may come from this job
+    if _releases_capacity(body, type):
+        SCHEDULE.capacity_freed()
 
 
 @kopf.on.event(*MS)
 def modelserve_event(body: kopf.Body, namespace: str, name: str, uid: str, type: Optional[str], **kwargs: Any) -> None:
     if not _deleted("modelserves", body, type):
         reconcile_modelserve(body, namespace, name, uid, _indexes(kwargs))
+    if _releases_capacity(body, type):
+        SCHEDULE.capacity_freed()
+
+
+@kopf.on.event("", "v1", "pods")
+def pod_capacity(body: kopf.Body, type: Optional[str], **_: Any) -> None:
+    """A pod that finished or went away frees its node's requests: the waiting may fit now."""
+    if type == "DELETED" or (body.status or {}).get("phase") in TERMINATED_POD_PHASES:
+        SCHEDULE.capacity_freed()
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_capacity(body: kopf.Body, name: str, type: Optional[str], **_: Any) -> None:
+    """A node added, or changing what it offers (not a heartbeat): the waiting may fit now."""
+    if type == "DELETED":
+        Runtime.node_offers.pop(name, None)
+        return
+    offer = node_offer(body)
+    if Runtime.node_offers.get(name) != offer:
+        Runtime.node_offers[name] = offer
+        SCHEDULE.capacity_freed()
 
 
 def _wake_owner(namespace: str, labels: Mapping[str, str], **_: Any) -> None:

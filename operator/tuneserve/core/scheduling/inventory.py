@@ -5,6 +5,7 @@ caches) and calls ``build_inventory``; tests build snapshots by hand.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -91,6 +92,14 @@ def _node_ready(node: Mapping[str, Any]) -> bool:
         if cond.get("type") == "Ready":
             return cond.get("status") == "True"
     return True  # no conditions reported (e.g. a bare test object): assume ready
+
+
+def node_offer(node: Mapping[str, Any]) -> str:
+    """What placement reads of a node (labels, allocatable, taints, cordon, readiness), as one
+    comparable string: its change, not a heartbeat, can make a waiting object fit."""
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    return json.dumps([meta.get("labels") or {}, status.get("allocatable") or {}, spec.get("taints") or [],
+                       bool(spec.get("unschedulable")), _node_ready(node)], sort_keys=True)
 
 
 def build_inventory(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]) -> Inventory:
