@@ -84,7 +84,10 @@ def base_model(storage: StoryStorage) -> dict[str, Any]:
             "sizeHints": {"parametersBillions": 0.001, "layers": 2, "hiddenSize": 128, "vocabSize": 4000}}
 
 
-def build_finetunejob(name: str, namespace: str, storage: StoryStorage) -> dict[str, Any]:
+def build_finetunejob(name: str, namespace: str, storage: StoryStorage, *, training: Optional[dict[str, Any]] = None,
+                      checkpoint_interval: int = 30, backoff_limit: Optional[int] = None) -> dict[str, Any]:
+    """The story's job; ``training`` overrides fields of spec.training (the fault tests: more
+    steps, of more samples), ``backoff_limit`` sets spec.backoffLimit."""
     return {
         "apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": namespace},
@@ -93,11 +96,12 @@ def build_finetunejob(name: str, namespace: str, storage: StoryStorage) -> dict[
             "dataset": {"uri": storage.dataset_uri, "format": "chat", "validationSplit": 0.0},
             "method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
             "training": {"maxSteps": TRAIN_STEPS, "learningRate": 0.005, "globalBatchSize": 4, "microBatchSize": 1,
-                         "maxSeqLength": 128, "warmupRatio": 0.05, "seed": 7, "precision": "fp32"},
+                         "maxSeqLength": 128, "warmupRatio": 0.05, "seed": 7, "precision": "fp32", **(training or {})},
             "accelerators": {"choices": [{"vendor": "cpu", "product": "cpu", "devicesPerWorker": 1, "workers": 1}]},
-            "checkpoint": {"uri": storage.uri("checkpoints", name), "intervalSteps": 30, "keep": 1},
+            "checkpoint": {"uri": storage.uri("checkpoints", name), "intervalSteps": checkpoint_interval, "keep": 1},
             "output": {"uri": storage.uri("adapters", name)},
             "credentials": _credentials(storage),
+            **({"backoffLimit": backoff_limit} if backoff_limit is not None else {}),
             **placement(),
         },
     }

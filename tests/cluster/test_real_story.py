@@ -6,7 +6,8 @@ checkpoints and adapter on MinIO -> a ModelServe serving that adapter from a rea
 vLLM CPU -> an OpenAI chat completion through the ModelServe's Service answers with what the
 adapter learned, the base model does not -> a second adapter becomes servable in the same pod.
 
-The stages are module-scoped fixtures, so a failure names the stage that broke.
+The stages are module-scoped fixtures (the shared ones in conftest.py), so a failure names the
+stage that broke.
 """
 from __future__ import annotations
 
@@ -18,13 +19,10 @@ from pathlib import Path
 import pytest
 
 from kube import condition, wait_for
-from localcluster import BIN
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "hack"))
-import images as image_builds  # noqa: E402
 import realstory as story  # noqa: E402
-from minio_server import MinioServer  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 NS = "real-story"
@@ -41,50 +39,6 @@ def _ms(kube) -> dict:
 
 def _pods(kube, namespace: str, selector: str) -> list[dict]:
     return kube.list("v1", "Pod", namespace, label_selector=selector)
-
-
-@pytest.fixture(scope="module")
-def real_images(cluster) -> dict:
-    """Built (cached by content) and imported into the real node's containerd."""
-    built = image_builds.build_all()
-    for tar in story.image_tars(built):
-        cluster.import_image(tar)
-    return built
-
-
-@pytest.fixture(scope="module")
-def storage(cluster, tmp_path_factory):
-    """MinIO on the pod bridge (pods reach it, nothing outside does), with the tiny model and a
-    dataset that teaches the adapter its answer."""
-    work = tmp_path_factory.mktemp("real-story")
-    server = MinioServer(work / "minio", host=cluster.real_node.bridge_ip, bucket="story").start()
-    try:
-        yield server, story.upload_story_data(server, work)
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def helm_operator(cluster, kube, real_images, no_session_operator_module, tmp_path_factory):
-    """The chart installed with the images built here, its two operator pods on the real node."""
-    values = story.build_operator_values(real_images)
-    story.install_operator(BIN / "helm", cluster.kubeconfig, values, tmp_path_factory.mktemp("helm"))
-    try:
-        yield values
-    finally:
-        story.uninstall_operator(BIN / "helm", cluster.kubeconfig)
-        kube.core.delete_namespace(story.RELEASE_NAMESPACE)
-
-
-@pytest.fixture(scope="module")
-def story_namespace(kube, storage):
-    server, _ = storage
-    kube.core.create_namespace({"metadata": {"name": NS}})
-    kube.apply(story.build_object_store_secret(NS, server.access_key, server.secret_key))
-    wait_for(lambda: kube.get("v1", "ServiceAccount", "default", NS), 60, "the default ServiceAccount")
-    yield NS
-    kube.core.delete_namespace(NS)
-    wait_for(lambda: not kube.list("v1", "Pod", NS), 180, "the story's pods to go")
 
 
 @pytest.fixture(scope="module")
