@@ -84,7 +84,7 @@ def _container_id(pod: dict) -> str:
 
 
 def _committed(storage) -> dict[int, dict]:
-    """step -> COMMITTED marker of the job's checkpoints in MinIO."""
+    """step -> COMMITTED marker of the job's checkpoints in MinIO (one pruned meanwhile is left out)."""
     server, where = storage
     fs = server.filesystem()
     root = where.uri("checkpoints", FTJ).removeprefix("s3://")
@@ -92,8 +92,12 @@ def _committed(storage) -> dict[int, dict]:
     out = {}
     for path in fs.ls(root, detail=False, refresh=True):
         name = path.rsplit("/", 1)[-1]
-        if name.startswith("step-") and fs.exists(f"{path}/COMMITTED"):
+        if not name.startswith("step-"):
+            continue
+        try:
             out[int(name.removeprefix("step-"))] = json.loads(fs.cat(f"{path}/COMMITTED"))
+        except FileNotFoundError:
+            pass
     return out
 
 
@@ -104,8 +108,10 @@ def _between_checkpoints(p: Optional[Progress], resumed_from: Optional[int]) -> 
                 and p.last_checkpoint.step < p.step < STEPS - INTERVAL)
 
 
-def _resumed(timeline: Timeline, after: int, timeout: float = 420) -> Progress:
-    """The retried run's first report: resumed from a checkpoint newer than step ``after``."""
+def _resumed(timeline: Timeline, after: int, timeout: float = 600) -> Progress:
+    """The retried run's first report: resumed from a checkpoint newer than step ``after``. A retry
+    takes ~1.5 min; up to the pods' 300 s grace period more when the worker pod KubeRay started in
+    place of the lost one is still in ``ray start`` as the cluster goes (docs/training-worker.md)."""
     return timeline.wait(lambda: (p := timeline.progress()) and p.state == "Running" and p.resumed_from_step is not None
                          and p.resumed_from_step > after and p, timeout, f"a run resumed from after step {after}")
 
