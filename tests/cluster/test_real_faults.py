@@ -10,10 +10,12 @@ trains on the real-cpu pool and loses its Ray worker pod twice, then still ends 
    process (TUNESERVE_DRAIN_DIR), which commits an emergency checkpoint of the step it reached and
    exits; the retry resumes from exactly that step: no step is lost.
 
-Steps lost = the step the job had reached when the fault hit - the step the resumed run started
-from (``resumed_from_step`` of the job's progress document). The stages are module-scoped
-fixtures in order (the shared ones in conftest.py); the timeline of what was observed is printed
-and goes into every timeout's message.
+Steps lost = the step the job had reached when the fault hit (killed: the step it reported a
+fraction of a second before, about one step's time; drained: the step of its emergency checkpoint)
+- the step the resumed run started from (``resumed_from_step`` of the job's progress document).
+The newest checkpoint committed before the kill bounds the loss to one interval whatever the
+report's delay. The stages are module-scoped fixtures in order (the shared ones in conftest.py);
+the timeline of what was observed is printed and goes into every timeout's message.
 """
 from __future__ import annotations
 
