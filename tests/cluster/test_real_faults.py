@@ -180,8 +180,13 @@ def drained(kube, storage, timeline, killed) -> dict:
                       if s >= before.step and m["meta"].get("drained")), None),
         120, "an emergency checkpoint marked drained")
     timeline.note(f"emergency checkpoint of step {step} committed ({marker['meta']['drained']})")
+    uid, deleted_at = pod["metadata"]["uid"], time.monotonic()
+    timeline.wait(lambda: all(p["metadata"]["uid"] != uid for p in kube.list("v1", "Pod", NS)), 120,
+                  "the drained pod to go (preStop stops Ray, so ray start, PID 1, exits)")
+    gone_s = time.monotonic() - deleted_at
+    timeline.note(f"the drained pod was gone {gone_s:.0f}s after its deletion")
     after = _resumed(timeline, resumed)
-    return {"before": before, "drained_step": step, "marker": marker, "after": after,
+    return {"before": before, "drained_step": step, "marker": marker, "after": after, "gone_s": gone_s,
             "status": timeline.ftj()["status"]}
 
 
@@ -192,6 +197,7 @@ def test_a_drained_worker_pod_resumes_from_the_step_it_reached(drained):
           f"deleted); resumed from step {after.resumed_from_step}: {lost} steps lost")
     assert drained["marker"]["meta"]["drained"] == "SIGTERM"
     assert lost == 0
+    assert drained["gone_s"] < 120, "the pod held its devices for the grace period after the drain"
     status = drained["status"]
     assert status["restarts"] == 2 and status["phase"] in ("Starting", "Running"), json.dumps(status, indent=1)
 
