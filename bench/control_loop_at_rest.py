@@ -90,11 +90,15 @@ def jobs(n: int, namespace: str) -> list[dict]:
 
 
 def settled(kube: Kube, namespace: str, n: int, last: dict) -> bool:
-    """Every job has a status, and no resourceVersion moved since the previous look."""
+    """Every job has a status, no job's resourceVersion moved since the previous look, and KubeRay
+    is done too: the same RayClusters and pods as at the previous look (else the "quiet" minute
+    would measure KubeRay still starting clusters for the last jobs)."""
     items = kube.list("tuneserve.dev/v1alpha1", "FineTuneJob", namespace)
     now = {j["metadata"]["name"]: j["metadata"]["resourceVersion"] for j in items if j.get("status", {}).get("phase")}
-    same = len(now) == n and now == last.get("versions")
-    last["versions"] = now
+    ray = sorted(c["metadata"]["name"] for c in kube.list("ray.io/v1", "RayCluster", namespace)) + \
+        sorted(p["metadata"]["name"] for p in kube.list("v1", "Pod", namespace))
+    same = len(now) == n and now == last.get("versions") and ray == last.get("ray")
+    last.update(versions=now, ray=ray)
     return same
 
 
