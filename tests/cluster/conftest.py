@@ -51,7 +51,7 @@ def helm_operator(cluster, kube, real_images, no_session_operator_module, tmp_pa
         yield values
     finally:
         story.uninstall_operator(BIN / "helm", cluster.kubeconfig)
-        kube.core.delete_namespace(story.RELEASE_NAMESPACE)
+        gone(kube, story.RELEASE_NAMESPACE)
 
 
 @pytest.fixture(scope="module")
@@ -63,5 +63,11 @@ def story_namespace(kube, storage, request):
     kube.apply(story.build_object_store_secret(ns, server.access_key, server.secret_key))
     wait_for(lambda: kube.get("v1", "ServiceAccount", "default", ns), 60, "the default ServiceAccount")
     yield ns
-    kube.core.delete_namespace(ns)
-    wait_for(lambda: not kube.list("v1", "Pod", ns), 180, f"the pods of {ns} to go")
+    gone(kube, ns)
+
+
+def gone(kube, namespace: str, timeout: float = 240) -> None:
+    """Delete a namespace and wait until it no longer exists: the next module's install into a
+    namespace of that name is refused while it is still terminating."""
+    kube.core.delete_namespace(namespace)
+    wait_for(lambda: kube.get("v1", "Namespace", namespace) is None, timeout, f"namespace {namespace} to be gone")
