@@ -131,3 +131,39 @@ def test_deleting_the_active_operator_pod_hands_over_within_30s(kube, helm_opera
     wait_for(lambda: "acquired leadership" in kube.core.read_namespaced_pod_log(
         new, story.RELEASE_NAMESPACE, container="operator"), 15, f"{new} to log its leadership")
     assert (condition(_ms(kube), "Ready") or {}).get("status") == "True"
+
+
+def _running_replica_pods(kube) -> list[dict]:
+    return [p for p in _pods(kube, NS, f"tuneserve.dev/modelserve={MS},ray.io/node-type=worker")
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")]
+
+
+def _serves_every_adapter(kube, url: str, adapters: set[str]) -> bool:
+    ms = _ms(kube)
+    return (condition(ms, "Ready") or {}).get("status") == "True" and \
+        (ms.get("status") or {}).get("adapterSummary") == f"{len(adapters)}/{len(adapters)}" and \
+        adapters <= set(_answering(url))
+
+
+def test_a_killed_replica_pod_comes_back_with_every_adapter_and_serves(kube, cluster, serving):
+    """Every process of the serving pod SIGKILLed (the OOM killer, a crashed node): KubeRay starts
+    a new worker pod, its replica loads the whole adapter set before it takes traffic, and the
+    ModelServe is Ready again with both adapters answering what they learned."""
+    adapters = {"assistant-v1", "assistant-v2"}
+    pods = _running_replica_pods(kube)
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    killed = pods[0]
+    container = next(c for c in killed["status"]["containerStatuses"] if c["name"] == "ray-worker")
+    t0 = time.monotonic()
+    cluster.real_node.ctr("tasks", "kill", "--all", "--signal", "SIGKILL", container["containerID"].split("://", 1)[1])
+    wait_for(lambda: (condition(_ms(kube), "Ready") or {}).get("status") != "True", 120,
+             "the ModelServe to stop being Ready once its only replica is gone")
+    down = _ms(kube)["status"]
+    wait_for(lambda: _serves_every_adapter(kube, serving["url"], adapters), 900,
+             "a new replica serving every adapter and the ModelServe Ready again")
+    took = time.monotonic() - t0
+    print(f"\nreplica pod killed; not Ready: {down.get('phase')}: {down.get('message')}; "
+          f"serving both adapters again after {took:.0f}s")
+    assert killed["metadata"]["uid"] not in {p["metadata"]["uid"] for p in _running_replica_pods(kube)}
+    for name in sorted(adapters):
+        assert story.ANSWER in story.chat(serving["url"], name).lower(), name
