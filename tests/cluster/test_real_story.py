@@ -146,9 +146,9 @@ def _serves_every_adapter(kube, url: str, adapters: set[str]) -> bool:
 
 
 def test_a_killed_replica_pod_comes_back_with_every_adapter_and_serves(kube, cluster, serving):
-    """Every process of the serving pod SIGKILLed (the OOM killer, a crashed node): KubeRay starts
-    a new worker pod, its replica loads the whole adapter set before it takes traffic, and the
-    ModelServe is Ready again with both adapters answering what they learned."""
+    """Every process of the serving pod SIGKILLed (the OOM killer, a crashed node): the container
+    restarts (or KubeRay starts a new pod), its replica loads the whole adapter set before it takes
+    traffic, and the ModelServe is Ready again with both adapters answering what they learned."""
     adapters = {"assistant-v1", "assistant-v2"}
     pods = _running_replica_pods(kube)
     assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
@@ -164,6 +164,10 @@ def test_a_killed_replica_pod_comes_back_with_every_adapter_and_serves(kube, clu
     took = time.monotonic() - t0
     print(f"\nreplica pod killed; not Ready: {down.get('phase')}: {down.get('message')}; "
           f"serving both adapters again after {took:.0f}s")
-    assert killed["metadata"]["uid"] not in {p["metadata"]["uid"] for p in _running_replica_pods(kube)}
+    (now,) = _running_replica_pods(kube)
+    restarts = lambda pod: sum(c.get("restartCount", 0) for c in pod["status"]["containerStatuses"])  # noqa: E731
+    assert now["metadata"]["uid"] != killed["metadata"]["uid"] or restarts(now) > restarts(killed), \
+        "the replica came back in a new pod or a restarted container"
+    assert down["phase"] != "Waiting", "a replica that served once and died is restarting, not waiting for capacity"
     for name in sorted(adapters):
         assert story.ANSWER in story.chat(serving["url"], name).lower(), name

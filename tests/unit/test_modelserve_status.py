@@ -235,3 +235,19 @@ def test_engine_failure_is_the_ready_reason_with_its_cause():
     data["replica.c.json"] = report("c", "Ready", t4, **{"support-v3": LOADED_SUP})
     s5 = derive_modelserve_status(serve, observe(serve, {}, data, ready_ray_service(), t4), t4, s4)
     assert s5.condition(ServeConditionType.Ready).reason == R.Serving and s5.phase in (ServePhase.Ready, ServePhase.Degraded)
+
+
+@pytest.mark.parametrize("ready_reason, phase", [
+    ("Initializing", ServePhase.Waiting),             # never served: still waiting for the busy pool
+    (None, ServePhase.Waiting),                       # KubeRay has not written the condition yet
+    ("ZeroServeEndpoints", ServePhase.Deploying),     # served once, its replica died: a restart
+])
+def test_a_placement_made_while_busy_says_waiting_only_until_it_first_served(ready_reason, phase):
+    serve = bank_serve()
+    placed = derive_modelserve_status(serve, observe(serve, {}, {}, None, T0, decide_serve_placement(serve.spec, CATALOG, INVENTORY)), T0)
+    waiting = placed.model_copy(update={"placement": placed.placement.model_copy(update={"waiting": True})})
+    cond = {"type": "Ready", "status": "False", "message": "Number of serve endpoints dropped to 0"}
+    ray_service = {"status": {"conditions": [{**cond, "reason": ready_reason}] if ready_reason else []}}
+    t1 = T0 + timedelta(minutes=30)
+    status = derive_modelserve_status(serve, observe(serve, {}, {}, ray_service, t1, endpoints=0), t1, waiting)
+    assert status.phase == phase and status.condition(ServeConditionType.Ready).status == "False"

@@ -187,8 +187,20 @@ def _ready(serve: ModelServe, observed: ServeObserved, placement: Optional[Serve
     if view.app_status in ("DEPLOYING", "UNHEALTHY"):
         detail = f": {view.rs_message}" if view.rs_message else ""
         return ServePhase.Deploying, Verdict(F, R.ApplicationDeploying, f"serve application {view.app_status}{detail}"), None
-    phase = ServePhase.Waiting if placement.waiting else ServePhase.Deploying
+    phase = ServePhase.Waiting if placement.waiting and _never_served(observed.ray_service) else ServePhase.Deploying
     return phase, Verdict(F, R.RayServiceStarting, view.rs_message or "Ray cluster starting"), None
+
+
+NEVER_SERVED_REASONS = frozenset({"", "Initializing", "InitializingTimeout"})
+"""KubeRay's RayService ``Ready`` reasons before its first serve endpoint (ray-operator
+apis/ray/v1/rayservice_types.go). A placement made while its pool was busy says Waiting only until
+then: after it served once, losing every endpoint (a replica pod killed) is a restart, not a wait."""
+
+
+def _never_served(ray_service: Optional[Mapping[str, Any]]) -> bool:
+    conds = ((ray_service or {}).get("status") or {}).get("conditions") or []
+    ready = next((c for c in conds if c.get("type") == "Ready"), {})
+    return (ready.get("reason") or "") in NEVER_SERVED_REASONS
 
 
 def _adapters_ready(listed: int, adapters: list[AdapterStatus]) -> Verdict[ServeConditionReason]:
