@@ -53,6 +53,8 @@ CHILD_KINDS = (
     ChildKind("ray.io/v1", "RayJob", "rayjobs"),
     ChildKind("ray.io/v1", "RayService", "rayservices"),
 )
+# Kinds the operator does not render but patches: a RayService's RayClusters (their replica bounds).
+PATCHED_KINDS = (ChildKind("ray.io/v1", "RayCluster", "rayclusters"),)
 
 
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:
