@@ -21,11 +21,15 @@ import threading
 import urllib.request
 from dataclasses import dataclass
 
-import kopf
-from kubernetes import client, config
+from tuneserve.controller.keepout import refuse_kubernetes
 
-import tuneserve.controller.handlers  # noqa: F401  (registers the handlers)
-from tuneserve.controller.leader import LeaderElector
+refuse_kubernetes()   # before kopf, which imports `kubernetes` whenever it can (keepout.py)
+
+import kopf  # noqa: E402
+
+import tuneserve.controller.handlers  # noqa: E402,F401  (registers the handlers)
+from tuneserve.controller.apiclient import Client  # noqa: E402
+from tuneserve.controller.leader import LeaderElector  # noqa: E402
 
 log = logging.getLogger("tuneserve.main")
 
@@ -111,11 +115,7 @@ def _free_loopback_port() -> int:
 
 def run_elected(settings: Settings) -> int:
     """Wait for the Lease, reconcile while holding it, release it on the way out."""
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    elector = LeaderElector(client.CoordinationV1Api(), settings.lease_namespace, settings.lease_name,
+    elector = LeaderElector(Client.from_environment(connections=1), settings.lease_namespace, settings.lease_name,
                             settings.identity)
     liveness = f"127.0.0.1:{_free_loopback_port()}"
     _serve_health(settings.health_addr, elector, f"http://{liveness}/healthz")

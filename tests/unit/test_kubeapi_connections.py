@@ -1,4 +1,4 @@
-"""The operator's writes reuse kept-alive connections (controller/kubeapi.py, handlers._api_client).
+"""The operator's writes reuse kept-alive connections (controller/apiclient.py, handlers._api_client).
 
 An unread reply cannot go back to the connection pool, and a pool smaller than the reconcile
 workers drops connections: either way every write opens a new TLS connection. In a burst of 200
@@ -8,82 +8,22 @@ HTTP server on loopback counts the client connections behind many writes.
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from kubernetes import client
 
+from loopback import serve
 from tuneserve.controller.handlers import _api_client
 from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.core.plan import Event
 
-DISCOVERY = {
-    "/api": {"kind": "APIVersions", "versions": ["v1"]},
-    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []},
-    "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
-        {"name": "configmaps", "singularName": "configmap", "namespaced": True, "kind": "ConfigMap",
-         "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}]},
-}
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.peers: set[tuple[str, int]] = set()
-        self.writes = 0
-        self.guard = threading.Lock()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"   # keep-alive, as the API server
-
-    def log_message(self, *_):
-        pass
-
-    def _reply(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _count(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with self.server.guard:
-            self.server.peers.add(self.client_address)
-            self.server.writes += 1
-
-    def do_GET(self):
-        self._reply(DISCOVERY.get(self.path.split("?")[0], {}))
-
-    def do_PATCH(self):
-        self._count()
-        self._reply({"kind": "ConfigMap", "metadata": {"name": "x", "resourceVersion": "1"}, "data": {"k": "v" * 4096}})
-
-    do_POST = do_PATCH
-
 
 @pytest.fixture()
 def server():
-    srv = _Server()
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+    srv = serve()
     yield srv
     srv.shutdown()
     srv.server_close()
-
-
-def _api(server, connections: int) -> KubeApi:
-    client.Configuration.set_default(client.Configuration(host=f"http://127.0.0.1:{server.server_address[1]}"))
-    try:
-        return KubeApi(_api_client(connections))
-    finally:
-        client.Configuration.set_default(None)
 
 
 def _writes(api: KubeApi, i: int) -> None:
@@ -93,9 +33,24 @@ def _writes(api: KubeApi, i: int) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 8])
-def test_writes_reuse_one_kept_alive_connection_per_worker(server, threads):
-    api = _api(server, connections=threads)
+def test_writes_reuse_one_kept_alive_connection_per_worker(server, threads, tmp_path, monkeypatch):
+    kubeconfig = tmp_path / "kubeconfig"   # the operator's client, logged in as the operator is outside a pod
+    kubeconfig.write_text(json.dumps({
+        "current-context": "c", "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "clusters": [{"name": "c", "cluster": {"server": server.url}}], "users": [{"name": "u", "user": {"token": "t"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    api = KubeApi(_api_client(connections=threads))
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(lambda i: _writes(api, i), range(40)))
-    assert server.writes == 80
-    assert len(server.peers) <= threads, f"{len(server.peers)} connections for 80 writes from {threads} threads"
+    assert len(server.seen) == 80 and {s.authorization for s in server.seen} == {"Bearer t"}
+    assert len(server.peers()) <= threads, f"{len(server.peers())} connections for 80 writes from {threads} threads"
+
+
+def test_error_replies_are_read_too(server):
+    """A refused write (a 409, a 422 of a failed test op) must not leave its connection unusable."""
+    server.respond = lambda seen: (422, {"kind": "Status", "code": 422, "details": {}})
+    api = KubeApi(server.client(connections=1))
+    for i in range(20):
+        assert api.json_patch("ray.io/v1", "RayCluster", f"rc-{i}", "ns", [{"op": "test", "path": "/x", "value": 1}]) \
+            is False
+    assert len(server.peers()) == 1

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional
 
 import kopf
-from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 
 from tuneserve import API_GROUP
 from tuneserve.builders.common import JOB_LABEL, SERVE_LABEL, progress_configmap_name
 from tuneserve.core.catalog import Catalog, load_catalog
+from tuneserve.controller.apiclient import ApiError, Client, connection_info
 from tuneserve.controller.applied import RecentlyApplied
 from tuneserve.controller.indexes import (
-    CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, ChildKind, Lazily, children, everything, known_names, of_kind, reservations,
+    CHILD_KINDS, FTJ, MANAGED, MS, NAMED_KINDS, PATCHED_KINDS, Lazily, children, everything, known_names, of_kind, reservations,
     secret_keys,
 )
 from tuneserve.controller.promised import Promised
@@ -80,13 +79,18 @@ class Runtime:
             return cls.locks.setdefault(uid, threading.Lock())
 
 
-def _api_client(connections: int) -> client.ApiClient:
-    """A client whose connection pool holds one kept-alive connection per reconcile worker. The
-    default pool (5 per CPU: 10 here) is smaller than the workers, so in a burst every write beyond
-    it opened a new TLS connection and dropped it: a third of the operator's time in handshakes."""
-    configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = connections
-    return client.ApiClient(configuration)
+def _api_client(connections: int) -> Client:
+    """A client whose connection pool holds one kept-alive connection per reconcile worker. A pool
+    smaller than the workers (the `kubernetes` client's default was 10 here) made every write
+    beyond it open a new TLS connection and drop it: a third of the operator's time in handshakes."""
+    return Client.from_environment(connections)
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's watches log in as the operator's own writes do (apiclient.connection_info). Without
+    a login handler kopf logs in through the `kubernetes` client whenever it is installed."""
+    return connection_info(settings)
 
 
 def _load_catalog() -> Catalog:
@@ -106,10 +110,6 @@ def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     settings.persistence.finalizer = f"{API_GROUP}/finalizer"   # earlier versions added it; kopf now removes it
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
     Runtime.api = KubeApi(_api_client(RECONCILE_WORKERS + 2))   # + the resync loop, + one spare
     Runtime.catalog = _load_catalog()
     SCHEDULE.set_resync(float(os.environ.get("TUNESERVE_RESYNC_SECONDS", DEFAULT_RESYNC_SECONDS)))
@@ -167,7 +167,7 @@ def _carry_out(plan: Plan, body: kopf.Body, plural: str, namespace: str, name: s
         for patch in plan.patch:
             if api.json_patch(patch.api_version, patch.kind, patch.name, namespace, patch.ops) and patch.event:
                 api.post_event(body, patch.event)
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 404 or (exc.status == 403 and "being terminated" in (exc.body or "")):
             return   # the object or its namespace is going away
         raise kopf.TemporaryError(f"API error {exc.status}: {exc.reason}: {(exc.body or '')[:300]}", delay=5)
@@ -303,7 +303,7 @@ def _wake_owner(namespace: str, labels: Mapping[str, str], **_: Any) -> None:
             SCHEDULE.wake((plural, namespace, labels[label]))
 
 
-for _child in (*CHILD_KINDS, ChildKind("ray.io/v1", "RayCluster", "rayclusters")):
+for _child in (*CHILD_KINDS, *PATCHED_KINDS):
     kopf.on.event(_child.group, _child.version, _child.plural, labels=MANAGED, id=f"wake_owner_of_{_child.plural}")(_wake_owner)
 for _label in (JOB_LABEL, SERVE_LABEL):
     kopf.on.event("", "v1", "pods", labels={_label: kopf.PRESENT}, id=f"wake_owner_of_pods_{_label.rsplit('/', 1)[1]}")(_wake_owner)

@@ -4,60 +4,58 @@ guarded JSON patches of objects KubeRay owns. Reads come from kopf's
 indexes (indexes.py), not from here; of Secrets only the key names are indexed, never values."""
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
 
-from kubernetes import client, dynamic
-from kubernetes.client.exceptions import ApiException
-
 from tuneserve import API_GROUP, API_VERSION, FIELD_MANAGER
+from tuneserve.controller.apiclient import APPLY_PATCH, JSON_PATCH, ApiError, Client, object_path
+from tuneserve.controller.indexes import CHILD_KINDS, PATCHED_KINDS
 from tuneserve.core.plan import Event
 
 EVENT_SOURCE = "tuneserve-operator"
 
 log = logging.getLogger(__name__)
 
+# The plural of each kind the operator applies, deletes or patches, by (apiVersion, kind): the
+# children its builders render (CHILD_KINDS) and the RayClusters whose bounds it patches. A fixed
+# table instead of API discovery: the set of kinds is fixed by the code (a unit test checks the
+# builders' kinds against CHILD_KINDS), so discovery's requests at startup bought nothing.
+PLURALS = {(k.api_version, k.kind): k.plural for k in (*CHILD_KINDS, *PATCHED_KINDS)}
 
-def _causes(exc: ApiException) -> list:
+
+def plural_of(api_version: str, kind: str) -> str:
+    """The resource name of a kind the operator writes; ValueError for any other kind."""
     try:
-        return (json.loads(exc.body or "{}").get("details") or {}).get("causes") or []
-    except (ValueError, AttributeError):
-        return []
+        return PLURALS[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"the operator does not write {kind} ({api_version}): not in kubeapi.PLURALS "
+                         "(CHILD_KINDS or PATCHED_KINDS in controller/indexes.py)") from None
 
 
-def _discard(response: Any) -> None:
-    """Reads an unread reply to its end and hands its connection back to the pool (an unread one
-    cannot be reused, so the next write would open a new TLS connection)."""
-    response.drain_conn()
-    response.release_conn()
+def _path(api_version: str, kind: str, namespace: Optional[str], name: str) -> str:
+    return object_path(api_version, plural_of(api_version, kind), namespace, name)
 
 
 class KubeApi:
-    """Writes only: no response is turned into objects (``serialize=False``, ``_preload_content=False``):
-    nothing reads them, and wrapping a RayJob's reply in the client's models cost more CPU than the
-    write itself in a burst of creates."""
-    def __init__(self, api_client: client.ApiClient):
-        self.api_client = api_client
-        self.dyn = dynamic.DynamicClient(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+    """Writes only: replies are read (so their connections are reused) but only a status write's
+    new resourceVersion is taken from them."""
+    def __init__(self, client: Client):
+        self.client = client
 
     def apply(self, obj: Mapping[str, Any]) -> None:
-        res = self.dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
         meta = obj["metadata"]
-        _discard(res.server_side_apply(body=dict(obj), name=meta["name"], namespace=meta.get("namespace"),
-                                       field_manager=FIELD_MANAGER, force_conflicts=True, serialize=False))
+        self.client.request("PATCH", _path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]),
+                            dict(obj), APPLY_PATCH, {"fieldManager": FIELD_MANAGER, "force": "true"})
         log.info("applied %s %s/%s", obj["kind"], meta.get("namespace"), meta["name"])
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str) -> None:
-        res = self.dyn.resources.get(api_version=api_version, kind=kind)
         try:
-            _discard(res.delete(name=name, namespace=namespace, body={"propagationPolicy": "Background"},
-                                serialize=False))
+            self.client.request("DELETE", _path(api_version, kind, namespace, name),
+                                {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
+                                "application/json")
             log.info("deleted %s %s/%s", kind, namespace, name)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 404:
                 raise
 
@@ -65,12 +63,10 @@ class KubeApi:
         """Applies a JSON patch. False, and nothing written, when the object is gone or one of its
         ``test`` ops failed: the object changed since it was read, and the next reconcile plans
         again from the fresh copy."""
-        res = self.dyn.resources.get(api_version=api_version, kind=kind)
         try:
-            _discard(res.patch(body=ops, name=name, namespace=namespace, content_type="application/json-patch+json",
-                               serialize=False))
-        except ApiException as exc:
-            if exc.status == 404 or (exc.status == 422 and not _causes(exc)):
+            self.client.request("PATCH", _path(api_version, kind, namespace, name), ops, JSON_PATCH)
+        except ApiError as exc:
+            if exc.status == 404 or (exc.status == 422 and not exc.causes()):
                 # A failed test op is a bare 422 (the API server drops the JSON patch error); an
                 # object the schema rejects comes with causes, and is raised.
                 log.info("not patching %s %s/%s: gone or changed since it was read", kind, namespace, name)
@@ -88,10 +84,10 @@ class KubeApi:
             if resource_version else []
         ops.append({"op": "add", "path": "/status", "value": status})
         try:
-            written = self.custom.patch_namespaced_custom_object_status(
-                API_GROUP, API_VERSION, namespace, plural, name, body=ops, _content_type="application/json-patch+json")
-        except ApiException as exc:
-            if exc.status == 409 or (exc.status == 422 and not _causes(exc)):
+            written = self.client.request("PATCH", object_path(f"{API_GROUP}/{API_VERSION}", plural, namespace, name,
+                                                               "status"), ops, JSON_PATCH)
+        except ApiError as exc:
+            if exc.status == 409 or (exc.status == 422 and not exc.causes()):
                 log.info("not writing the status of %s/%s: it changed since it was read", namespace, name)
                 return None
             raise
@@ -101,8 +97,9 @@ class KubeApi:
         """A core/v1 Event about ``involved`` (a FineTuneJob or ModelServe body). Never raises: a
         lost Event must not fail or repeat a reconcile whose writes are done."""
         meta = involved.get("metadata") or {}
-        now = datetime.now(timezone.utc)
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
+            "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
             "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
                                "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")},
@@ -111,7 +108,7 @@ class KubeApi:
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         try:
-            _discard(self.core.create_namespaced_event(meta.get("namespace"), body, _preload_content=False))
-        except ApiException as exc:
+            self.client.request("POST", object_path("v1", "events", meta.get("namespace")), body, "application/json")
+        except ApiError as exc:
             log.warning("could not post Event %s on %s/%s: %s", event.reason, meta.get("namespace"), meta.get("name"),
                         exc.reason)

@@ -16,11 +16,11 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Any, Callable, Mapping, Optional
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
+from tuneserve.controller.apiclient import ApiError, Client, object_path
 
 log = logging.getLogger(__name__)
 MICRO = "%Y-%m-%dT%H:%M:%S.%fZ"
+LEASES = "coordination.k8s.io/v1"
 
 
 @dataclass(frozen=True)
@@ -77,39 +77,45 @@ def lease_spec_for(action: Action, previous: Optional[Mapping[str, Any]], identi
 class LeaderElector:
     """Holds the Lease ``namespace/name`` for ``identity`` while this process reconciles."""
 
-    def __init__(self, api: client.CoordinationV1Api, namespace: str, name: str, identity: str,
+    def __init__(self, api: Client, namespace: str, name: str, identity: str,
                  timing: ElectionTiming = ElectionTiming(), clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
         self.api, self.namespace, self.name, self.identity = api, namespace, name, identity
         self.timing, self.clock = timing, clock
         self.leading = threading.Event()
         self.lost = threading.Event()
+        self.path = object_path(LEASES, "leases", namespace, name)
+
+    def _read(self) -> Optional[dict[str, Any]]:
+        """The Lease; None when there is none yet. Raises ApiError for any other failure."""
+        try:
+            return self.api.request("GET", self.path)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            return None
 
     def try_once(self) -> bool:
         """One read-decide-write round; True when we hold the Lease afterwards. A conflict (a peer
         wrote in between) or an API error counts as not holding it."""
         now = self.clock()
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                log.warning("reading Lease %s/%s: %s", self.namespace, self.name, exc.reason)
-                return False
-            lease = None
-        spec = lease.spec.to_dict() if lease is not None else None
-        spec = _camel(spec) if spec else None
+            lease = self._read()
+        except ApiError as exc:
+            log.warning("reading Lease %s/%s: %s", self.namespace, self.name, exc.reason)
+            return False
+        spec = (lease.get("spec") or {}) if lease is not None else None
         action = decide(spec, self.identity, now)
         if action is Action.Wait:
             return False
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace},
+        body = {"apiVersion": LEASES, "kind": "Lease", "metadata": {"name": self.name, "namespace": self.namespace},
                 "spec": lease_spec_for(action, spec, self.identity, now, self.timing)}
         try:
             if lease is None:
-                self.api.create_namespaced_lease(self.namespace, body)
+                self.api.request("POST", object_path(LEASES, "leases", self.namespace), body, "application/json")
             else:
-                body["metadata"]["resourceVersion"] = lease.metadata.resource_version   # optimistic lock
-                self.api.replace_namespaced_lease(self.name, self.namespace, body)
-        except ApiException as exc:
+                body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]   # optimistic lock
+                self.api.request("PUT", self.path, body, "application/json")
+        except ApiError as exc:
             if exc.status not in (409, 422):
                 log.warning("writing Lease %s/%s: %s", self.namespace, self.name, exc.reason)
             return False
@@ -143,25 +149,14 @@ class LeaderElector:
     def release(self) -> None:
         """Gives the Lease up on a clean shutdown so the standby need not wait out the term."""
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
-            if lease.spec.holder_identity != self.identity:
+            lease = self._read()
+            spec = (lease or {}).get("spec") or {}
+            if lease is None or spec.get("holderIdentity") != self.identity:
                 return
-            lease.spec.holder_identity = ""
-            lease.spec.lease_duration_seconds = 1
-            self.api.replace_namespaced_lease(self.name, self.namespace, lease)
+            lease["spec"] = {**spec, "holderIdentity": "", "leaseDurationSeconds": 1}
+            self.api.request("PUT", self.path, lease, "application/json")
             log.info("released leadership (Lease %s/%s)", self.namespace, self.name)
-        except ApiException as exc:
+        except ApiError as exc:
             log.warning("releasing Lease %s/%s: %s", self.namespace, self.name, exc.reason)
         finally:
             self.leading.clear()
-
-
-def _camel(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The client's snake_case LeaseSpec as the API's camelCase, datetimes as RFC 3339 strings."""
-    names = {"holder_identity": "holderIdentity", "lease_duration_seconds": "leaseDurationSeconds",
-             "acquire_time": "acquireTime", "renew_time": "renewTime", "lease_transitions": "leaseTransitions"}
-    out: dict[str, Any] = {}
-    for key, value in spec.items():
-        if key in names and value is not None:
-            out[names[key]] = value.astimezone(timezone.utc).strftime(MICRO) if isinstance(value, datetime) else value
-    return out
