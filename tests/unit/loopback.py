@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +25,7 @@ class Seen:
     authorization: Optional[str]
     body: Any
     peer: tuple[str, int]
+    client_cn: Optional[str] = None   # the TLS client certificate's common name
 
 
 def ok(_seen: Seen) -> tuple[int, Any]:
@@ -33,15 +35,18 @@ def ok(_seen: Seen) -> tuple[int, Any]:
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self):
+    def __init__(self, tls: Optional[ssl.SSLContext] = None):
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.scheme = "https" if tls else "http"
+        if tls:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
         self.seen: list[Seen] = []
         self.respond: Callable[[Seen], tuple[int, Any]] = ok
         self.guard = threading.Lock()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
 
     def client(self, connections: int = 4, token: Optional[str] = "t0ken") -> Client:
         return Client(kopf.ConnectionInfo(server=self.url, token=token), connections)
@@ -61,7 +66,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         url = urlsplit(self.path)
         seen = Seen(self.command, url.path, parse_qs(url.query), self.headers.get("Content-Type"),
-                    self.headers.get("Authorization"), json.loads(raw) if raw else None, self.client_address)
+                    self.headers.get("Authorization"), json.loads(raw) if raw else None, self.client_address,
+                    _common_name(self.connection))
         with self.server.guard:
             self.server.seen.append(seen)
         status, body = self.server.respond(seen)
@@ -75,7 +81,12 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
 
-def serve() -> ApiServer:
-    srv = ApiServer()
+def _common_name(conn: object) -> Optional[str]:
+    cert = conn.getpeercert() if isinstance(conn, ssl.SSLSocket) else None
+    return next((v for rdn in (cert or {}).get("subject", ()) for k, v in rdn if k == "commonName"), None)
+
+
+def serve(tls: Optional[ssl.SSLContext] = None) -> ApiServer:
+    srv = ApiServer(tls)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return srv

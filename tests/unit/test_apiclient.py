@@ -3,8 +3,10 @@ leader.py), against a stand-in API server on loopback: the requests the API serv
 path, content type, field manager) and what each error reply turns into."""
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
+import ssl
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -168,3 +170,59 @@ def test_the_operator_process_never_imports_the_kubernetes_client():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                          env={"PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'workers'}", "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made as hack/localcluster.py does."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def ossl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+         "-subj", "/CN=test-ca")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", f"{name}.crt", "-days", "2", *ext)
+    return d
+
+
+@pytest.fixture()
+def tls_server(pki):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    ctx.verify_mode = ssl.CERT_REQUIRED   # as the API server does with a client CA: the certificate is the user
+    srv = serve(ctx)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _b64(path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.parametrize("inline", [False, True], ids=["files", "kubeconfig-data"])
+def test_client_certificate_and_ca_from_files_or_kubeconfig_data(tls_server, pki, inline):
+    if inline:
+        info = kopf.ConnectionInfo(server=tls_server.url, ca_data=_b64(pki / "ca.crt"),
+                                   certificate_data=_b64(pki / "client.crt"), private_key_data=_b64(pki / "client.key"))
+    else:
+        info = kopf.ConnectionInfo(server=tls_server.url, ca_path=str(pki / "ca.crt"),
+                                   certificate_path=str(pki / "client.crt"), private_key_path=str(pki / "client.key"))
+    api = KubeApi(Client(info, 1))
+    for _ in range(3):
+        api.apply(CM)
+    assert [s.client_cn for s in tls_server.seen] == ["client"] * 3 and tls_server.seen[0].authorization is None
+    assert len(tls_server.peers()) == 1
+
+
+def test_a_server_the_ca_does_not_vouch_for_is_refused(tls_server, pki):
+    info = kopf.ConnectionInfo(server=tls_server.url, certificate_path=str(pki / "client.crt"),
+                               private_key_path=str(pki / "client.key"))   # the system CAs only
+    with pytest.raises(ApiError) as err:
+        Client(info, 1).request("GET", "/api")
+    assert err.value.status == 0 and "CERTIFICATE_VERIFY_FAILED" in err.value.reason
