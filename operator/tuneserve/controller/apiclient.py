@@ -26,7 +26,8 @@ import urllib3
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 TOKEN_REREAD_SECONDS = 60.0   # a projected service-account token is rotated by the kubelet
 TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)   # a hung write must not hold a worker forever
-RETRIES = urllib3.Retry(total=3, connect=3, read=0, status=0, redirect=0, raise_on_status=False)
+RETRIES = urllib3.Retry(total=3, redirect=0)   # urllib3's default, as the `kubernetes` client had: connection
+# errors, and read errors of idempotent methods (GET, PUT, DELETE; not PATCH or POST)
 
 JSON = "application/json"
 APPLY_PATCH = "application/apply-patch+yaml"   # server-side apply; JSON is YAML
