@@ -143,7 +143,7 @@ def test_preferred_accelerator_full_falls_back_for_serving(kube, namespace, oper
     assert "amd.com/gpu" in worker["containers"][0]["resources"]["limits"]
 
 
-def test_replicas_change_reaches_the_running_raycluster_without_a_new_cluster(kube, namespace, operator):
+def test_replicas_change_reaches_the_running_raycluster_without_a_new_cluster(kube, namespace, operator, cluster, monkeypatch):
     secrets(kube, namespace)
     kube.apply(example("modelserve-qwen-bank.yaml"), namespace)
 
@@ -198,15 +198,19 @@ def test_replicas_change_reaches_the_running_raycluster_without_a_new_cluster(ku
     assert live["spec"]["workerGroupSpecs"][0]["replicas"] == 1
     assert [c["metadata"]["name"] for c in kube.list(*RC, namespace)] == [name]
 
-    # A patch planned from a stale copy of the cluster fails its test op and writes nothing.
+    # A patch planned from a stale copy of the cluster fails its test op and writes nothing (the
+    # operator's own client, logged in from the kubeconfig as the operator process is).
+    from tuneserve.controller.apiclient import ApiError, Client
     from tuneserve.controller.kubeapi import KubeApi
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    api = KubeApi(Client.from_environment(1))
     stale = [{"op": "test", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 6},
              {"op": "replace", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 9}]
-    assert KubeApi(kube.api_client).json_patch(*RC, name, namespace, stale) is False
+    assert api.json_patch(*RC, name, namespace, stale) is False
     assert kube.get(*RC, name, namespace)["spec"]["workerGroupSpecs"][0]["maxReplicas"] == 1
     # One the schema rejects is an error, not a stale read.
-    with pytest.raises(ApiException) as err:
-        KubeApi(kube.api_client).json_patch(*RC, name, namespace, [{**stale[1], "value": "many"}])
+    with pytest.raises(ApiError) as err:
+        api.json_patch(*RC, name, namespace, [{**stale[1], "value": "many"}])
     assert err.value.status == 422
 
 
