@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO
 from loopback import Seen, serve
 from tuneserve import FIELD_MANAGER
-from tuneserve.controller.apiclient import ApiError, Client
+from tuneserve.controller.apiclient import ApiError, Client, connection_info
 from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.controller.leader import LeaderElector
 from tuneserve.core.plan import Event
@@ -226,3 +226,38 @@ def test_a_server_the_ca_does_not_vouch_for_is_refused(tls_server, pki):
     with pytest.raises(ApiError) as err:
         Client(info, 1).request("GET", "/api")
     assert err.value.status == 0 and "CERTIFICATE_VERIFY_FAILED" in err.value.reason
+
+
+def test_in_a_pod_the_api_server_is_the_one_of_the_service_environment(monkeypatch):
+    """As client-go: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT (kopf's own default
+    is the kubernetes.default.svc name, which needs cluster DNS)."""
+    sa = kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="sa-token", ca_path="/sa/ca.crt")
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: sa)
+    for host, server in (("10.96.0.1", "https://10.96.0.1:6443"), ("fd00::1", "https://[fd00::1]:6443")):
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+        info = connection_info()
+        assert (info.server, info.token, info.ca_path) == (server, "sa-token", "/sa/ca.crt")
+
+
+def test_outside_a_pod_the_kubeconfig_and_with_neither_a_login_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: None)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda **_: None)
+    with pytest.raises(kopf.LoginError):
+        connection_info()
+
+
+def test_a_rotated_service_account_token_is_used_within_a_minute(server, tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("tuneserve.controller.apiclient.time.monotonic", lambda: clock[0])
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    client = Client(kopf.ConnectionInfo(server=server.url, token="first"), 1, token_file=token)
+    client.request("GET", "/api")
+    token.write_text("second\n")   # the kubelet rotated it
+    client.request("GET", "/api")
+    clock[0] += 61
+    client.request("GET", "/api")
+    assert [s.authorization for s in server.seen] == ["Bearer first", "Bearer first", "Bearer second"]
