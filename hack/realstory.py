@@ -85,9 +85,11 @@ def base_model(storage: StoryStorage) -> dict[str, Any]:
 
 
 def build_finetunejob(name: str, namespace: str, storage: StoryStorage, *, training: Optional[dict[str, Any]] = None,
-                      checkpoint_interval: int = 30, backoff_limit: Optional[int] = None) -> dict[str, Any]:
+                      checkpoint_interval: int = 30, backoff_limit: Optional[int] = None,
+                      accelerators: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The story's job; ``training`` overrides fields of spec.training (the fault tests: more
-    steps, of more samples), ``backoff_limit`` sets spec.backoffLimit."""
+    steps, of more samples), ``backoff_limit`` sets spec.backoffLimit, ``accelerators`` replaces
+    spec.accelerators (default: one CPU worker of the real node's pool)."""
     return {
         "apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": namespace},
@@ -97,7 +99,8 @@ def build_finetunejob(name: str, namespace: str, storage: StoryStorage, *, train
             "method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
             "training": {"maxSteps": TRAIN_STEPS, "learningRate": 0.005, "globalBatchSize": 4, "microBatchSize": 1,
                          "maxSeqLength": 128, "warmupRatio": 0.05, "seed": 7, "precision": "fp32", **(training or {})},
-            "accelerators": {"choices": [{"vendor": "cpu", "product": "cpu", "devicesPerWorker": 1, "workers": 1}]},
+            "accelerators": accelerators or {"choices": [{"vendor": "cpu", "product": "cpu", "devicesPerWorker": 1,
+                                                          "workers": 1}]},
             "checkpoint": {"uri": storage.uri("checkpoints", name), "intervalSteps": checkpoint_interval, "keep": 1},
             "output": {"uri": storage.uri("adapters", name)},
             "credentials": _credentials(storage),

@@ -43,9 +43,15 @@ def storage(cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def helm_operator(cluster, kube, real_images, no_session_operator_module, tmp_path_factory):
+def operator_values(real_images) -> dict:
+    """The chart values the module installs (a module overrides this fixture to change them)."""
+    return story.build_operator_values(real_images)
+
+
+@pytest.fixture(scope="module")
+def helm_operator(cluster, kube, operator_values, no_session_operator_module, tmp_path_factory):
     """The chart installed with the images built here, its two operator pods on the real node."""
-    values = story.build_operator_values(real_images)
+    values = operator_values
     story.install_operator(BIN / "helm", cluster.kubeconfig, values, tmp_path_factory.mktemp("helm"))
     try:
         yield values

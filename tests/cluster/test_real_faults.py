@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime, timezone
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
-from kubernetes.client.exceptions import ApiException
 
 import realstory as story
-import waiting
-from tuneserve_workers.contract import PROGRESS_KEY, Progress
+from realjob import Timeline, between_checkpoints, committed
+from tuneserve_workers.contract import Progress
 
 pytestmark = pytest.mark.cluster
 NS, FTJ = "real-faults", "faults"
@@ -38,39 +37,6 @@ NS, FTJ = "real-faults", "faults"
 # faults hit right after one, at a known step.
 STEPS, INTERVAL, BATCH, BACKOFF_LIMIT = 160, 50, 16, 2
 WORKER_PODS = f"tuneserve.dev/finetunejob={FTJ},ray.io/node-type=worker"
-
-
-class Timeline:
-    """What the test saw of the job, in order: the progress document (the ConfigMap the worker
-    writes, which the operator folds into status) and the status' phase and restarts."""
-
-    def __init__(self, kube):
-        self.kube, self.t0, self.lines, self.last = kube, time.monotonic(), [], None
-
-    def ftj(self) -> dict:
-        return self.kube.get("tuneserve.dev/v1alpha1", "FineTuneJob", FTJ, NS) or {}
-
-    def progress(self) -> Optional[Progress]:
-        cm = self.kube.get("v1", "ConfigMap", f"{FTJ}-progress", NS) or {}
-        doc = (cm.get("data") or {}).get(PROGRESS_KEY)
-        p = Progress.model_validate_json(doc) if doc else None
-        status = self.ftj().get("status") or {}
-        seen = (p.state, p.step, p.last_checkpoint and p.last_checkpoint.step, p.resumed_from_step,
-                status.get("phase"), status.get("restarts")) if p else (None,) * 6
-        if seen != self.last:
-            self.last = seen
-            self.note("state={} step={} checkpoint={} resumedFrom={} phase={} restarts={}".format(*seen))
-        return p
-
-    def note(self, what: str) -> None:
-        self.lines.append(f"{time.monotonic() - self.t0:6.1f}s {what}")
-
-    def text(self) -> str:
-        return "\ntimeline:\n  " + "\n  ".join(self.lines)
-
-    def wait(self, fn: Callable, timeout: float, what: str):
-        """waiting.wait_for with API errors as "not yet" and the timeline in a timeout's message."""
-        return waiting.wait_for(fn, timeout, what, retry=(ApiException,), on_timeout=self.text)
 
 
 def _worker_pod(kube) -> Optional[dict]:
@@ -85,37 +51,15 @@ def _container_id(pod: dict) -> str:
     return status["containerID"].split("://", 1)[1]
 
 
-def _committed(storage) -> dict[int, dict]:
-    """step -> COMMITTED marker of the job's checkpoints in MinIO (one pruned meanwhile is left out)."""
-    server, where = storage
-    fs = server.filesystem()
-    root = where.uri("checkpoints", FTJ).removeprefix("s3://")
-    fs.invalidate_cache()
-    out = {}
-    for path in fs.ls(root, detail=False, refresh=True):
-        name = path.rsplit("/", 1)[-1]
-        if not name.startswith("step-"):
-            continue
-        try:
-            out[int(name.removeprefix("step-"))] = json.loads(fs.cat(f"{path}/COMMITTED"))
-        except FileNotFoundError:
-            pass
-    return out
-
-
 def _between_checkpoints(p: Optional[Progress], resumed_from: Optional[int]) -> bool:
-    """A report of the run that resumed from ``resumed_from`` (None: the first run) between two of
-    its checkpoints (the one it resumed from counts), with room left before the last step."""
-    return bool(p and p.state == "Running" and p.resumed_from_step == resumed_from and p.last_checkpoint
-                and p.last_checkpoint.step < p.step < STEPS - INTERVAL)
+    return between_checkpoints(p, resumed_from, STEPS, INTERVAL)
 
 
 def _resumed(timeline: Timeline, after: int, timeout: float = 600) -> Progress:
     """The retried run's first report: resumed from a checkpoint newer than step ``after``. A retry
     takes ~1.5 min; up to the pods' 300 s grace period more when the worker pod KubeRay started in
     place of the lost one is still in ``ray start`` as the cluster goes (docs/training-worker.md)."""
-    return timeline.wait(lambda: (p := timeline.progress()) and p.state == "Running" and p.resumed_from_step is not None
-                         and p.resumed_from_step > after and p, timeout, f"a run resumed from after step {after}")
+    return timeline.resumed(after, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +68,7 @@ def timeline(kube, helm_operator, storage, story_namespace) -> Timeline:
     _, where = storage
     kube.apply(story.build_finetunejob(FTJ, NS, where, training={"maxSteps": STEPS, "globalBatchSize": BATCH},
                                        checkpoint_interval=INTERVAL, backoff_limit=BACKOFF_LIMIT))
-    t = Timeline(kube)
+    t = Timeline(kube, NS, FTJ)
     yield t
     print(t.text())
 
@@ -143,7 +87,7 @@ def killed(kube, cluster, storage, timeline) -> dict:
     timeline.wait(lambda: not any(p["metadata"]["uid"] == uid and p["status"].get("phase") == "Running"
                                   for p in kube.list("v1", "Pod", NS, label_selector=WORKER_PODS)), 60,
                   "the killed worker pod to stop running")
-    newest = max(_committed(storage).items(), default=(None, {}))
+    newest = max(committed(storage, FTJ).items(), default=(None, {}))
     after = _resumed(timeline, 0)
     return {"before": before, "report_age_s": age, "after": after, "newest_at_kill": newest,
             "status": timeline.ftj()["status"]}
@@ -176,7 +120,7 @@ def drained(kube, storage, timeline, killed) -> dict:
     timeline.note(f"deleted {pod['metadata']['name']} (grace period {pod['spec']['terminationGracePeriodSeconds']}s) "
                   f"at reported step {before.step}")
     step, marker = timeline.wait(
-        lambda: next(((s, m) for s, m in sorted(_committed(storage).items(), reverse=True)
+        lambda: next(((s, m) for s, m in sorted(committed(storage, FTJ).items(), reverse=True)
                       if s >= before.step and m["meta"].get("drained")), None),
         120, "an emergency checkpoint marked drained")
     timeline.note(f"emergency checkpoint of step {step} committed ({marker['meta']['drained']})")
@@ -202,14 +146,8 @@ def test_a_drained_worker_pod_resumes_from_the_step_it_reached(drained):
     assert status["restarts"] == 2 and status["phase"] in ("Starting", "Running"), json.dumps(status, indent=1)
 
 
-def _finished(timeline: Timeline) -> Optional[dict]:
-    timeline.progress()
-    job = timeline.ftj()
-    return job if (job.get("status") or {}).get("phase") in ("Succeeded", "Failed") else None
-
-
 def test_the_job_succeeds_after_both_faults_within_its_backoff_limit(timeline, drained):
-    job = timeline.wait(lambda: _finished(timeline), 600, "the FineTuneJob to finish")
+    job = timeline.wait(timeline.finished, 600, "the FineTuneJob to finish")
     status = job["status"]
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     assert status["progress"]["step"] == STEPS
