@@ -104,6 +104,7 @@ def test_a_lost_pool_moves_to_the_next_choice_after_the_timeout(kuberay):
     assert status["placement"]["attempt"] == 2 and status["placement"]["choice"] == "cpu/cpu-b 1x1"
     assert [(r["choice"], r["code"]) for r in status["rejectedChoices"] if r["code"] == "TimedOut"] == \
         [("cpu/cpu 1x1", "TimedOut")]
+    assert "1 earlier choice rejected" in status["placement"]["reason"], "choice 2 tries cpu/cpu no second time"
     assert any(e.reason == "FellBack" for e in late.events)
     assert late.delete == [("ray.io/v1", "RayJob", "lossy-1")]
     new = next(o for o in late.apply if o["kind"] == "RayJob")

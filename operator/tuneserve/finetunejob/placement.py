@@ -105,7 +105,7 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
         candidates = []
         for index, choice in enumerate(spec.accelerators.choices):
             found, rejection = _choice_candidates(choice, index, catalog)
-            candidates += found
+            candidates += [c for c in found if all(c.key != known.key for known in candidates)]   # once each
             if rejection:
                 rejections.append(rejection)
     else:
