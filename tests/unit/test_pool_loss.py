@@ -113,3 +113,46 @@ def test_a_lost_pool_moves_to_the_next_choice_after_the_timeout(kuberay):
         and POOL_A not in worker["nodeSelector"]
     config = next(o for o in late.apply if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "lossy-2-config")
     assert CHECKPOINTS in str(config["data"]), "the next choice resumes from the same checkpoints"
+
+
+def lost_with_a_failed_run(b: dict, ray_job: dict, worker_bound: bool) -> World:
+    """KubeRay gave up on attempt 1 (backoffLimit used up): its Ray job failed, its replaced worker
+    pod still pending (unschedulable: the pool is gone) or, for a training failure, bound."""
+    lost_at = NOW + timedelta(minutes=3)
+    failed = {**ray_job, "status": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "failed": 1}}
+    pods = [pod("head", 1, True, lost_at), pod("worker", 1, worker_bound, lost_at)]
+    return world(the_node(POOL_B) if not worker_bound else the_node(POOL_A, POOL_B), pods, {"lossy-1": failed},
+                 progress("Failed", 50))
+
+
+def test_a_run_failed_by_a_lost_pool_moves_to_the_next_choice_at_once():
+    """No retry left: KubeRay deletes the failed run's cluster (and the pending pods that show the
+    pool is gone) 30 s later, so the job moves on now instead of failing."""
+    b, ray_job = trained_on_choice_1()
+    plan = plan_finetunejob(copy.deepcopy(b), lost_with_a_failed_run(b, ray_job, worker_bound=False), CATALOG,
+                            NOW + timedelta(minutes=3, seconds=5))
+    status = plan.status
+    assert status["phase"] not in ("Failed", "Succeeded"), status
+    assert status["placement"]["attempt"] == 2 and status["placement"]["choice"] == "cpu/cpu-b 1x1"
+    timed_out = [r for r in status["rejectedChoices"] if r["code"] == "TimedOut"]
+    assert [r["choice"] for r in timed_out] == ["cpu/cpu 1x1"] and "run failed while its worker pods" in timed_out[0]["message"]
+    assert plan.delete == [("ray.io/v1", "RayJob", "lossy-1")]
+    assert any(o["kind"] == "RayJob" and o["metadata"]["name"] == "lossy-2" for o in plan.apply)
+
+
+def test_a_run_that_failed_on_bound_workers_fails_the_job():
+    """A training failure (its workers were running) is the job's: no fallback."""
+    b, ray_job = trained_on_choice_1()
+    plan = plan_finetunejob(copy.deepcopy(b), lost_with_a_failed_run(b, ray_job, worker_bound=True), CATALOG,
+                            NOW + timedelta(minutes=3, seconds=5))
+    assert plan.status["phase"] == "Failed" and plan.status["placement"]["attempt"] == 1, plan.status
+
+
+def test_a_run_failed_by_a_lost_pool_with_no_choice_left_fails_the_job():
+    b, ray_job = trained_on_choice_1()
+    b["spec"]["accelerators"]["choices"] = b["spec"]["accelerators"]["choices"][:1]
+    plan = plan_finetunejob(copy.deepcopy(b), lost_with_a_failed_run(b, ray_job, worker_bound=False), CATALOG,
+                            NOW + timedelta(minutes=3, seconds=5))
+    assert plan.status["phase"] == "Failed", plan.status
+    assert [r["code"] for r in plan.status["rejectedChoices"]] == ["TimedOut"]
+    assert plan.delete == [("ray.io/v1", "RayJob", "lossy-1")] and not any(o["kind"] == "RayJob" for o in plan.apply)

@@ -17,7 +17,7 @@ from tuneserve.core.catalog import Catalog
 from tuneserve.core.hashing import to_apply
 from tuneserve.core.plan import Plan, finish, readable
 from tuneserve.core.references import Blocked, KnownNames, check_references
-from tuneserve.core.scheduling.fallback import Placing, fall_back, unschedulable_since
+from tuneserve.core.scheduling.fallback import Placing, fall_back, pool_lost, unschedulable_since
 from tuneserve.core.scheduling.fit import Outcome
 from tuneserve.core.scheduling.inventory import Inventory
 from tuneserve.core.scheduling.reservations import Reservation, placement_inventory
@@ -86,7 +86,7 @@ def plan_finetunejob(body: Mapping[str, Any], world: World, catalog: Catalog, no
 
 
 def pods_of_attempt(world: World, attempt: int) -> list[Mapping[str, Any]]:
-    return [p for p in world.job_pods if (p.get("metadata") or {}).get("labels", {}).get(ATTEMPT_LABEL) == str(attempt)]
+    return [p for p in world.job_pods if _labels(p).get(ATTEMPT_LABEL) == str(attempt)]
 
 
 def _inventory(job: FineTuneJob, world: World, catalog: Catalog) -> Inventory:
@@ -103,14 +103,29 @@ def _place(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[
     if placement is None:
         return Placing(1, decide_placement(job.spec, catalog, _inventory(job, world, catalog), timed_out_history(previous)))
     attempt_pods = pods_of_attempt(world, placement.attempt)
+    decide = lambda history: decide_placement(job.spec, catalog, _inventory(job, world, catalog), history)  # noqa: E731
+    lost_since = unschedulable_since(p for p in attempt_pods if _labels(p).get("ray.io/node-type") == "worker")
+    if lost_since is not None and _run_failed(world.ray_jobs.get(rayjob_name(job.metadata.name, placement.attempt))):
+        return pool_lost(placement.choice, placement.attempt, lost_since, now, timed_out_history(previous), decide)
     moved = fall_back(placement.choice, placement.attempt, unschedulable_since(attempt_pods),
                       timedelta(minutes=job.spec.accelerators.fallback_after_minutes), now, timed_out_history(previous),
-                      lambda history: decide_placement(job.spec, catalog, _inventory(job, world, catalog), history))
+                      decide)
     if moved is not None:
         return moved
     if placement.waiting and not any((p.get("spec") or {}).get("nodeName") for p in attempt_pods):
         return _sooner(job, world, catalog, previous, placement)
     return Placing(placement.attempt)
+
+
+def _labels(pod: Mapping[str, Any]) -> Mapping[str, str]:
+    return (pod.get("metadata") or {}).get("labels") or {}
+
+
+def _run_failed(ray_job: Optional[Mapping[str, Any]]) -> bool:
+    """KubeRay gave up on the attempt's Ray job (no retry left: its backoffLimit is used up)."""
+    rj = (ray_job or {}).get("status") or {}
+    return rj.get("jobDeploymentStatus") == "Failed" or \
+        (rj.get("jobDeploymentStatus") == "Complete" and rj.get("jobStatus") in ("FAILED", "STOPPED"))
 
 
 def _sooner(job: FineTuneJob, world: World, catalog: Catalog, previous: Optional[FineTuneJobStatus],

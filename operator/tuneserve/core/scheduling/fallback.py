@@ -1,5 +1,6 @@
 """Fallback: when a placed choice's pods stay unschedulable past the timeout, move on to the next
-choice (both kinds; the history is status.rejectedChoices with code TimedOut)."""
+choice (both kinds; the history is status.rejectedChoices with code TimedOut); and at once when the
+choice's run failed while its workers were unschedulable (its pool was lost: ``pool_lost``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,3 +76,15 @@ def fall_back(choice: str, attempt: int, since: Optional[datetime], timeout: tim
     if verdict.deadline is not None:
         return Placing(attempt, requeue_after=max(1.0, (verdict.deadline - now).total_seconds()))
     return None
+
+
+def pool_lost(choice: str, attempt: int, since: datetime, now: datetime, history: Mapping[str, str],
+              decide: Callable[[Mapping[str, str]], D]) -> Placing[D]:
+    """The run of a recorded placement failed while its worker pods were unschedulable (since
+    ``since``): the pool that held them is gone (a lost node, a relabelled pool), so the failure is
+    the pool's, not the training's. Move on now, as past the timeout: the failed run's cluster and
+    its pending pods are deleted soon after, and with them what shows the pool was lost."""
+    reason = (f"{choice}: the run failed while its worker pods were unschedulable (since {since.isoformat()}): "
+              "its pool no longer holds them; moved on to the next choice")
+    timed_out = ChoiceRejection(choice=choice, code=RejectionCode.TimedOut, message=reason, at=now)
+    return Placing(attempt + 1, decide({**history, choice: reason}), reason, (timed_out,))
