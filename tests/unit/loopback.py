@@ -8,7 +8,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import parse_qs, urlsplit
 
 import kopf
@@ -90,3 +90,11 @@ def serve(tls: Optional[ssl.SSLContext] = None) -> ApiServer:
     srv = ApiServer(tls)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return srv
+
+
+def running_server() -> Iterator[ApiServer]:
+    """A plain-HTTP loopback API server for one test (the modules' ``server`` fixture), shut after."""
+    srv = serve()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

@@ -15,7 +15,7 @@ import kopf
 import pytest
 
 from helpers import REPO
-from loopback import Seen, serve
+from loopback import Seen, running_server, serve
 from tuneserve import FIELD_MANAGER
 from tuneserve.controller.apiclient import ApiError, Client, connection_info
 from tuneserve.controller.kubeapi import KubeApi
@@ -26,12 +26,7 @@ CM = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm", "names
 JOB = {"apiVersion": "tuneserve.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
 
 
-@pytest.fixture()
-def server():
-    srv = serve()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+server = pytest.fixture(running_server)
 
 
 def _status(code: int, causes: list | None = None):

@@ -12,18 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from loopback import serve
+from loopback import running_server
 from tuneserve.controller.handlers import _api_client
 from tuneserve.controller.kubeapi import KubeApi
 from tuneserve.core.plan import Event
 
 
-@pytest.fixture()
-def server():
-    srv = serve()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+server = pytest.fixture(running_server)
 
 
 def _writes(api: KubeApi, i: int) -> None:
