@@ -12,9 +12,10 @@ serviceaccount``; ``TUNESERVE_SERVICEACCOUNT_DIR`` overrides that directory for 
 outside a pod (the demo runs the real worker against the local control plane, the tests against
 a fake API server). It is read when a client is made, so every user honours it the same way.
 
-Plain urllib on purpose: the ``kubernetes`` client is only in the operator's extra (pyproject.toml
-``operator``), not in the train or serve images, and two requests on one resource do not justify
-adding it (and its dependency tree) to every Ray pod.
+Plain urllib on purpose: two requests on one resource do not justify a client library (and its
+dependency tree) in every Ray pod. The operator has its own pooled urllib3 client
+(operator/tuneserve/controller/apiclient.py: kubeconfig logins, many writers); the workers never
+import the operator, so the two stay apart.
 """
 from __future__ import annotations
 

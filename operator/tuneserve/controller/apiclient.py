@@ -113,8 +113,8 @@ class Client:
         headers = {"Accept": JSON, **({"Content-Type": content_type} if content_type else {})}
         if self.info.username and self.info.password:
             headers.update(urllib3.make_headers(basic_auth=f"{self.info.username}:{self.info.password}"))
-        elif self.token():
-            headers["Authorization"] = f"{self.info.scheme or 'Bearer'} {self.token()}"
+        elif token := self.token():   # read once: it takes the lock and may read the token file
+            headers["Authorization"] = f"{self.info.scheme or 'Bearer'} {token}"
         return headers
 
     def token(self) -> Optional[str]:
@@ -128,9 +128,10 @@ class Client:
                     pass   # keep the last one; the API server says 401 if it is really gone
             return self._token[0]
 
-    def request(self, method: str, path: str, body: Any = None, content_type: Optional[str] = None,
+    def request(self, method: str, path: str, body: Any = None, content_type: str = JSON,
                 query: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
-        """The reply's JSON object ({} when empty). Raises ApiError for status >= 400 or no reply."""
+        """The reply's JSON object ({} when empty). Raises ApiError for status >= 400 or no reply.
+        ``content_type`` is sent with a body only (JSON unless a patch or apply says otherwise)."""
         url = self.prefix + path + (f"?{urlencode(query)}" if query else "")
         data = None if body is None else json.dumps(body).encode()
         try:

@@ -52,8 +52,7 @@ class KubeApi:
     def delete(self, api_version: str, kind: str, name: str, namespace: str) -> None:
         try:
             self.client.request("DELETE", _path(api_version, kind, namespace, name),
-                                {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"},
-                                "application/json")
+                                {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
             log.info("deleted %s %s/%s", kind, namespace, name)
         except ApiError as exc:
             if exc.status != 404:
@@ -108,7 +107,7 @@ class KubeApi:
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         try:
-            self.client.request("POST", object_path("v1", "events", meta.get("namespace")), body, "application/json")
+            self.client.request("POST", object_path("v1", "events", meta.get("namespace")), body)
         except ApiError as exc:
             log.warning("could not post Event %s on %s/%s: %s", event.reason, meta.get("namespace"), meta.get("name"),
                         exc.reason)

@@ -111,10 +111,10 @@ class LeaderElector:
                 "spec": lease_spec_for(action, spec, self.identity, now, self.timing)}
         try:
             if lease is None:
-                self.api.request("POST", object_path(LEASES, "leases", self.namespace), body, "application/json")
+                self.api.request("POST", object_path(LEASES, "leases", self.namespace), body)
             else:
                 body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]   # optimistic lock
-                self.api.request("PUT", self.path, body, "application/json")
+                self.api.request("PUT", self.path, body)
         except ApiError as exc:
             if exc.status not in (409, 422):
                 log.warning("writing Lease %s/%s: %s", self.namespace, self.name, exc.reason)
@@ -154,7 +154,7 @@ class LeaderElector:
             if lease is None or spec.get("holderIdentity") != self.identity:
                 return
             lease["spec"] = {**spec, "holderIdentity": "", "leaseDurationSeconds": 1}
-            self.api.request("PUT", self.path, lease, "application/json")
+            self.api.request("PUT", self.path, lease)
             log.info("released leadership (Lease %s/%s)", self.namespace, self.name)
         except ApiError as exc:
             log.warning("releasing Lease %s/%s: %s", self.namespace, self.name, exc.reason)

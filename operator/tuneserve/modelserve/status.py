@@ -73,8 +73,8 @@ def cost_per_hour(replicas: int, placement: Optional[ServePlacementStatus]) -> f
     return round(replicas * placement.tensor_parallel_size * placement.price_per_device_hour, 2)
 
 
-def _ray_service_view(ray_service: Optional[Mapping[str, Any]]) -> tuple[bool, bool, str, str]:
-    """(ready, upgrading, app status, message) from a KubeRay v1.3+ RayService status."""
+def _ray_service_view(ray_service: Optional[Mapping[str, Any]]) -> tuple[bool, bool, str, str, str]:
+    """(ready, upgrading, app status, message, Ready's reason) from a KubeRay v1.3+ RayService status."""
     status = (ray_service or {}).get("status") or {}
     conds = {c.get("type"): c for c in status.get("conditions") or []}
     ready = (conds.get("Ready") or {}).get("status") == "True" or status.get("serviceStatus") == "Running"
@@ -82,7 +82,7 @@ def _ray_service_view(ray_service: Optional[Mapping[str, Any]]) -> tuple[bool, b
     apps = ((status.get("activeServiceStatus") or {}).get("applicationStatuses") or {})
     app = next(iter(apps.values()), {}) if apps else {}
     message = app.get("message") or (conds.get("Ready") or {}).get("message") or ""
-    return ready, upgrading, app.get("status", ""), message
+    return ready, upgrading, app.get("status", ""), message, (conds.get("Ready") or {}).get("reason") or ""
 
 
 def _placement(serve: ModelServe, observed: ServeObserved, previous: Optional[ModelServeStatus],
@@ -134,6 +134,7 @@ class _Serving:
     upgrading: bool
     app_status: str
     rs_message: str
+    rs_reason: str        # the RayService's Ready reason ("" before KubeRay writes one)
     ready_replicas: int
     live: int
     failure: Optional[str]
@@ -187,7 +188,7 @@ def _ready(serve: ModelServe, observed: ServeObserved, placement: Optional[Serve
     if view.app_status in ("DEPLOYING", "UNHEALTHY"):
         detail = f": {view.rs_message}" if view.rs_message else ""
         return ServePhase.Deploying, Verdict(F, R.ApplicationDeploying, f"serve application {view.app_status}{detail}"), None
-    phase = ServePhase.Waiting if placement.waiting and _never_served(observed.ray_service) else ServePhase.Deploying
+    phase = ServePhase.Waiting if placement.waiting and view.rs_reason in NEVER_SERVED_REASONS else ServePhase.Deploying
     return phase, Verdict(F, R.RayServiceStarting, view.rs_message or "Ray cluster starting"), None
 
 
@@ -195,12 +196,6 @@ NEVER_SERVED_REASONS = frozenset({"", "Initializing", "InitializingTimeout"})
 """KubeRay's RayService ``Ready`` reasons before its first serve endpoint (ray-operator
 apis/ray/v1/rayservice_types.go). A placement made while its pool was busy says Waiting only until
 then: after it served once, losing every endpoint (a replica pod killed) is a restart, not a wait."""
-
-
-def _never_served(ray_service: Optional[Mapping[str, Any]]) -> bool:
-    conds = ((ray_service or {}).get("status") or {}).get("conditions") or []
-    ready = next((c for c in conds if c.get("type") == "Ready"), {})
-    return (ready.get("reason") or "") in NEVER_SERVED_REASONS
 
 
 def _adapters_ready(listed: int, adapters: list[AdapterStatus]) -> Verdict[ServeConditionReason]:
@@ -244,8 +239,8 @@ def _upgrading(view: _Serving) -> Verdict[ServeConditionReason]:
 
 
 def _serving(observed: ServeObserved, ready_replicas: int, live: int) -> _Serving:
-    rs_ready, upgrading, app_status, rs_message = _ray_service_view(observed.ray_service)
-    return _Serving(rs_ready, upgrading, app_status, rs_message, ready_replicas, live, replica_failure(observed.reports),
+    rs_ready, upgrading, app_status, rs_message, rs_reason = _ray_service_view(observed.ray_service)
+    return _Serving(rs_ready, upgrading, app_status, rs_message, rs_reason, ready_replicas, live, replica_failure(observed.reports),
                     observed.endpoints)
 
 
