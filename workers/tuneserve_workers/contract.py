@@ -73,6 +73,14 @@ class Precision(str, Enum):
     fp32 = "fp32"
 
 
+class BasePrecision(str, Enum):
+    """How the frozen base weights are stored and multiplied, when not in ``TrainingSpec.precision``."""
+    # e4m3 weights with one fp32 scale per output row; the base GEMMs run in FP8 (activations and
+    # input gradients quantized per row on the fly) while LoRA and everything else stay in the
+    # training precision. Needs FP8 matmuls (``AcceleratorRuntime.supports_fp8``).
+    fp8 = "fp8"
+
+
 class DataParallel(str, Enum):
     """How the ranks of a job (one per device, on every worker pod) share the model. The operator's
     sizing decides per placement and renders it; the worker does what it says."""
@@ -98,7 +106,7 @@ class AdapterSpec(_Model):
     method: Method = Method.lora
     rank: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
 
 
@@ -114,7 +122,10 @@ class TrainingSpec(_Model):
     packing: bool = True
     seed: int = 42
     precision: Precision = Precision.bf16
-    gradient_checkpointing: bool = True  # the operator's memory sizing assumes it unless disabled
+    # Resolved by the operator's sizing (automatic unless the spec sets it): the worker does what
+    # it says, and the memory it was sized for assumes it.
+    gradient_checkpointing: bool = True
+    base_precision: Optional[BasePrecision] = None   # None: the base is in ``precision``
 
 
 class CheckpointSpec(_Model):
@@ -135,6 +146,7 @@ class AcceleratorRuntime(_Model):
     ray_resource: Optional[str] = None   # e.g. "GPU", "NPU", "HPU", "neuron_cores"
     ray_resources_per_worker: int = 0    # units of ray_resource per worker (neuron: 2 per device)
     supports_4bit: bool = False
+    supports_fp8: bool = False           # FP8 matmuls (catalog ``fp8``): Hopper, Ada, MI300X
     price_per_device_hour: float = 0.0
     visible_devices_env: Optional[str] = None  # e.g. CUDA_VISIBLE_DEVICES, ASCEND_RT_VISIBLE_DEVICES
     data_parallel: DataParallel = DataParallel.replicated
