@@ -207,8 +207,9 @@ def _build_model(run: Run):
     # weights outside the layers' forward, which FSDP2's per-layer gathers cannot see: off when
     # sharded, where PEFT's layers are compiled one by one instead (14.1k against 10.6k tokens/s
     # eager for the 8B on one H200, bench/results/train_data_parallel_h200_run2.txt).
+    base = t_cfg.base_precision.value if t_cfg.base_precision else None
     return fastpath.optimize_for_training(model, device=run.device.type, compile=run.device.type == "cuda",
-                                          fuse_layers=not run.sharded)
+                                          fuse_layers=not run.sharded, base_precision=base)
 
 
 def _build_optimizer(run: Run) -> None:

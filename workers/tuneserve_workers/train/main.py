@@ -23,7 +23,7 @@ import os
 import sys
 import uuid
 
-from ..contract import CONFIG_ENV, AcceleratorRuntime, DataParallel, Method, Progress, TrainJobConfig
+from ..contract import CONFIG_ENV, AcceleratorRuntime, BasePrecision, DataParallel, Method, Progress, TrainJobConfig
 from .checkpoint import CheckpointStore
 from .config import checkpoint_uri_of, load_config
 from .drain import DRAINED_EXIT_CODE
@@ -44,6 +44,20 @@ def _train(payload: dict) -> None:
     train_worker(payload)
 
 
+def _preflight_fp8(cfg: TrainJobConfig) -> None:
+    """An FP8 base needs FP8 matmuls, a 16-bit base to quantize, and the fused layers (replicated)."""
+    if cfg.training.base_precision is not BasePrecision.fp8:
+        return
+    where = f"accelerator {cfg.accelerator.vendor}/{cfg.accelerator.product}"
+    if not cfg.accelerator.supports_fp8:
+        raise ConfigError(f"training.base_precision fp8 needs FP8 matmuls, which {where} does not have")
+    if cfg.adapter.method is Method.qlora:
+        raise ConfigError("training.base_precision fp8 and method qlora both quantize the base; choose one")
+    if cfg.accelerator.data_parallel is DataParallel.sharded:
+        raise ConfigError("training.base_precision fp8 runs in the fused layers, which are off when "
+                          "data_parallel is sharded; use a placement where one device holds the FP8 base")
+
+
 def preflight(cfg: TrainJobConfig) -> None:
     """Fail fast on what the driver can check alone: the method, data rows, reachable locations.
     (Memory and the tokenizer are checked on the workers, where the model is loaded.)"""
@@ -55,6 +69,7 @@ def preflight(cfg: TrainJobConfig) -> None:
         raise ConfigError("method qlora cannot run with data_parallel sharded: its 4-bit weights "
                           "cannot be split by FSDP2; use method lora, or a placement where one "
                           "device holds the 4-bit model")
+    _preflight_fp8(cfg)
     read_dataset(cfg.dataset)
     for what, uri in (("output_uri", cfg.output_uri), ("checkpoint.uri", cfg.checkpoint.uri)):
         parent = Location(uri)

@@ -58,7 +58,8 @@ _STATE_ATTR = "_tuneserve_fastpath"
 def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force: bool = False,
                           attention: str = "auto", fuse_layers: bool = True,
                           lora_add: str = "inplace", varlen: Optional[bool] = None,
-                          swiglu_kernel: Optional[bool] = None) -> nn.Module:
+                          swiglu_kernel: Optional[bool] = None,
+                          base_precision: Optional[str] = None) -> nn.Module:
     """Prepare ``model`` for fast LoRA training steps (in place; returns it).
 
     Call it after the adapters are added and before the optimizer is built. On CPU it does
@@ -70,8 +71,11 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
     batches attend per document through variable-length flash attention (None: on CUDA where
     torch has it and ``attention`` is auto or flash; True on CPU runs the per-document reference).
     ``swiglu_kernel``: the one-pass SwiGLU backward of kernels.py (None: on CUDA with Triton;
-    True on CPU runs its torch reference).
+    True on CPU runs its torch reference). ``base_precision="fp8"``: the frozen base weights of
+    the fused layers in FP8 with FP8 GEMMs (fp8.py); it needs the fused layers and says why not.
     """
+    if base_precision not in (None, "fp8"):
+        raise ValueError(f"base_precision must be None or fp8, not {base_precision!r}")
     if lora_add not in ("inplace", "inplace-fwd", "addmm", "add"):
         raise ValueError(f"lora_add must be inplace, inplace-fwd, addmm or add, not {lora_add!r}")
     dev = torch.device(device).type if device else "cpu"
@@ -82,7 +86,8 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
     # The fused layers bypass the decoder layers' own forward, so they honour the model's
     # gradient checkpointing themselves: the memory sizing of the job assumes it when it is on.
     st = _FastState(device=dev, compiled=bool(compile), attention=attention, lora_add=lora_add,
-                    recompute=bool(getattr(_causal_lm(model), "is_gradient_checkpointing", False)))
+                    recompute=bool(getattr(_causal_lm(model), "is_gradient_checkpointing", False)),
+                    base_precision=base_precision)
     if fuse_layers:
         _install_fused(model, st)
         st.varlen = (bool(varlen) if varlen is not None else
@@ -92,6 +97,8 @@ def optimize_for_training(model: nn.Module, *, device: str, compile: bool, force
                             dev == "cuda" and kernels.triton is not None)
     else:
         st.reason = "fuse_layers=False"
+    if base_precision == "fp8" and not st.fused:
+        raise ValueError(f"an FP8 base needs the fused LoRA layers, which are off: {st.reason}")
     if compile:
         _compile_unfused(model, st)
     if st.fused:
@@ -156,7 +163,8 @@ def fastpath_summary(model: nn.Module) -> str:
     parts = [f"device={st.device}", f"compile={st.compiled}",
              f"fused_layers={'yes' if st.fused else 'no (' + st.reason + ')'}", f"attention={st.attention}",
              f"packed={'varlen' if st.varlen else 'mask'}", f"lora_add={st.lora_add}",
-             f"swiglu={'kernel' if st.swiglu_kernel else 'compiled'}", f"recompute={st.recompute}"]
+             f"swiglu={'kernel' if st.swiglu_kernel else 'compiled'}", f"recompute={st.recompute}",
+             f"base={st.base_precision or 'as loaded'}"]
     return "fastpath: " + ", ".join(parts)
 
 

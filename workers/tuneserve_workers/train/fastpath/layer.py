@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lora_ops  # noqa: F401 - registers torch.ops.tuneserve.*
+from . import fp8, lora_ops  # noqa: F401 - registers torch.ops.tuneserve.*
 from .attention import _attention_mask_for, _sdpa_context, _varlen_causal
 from ..kernels import swiglu
 
@@ -68,6 +68,11 @@ class _LayerParams:
     gu: list                  # [_Lora] * 2
     w_down: torch.Tensor
     down: _Lora
+    # FP8 base (fp8.py): the w_* above are e4m3 and these their (1, out) row scales; else None
+    ws_qkv: Optional[torch.Tensor] = None
+    ws_o: Optional[torch.Tensor] = None
+    ws_gu: Optional[torch.Tensor] = None
+    ws_down: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -89,6 +94,7 @@ class _FastState:
     recompute: bool = False    # activation checkpointing per fused layer (the model asked for it)
     varlen: bool = False       # packed batches: variable-length attention instead of a dense mask
     swiglu_kernel: bool = False  # kernels.swiglu: one-pass SwiGLU backward (Triton on CUDA)
+    base_precision: Optional[str] = None   # "fp8": the frozen base in FP8 (fp8.py); None: as loaded
 
 
 def _lora_of(mod: nn.Module) -> Optional[_Lora]:
@@ -176,7 +182,7 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As, Bs, scales,
-                dropouts, training: bool, lora_add: str = "inplace"):
+                dropouts, training: bool, lora_add: str = "inplace", w_scale: Optional[torch.Tensor] = None):
     """x @ w.T (+ b) + [s_i * drop_i(x) @ A_i.T @ B_i.T]_i for projections sharing the input x.
 
     Without dropout the A matrices are one matmul (x is read once) and the B matrices one
@@ -188,28 +194,22 @@ def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As,
     add, which torch.compile fuses into the consumer (RoPE, SwiGLU, residual add). All three are
     the same sum; bench/README.md has their speeds on an H100.
     LoRA weights (often fp32 masters) are cast to the activation dtype, as autocast would.
+    ``w_scale`` given: ``w`` is the FP8 base (fp8.py) and its row scales; the LoRA term is added.
     """
     dt = x.dtype
     no_dropout = not training or all(p == 0.0 for p in dropouts)
+    if w_scale is not None:   # FP8 base (fp8.py): its GEMM cannot accumulate onto the LoRA term
+        out = torch.ops.tuneserve.fp8_linear(x, w, w_scale) + _lora_xa(x, As, scales, dropouts, no_dropout) @ _lora_bt(Bs, dt)
+        return out if b is None else out + b
     if (lora_add == "inplace" and no_dropout and b is None and len(set(scales)) == 1
             and w.dtype == dt and not w.requires_grad):
         a = As[0].to(dt) if len(As) == 1 else torch.cat([a.to(dt) for a in As], dim=0)
-        bb = Bs[0].to(dt) if len(Bs) == 1 else torch.block_diag(*[bm.to(dt) for bm in Bs])
-        return torch.ops.tuneserve.lora_linear(x, w, a, bb.t(), scales[0])[0]
-    if no_dropout:
-        a = As[0].to(dt) if len(As) == 1 else torch.cat([a.to(dt) for a in As], dim=0)
-        xa = x @ a.t()
-        if len(set(scales)) == 1:
-            xa = xa * scales[0]
-        else:
-            xa = torch.cat([t * s for t, s in zip(xa.split([a.shape[0] for a in As], -1), scales)], -1)
-    else:
-        xa = torch.cat([(F.dropout(x, p, True) if p else x) @ a.to(dt).t() * s
-                        for a, s, p in zip(As, scales, dropouts)], dim=-1)
-    bb = Bs[0].to(dt) if len(Bs) == 1 else torch.block_diag(*[bm.to(dt) for bm in Bs])
+        return torch.ops.tuneserve.lora_linear(x, w, a, _lora_bt(Bs, dt), scales[0])[0]
+    xa = _lora_xa(x, As, scales, dropouts, no_dropout)
+    bt = _lora_bt(Bs, dt)
     if lora_add in ("inplace", "inplace-fwd") and b is None and w.dtype == dt and not w.requires_grad:
-        return torch.ops.tuneserve.base_plus_lora(x, w, xa, bb.t())
-    lora = xa @ bb.t()
+        return torch.ops.tuneserve.base_plus_lora(x, w, xa, bt)
+    lora = xa @ bt
     if b is not None:
         lora = lora + b
     if lora_add == "add":
@@ -217,11 +217,30 @@ def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As,
     return torch.addmm(lora, x, w.t())
 
 
+def _lora_xa(x: torch.Tensor, As, scales, dropouts, no_dropout: bool) -> torch.Tensor:
+    """``[s_i * drop_i(x) @ A_i.T]_i`` concatenated: one matmul over x when there is no dropout."""
+    dt = x.dtype
+    if not no_dropout:
+        return torch.cat([(F.dropout(x, p, True) if p else x) @ a.to(dt).t() * s
+                          for a, s, p in zip(As, scales, dropouts)], dim=-1)
+    a = As[0].to(dt) if len(As) == 1 else torch.cat([a.to(dt) for a in As], dim=0)
+    xa = x @ a.t()
+    if len(set(scales)) == 1:
+        return xa * scales[0]
+    return torch.cat([t * s for t, s in zip(xa.split([a.shape[0] for a in As], -1), scales)], -1)
+
+
+def _lora_bt(Bs, dt: torch.dtype) -> torch.Tensor:
+    """The B matrices as one block-diagonal (rank-sum, out-sum) matrix, transposed for ``xa @ bt``."""
+    bb = Bs[0].to(dt) if len(Bs) == 1 else torch.block_diag(*[bm.to(dt) for bm in Bs])
+    return bb.t()
+
+
 def _layer_tensors(p: _LayerParams) -> tuple:
     """The flat tensor arguments of the compiled layer function (order matters)."""
     return (p.ln1, p.ln2, p.w_qkv, p.b_qkv, *[l.A for l in p.qkv], *[l.B for l in p.qkv],
             p.w_o, p.o.A, p.o.B, p.w_gu, *[l.A for l in p.gu], *[l.B for l in p.gu],
-            p.w_down, p.down.A, p.down.B)
+            p.w_down, p.down.A, p.down.B, p.ws_qkv, p.ws_o, p.ws_gu, p.ws_down)
 
 
 def _layer_meta(p: _LayerParams) -> tuple:
@@ -237,12 +256,13 @@ def _make_layer_fn(st: _FastState, meta: tuple):
     (s_q, s_k, s_v, s_o, s_g, s_u, s_d), (d_q, d_k, d_v, d_o, d_g, d_u, d_d) = meta
 
     def layer_fn(h, cos, sin, mask, training: bool, ln1, ln2, w_qkv, b_qkv, a_q, a_k, a_v,
-                 b_q, b_k, b_v, w_o, a_o, b_o, w_gu, a_g, a_u, b_g, b_u, w_down, a_d, b_d):
+                 b_q, b_k, b_v, w_o, a_o, b_o, w_gu, a_g, a_u, b_g, b_u, w_down, a_d, b_d,
+                 ws_qkv=None, ws_o=None, ws_gu=None, ws_down=None):
         bsz, seq, hid = h.shape
         x = h.reshape(-1, hid)
         xn = _rms_norm(x, ln1, eps)
         qkv = _lora_group(xn, w_qkv, b_qkv, (a_q, a_k, a_v), (b_q, b_k, b_v), (s_q, s_k, s_v),
-                          (d_q, d_k, d_v), training, am)
+                          (d_q, d_k, d_v), training, am, ws_qkv)
         q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
         q = q.view(bsz, seq, n_heads, hd).transpose(1, 2)
         k = k.view(bsz, seq, n_kv, hd).transpose(1, 2)
@@ -270,10 +290,10 @@ def _make_layer_fn(st: _FastState, meta: tuple):
             else:
                 attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             attn = attn.transpose(1, 2).reshape(-1, n_heads * hd)
-        x = x + _lora_group(attn, w_o, None, (a_o,), (b_o,), (s_o,), (d_o,), training, am)
+        x = x + _lora_group(attn, w_o, None, (a_o,), (b_o,), (s_o,), (d_o,), training, am, ws_o)
         xn = _rms_norm(x, ln2, eps)
-        gu = _lora_group(xn, w_gu, None, (a_g, a_u), (b_g, b_u), (s_g, s_u), (d_g, d_u), training, am)
-        x = x + _lora_group(swiglu(gu, sk), w_down, None, (a_d,), (b_d,), (s_d,), (d_d,), training, am)
+        gu = _lora_group(xn, w_gu, None, (a_g, a_u), (b_g, b_u), (s_g, s_u), (d_g, d_u), training, am, ws_gu)
+        x = x + _lora_group(swiglu(gu, sk), w_down, None, (a_d,), (b_d,), (s_d,), (d_d,), training, am, ws_down)
         return x.view(bsz, seq, hid)
 
     return layer_fn
@@ -310,7 +330,21 @@ def _install_fused(model: nn.Module, st: _FastState) -> None:
             ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
             w_qkv=w_qkv, b_qkv=b_qkv, qkv=[q, k, v], w_o=att.o_proj.base_layer.weight, o=o,
             w_gu=w_gu, gu=[g, u], w_down=mlp.down_proj.base_layer.weight, down=d))
+        if st.base_precision == "fp8":
+            _quantize_base(st.layers[-1], layer)
     st.fused = True
+
+
+def _quantize_base(p: _LayerParams, layer: nn.Module) -> None:
+    """Swap one layer's frozen base weights for FP8 copies (fp8.py) and free the originals, so
+    the base costs ~1 byte per weight; the PEFT modules keep empty base weights."""
+    p.w_qkv, p.ws_qkv = fp8.quantize_weight(p.w_qkv)
+    p.w_o, p.ws_o = fp8.quantize_weight(p.w_o)
+    p.w_gu, p.ws_gu = fp8.quantize_weight(p.w_gu)
+    p.w_down, p.ws_down = fp8.quantize_weight(p.w_down)
+    att, mlp = layer.self_attn, layer.mlp
+    for mod in (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        fp8.release_bf16(mod.base_layer.weight)
 
 
 
