@@ -45,6 +45,7 @@ def build_train_config(job: FineTuneJob, candidate: Candidate, attempt: int) -> 
             ray_resource=profile.ray_resource,
             ray_resources_per_worker=candidate.devices_per_worker * profile.ray_resources_per_device if profile.ray_resource else 0,
             supports_4bit=profile.supports_4bit,
+            supports_fp8=profile.fp8,
             price_per_device_hour=profile.price_per_device_hour,
             visible_devices_env=profile.visible_devices_env,
             # The placement's sizing decision (recorded in status.placement.dataParallel, so a
