@@ -2,7 +2,7 @@
 
 Every device trains: a job on W = workers x devicesPerWorker devices runs W ranks (one process
 per device, ``contract.AcceleratorRuntime.world_size``) and the global batch stays the same. Each
-placement is sized two ways (docs/sizing.md):
+placement is sized two ways, each with and without recompute (docs/sizing.md):
 
 * replicated (DDP): every device holds a full copy of the base model;
 * sharded (FSDP2, ``fully_shard`` per decoder layer over all W ranks): the decoder layers and
@@ -15,8 +15,9 @@ the options are tried in the order replicated without recompute, replicated with
 sharded with (no gathers beat no recompute: sharding only when a copy does not fit even with
 recompute), and "without" is taken only when it fits the pool's memory less the catalog's
 ``recomputeMargin`` (the allocator's peaks are not modelled exactly). None fits: the choice is
-rejected with both arithmetics (the recompute-on ones when automatic). Worker-scoped profiles (CPU: memory per core, pooled per
-worker, one rank per core) must hold all of a worker's ranks in that one pool: rank x ranks.
+rejected with both arithmetics (the recompute-on ones when automatic). Worker-scoped profiles
+(CPU: memory per core, pooled per worker, one rank per core) must hold all of a worker's ranks in
+that one pool: rank x ranks.
 
 Memory per rank (V = vocabulary, h = hidden size, L = layers, N = parameters):
 
@@ -26,7 +27,7 @@ Memory per rank (V = vocabulary, h = hidden size, L = layers, N = parameters):
   scale per output row of every linear (4 x L x (5 + 2·FFN_RATIO)·h bytes), the embedding and head
   at 2 bytes, plus a transient FP8 transpose of a layer's largest linear (FFN_RATIO·h^2 bytes) in
   backward. Sharded: (N - E) x bytes / W + E x bytes, plus the all-gather buffers of two layers,
-  2 x (N - E) / L x bytes (QLoRA: the 4-bit bytes).
+  2 x (N - E) / L x bytes (QLoRA: the 4-bit bytes; FP8: the 1-byte ones).
 * LoRA states: P_lora x 16 bytes (fp32 weight 4 + grad 4 + Adam m, v 8), with
   P_lora = layers x rank x hidden x sum over targeted modules of (d_in + d_out) / hidden;
   sharded: / W.
