@@ -36,6 +36,21 @@ def test_defaults_fill_in():
     ckpt = job.spec.effective_checkpoint()
     assert ckpt.uri == "s3://demo/adapters/tiny/checkpoints" and ckpt.interval_minutes == 10 and ckpt.keep == 3
     assert job.spec.suspend is False and job.spec.backoff_limit == 2
+    # Fast by default (issue 16): no LoRA dropout, recompute decided per placement, the base in bf16.
+    training = job.spec.training
+    assert job.spec.lora.dropout == 0.0
+    assert (training.gradient_checkpointing, training.base_precision) == (None, None)
+
+
+@pytest.mark.parametrize("training,recompute,base", [
+    ({"gradientCheckpointing": True}, True, None),     # true and false still accepted: they force it
+    ({"gradientCheckpointing": False}, False, None),
+    ({"basePrecision": "fp8"}, None, "fp8"),
+])
+def test_gradient_checkpointing_and_base_precision_as_written(training, recompute, base):
+    job = FineTuneJob.from_body(merge_patch(load_example("finetunejob-minimal.yaml"), {"spec": {"training": training}}))
+    assert job.spec.training.gradient_checkpointing is recompute
+    assert (job.spec.training.base_precision and job.spec.training.base_precision.value) == base
 
 
 def test_revision_is_split_from_hf_uri():

@@ -13,6 +13,7 @@ from helpers import load_example, merge_patch
 from localcluster import HACK, build_fleet_nodes, load_fleet
 from tuneserve.api.finetunejob import FineTuneJob
 from tuneserve.finetunejob.builders.children import build_finetune_children
+from tuneserve.finetunejob.builders.config import build_train_config
 from tuneserve.finetunejob.builders.rayjob import build_rayjob
 from tuneserve.finetunejob.builders.rbac import build_worker_rbac
 from tuneserve.core.catalog import load_catalog
@@ -178,12 +179,12 @@ def test_suspend_passes_through():
     assert render(bank_job(suspend=True))[-1]["spec"]["suspend"] is True
 
 
-@pytest.mark.parametrize("model,choice,data_parallel,world_size", [
-    ("hf://Qwen/Qwen2.5-7B-Instruct", CHOICES["h100"], "replicated", 16),         # a copy fits one H100
-    ("hf://Qwen/Qwen2.5-72B-Instruct", CHOICES["h100"], "sharded", 16),           # it does not: FSDP2 over 16
-    ("hf://Qwen/Qwen2.5-72B-Instruct", CHOICES["mi300x"], "replicated", 8),       # 192 GiB hold a copy
+@pytest.mark.parametrize("model,choice,data_parallel,world_size,recompute", [
+    ("hf://Qwen/Qwen2.5-7B-Instruct", CHOICES["h100"], "replicated", 16, False),   # a copy fits one H100, without recompute
+    ("hf://Qwen/Qwen2.5-72B-Instruct", CHOICES["h100"], "sharded", 16, True),      # it does not: FSDP2 over 16
+    ("hf://Qwen/Qwen2.5-72B-Instruct", CHOICES["mi300x"], "replicated", 8, True),  # 192 GiB hold a copy, with recompute
 ])
-def test_config_carries_the_sizing_decision(model, choice, data_parallel, world_size):
+def test_config_carries_the_sizing_decision(model, choice, data_parallel, world_size, recompute):
     """The worker reads how to share the model from the config, rendered from the placement; after a
     restart the candidate rebuilt from status renders the same bytes."""
     job = bank_job(choice, baseModel={"uri": model})
@@ -194,9 +195,28 @@ def test_config_carries_the_sizing_decision(model, choice, data_parallel, world_
     config = config_of(decision.candidate)
     cfg = contract.TrainJobConfig.model_validate_json(config["data"]["config.json"])
     assert cfg.accelerator.data_parallel.value == data_parallel and cfg.accelerator.world_size == world_size
+    assert cfg.training.gradient_checkpointing is recompute
     recorded = placement_status(decision, 1, job.metadata.name, datetime(2026, 9, 1, tzinfo=timezone.utc))
+    assert recorded.to_wire()["gradientCheckpointing"] is recompute
     restarted = candidate_from_status(type(recorded).model_validate(recorded.to_wire()), CATALOG)
     assert config_of(restarted) == config
+
+
+@pytest.mark.parametrize("training,candidate_recompute,base_precision", [
+    ({"basePrecision": "fp8"}, False, contract.BasePrecision.fp8),
+    ({"gradientCheckpointing": True}, True, None),
+])
+def test_config_carries_the_fp8_base_and_the_resolved_recompute(training, candidate_recompute, base_precision):
+    """gradient_checkpointing comes from the candidate (the sizing's decision), never the spec's
+    unset field; basePrecision and the profile's fp8 pass through."""
+    job = bank_job(CHOICES["h100"], training=training)
+    candidate = Candidate(CATALOG.get("nvidia/h100-80gb"), 8, 2, "choice 1", gradient_checkpointing=candidate_recompute)
+    cfg = build_train_config(job, candidate, 1)
+    assert cfg.training.gradient_checkpointing is candidate_recompute
+    assert cfg.training.base_precision == base_precision and cfg.accelerator.supports_fp8 is True
+    assert cfg.adapter.dropout == 0.05   # the bank example sets it; the API's default is 0
+    a100 = build_train_config(job, Candidate(CATALOG.get("nvidia/a100-80gb"), 8, 2, "choice 1"), 1)
+    assert a100.accelerator.supports_fp8 is False
 
 
 def _ray_pods(rayjob: dict) -> list[dict]:

@@ -50,6 +50,12 @@ def test_runtime_fields(catalog):
     assert all(p.images.train and p.images.serve and p.price_per_device_hour > 0 for p in catalog.profiles)
 
 
+def test_fp8_only_where_the_workers_fp8_path_runs(catalog):
+    """torch._scaled_mm runs on CUDA (Hopper, Ada, Blackwell) and ROCm (MI300X): fp8 true there only."""
+    assert {p.key for p in catalog.profiles if p.fp8} == {"nvidia/h100-80gb", "nvidia/l4", "amd/mi300x"}
+    assert (catalog.defaults.recompute_margin, catalog.defaults.fp8_speed_factor) == (0.10, 1.3)
+
+
 def test_override_merges_and_removes(catalog):
     over = load_catalog("""
 defaults: {mfu: 0.5}

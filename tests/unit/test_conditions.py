@@ -131,7 +131,7 @@ def test_fallback_keeps_history_and_usage():
     assert cond(s3, ConditionType.Placed).reason == ConditionReason.FellBack
     assert timed_out_history(s3) == history
     # The RayJob had a startTime for 30 minutes, but its worker never got its 8 GPUs: nothing billed.
-    assert s3.usage.prior_accelerator_hours == s2.usage.accelerator_hours == 0.0 and s2.usage.cost == "$0.00 of ~$13.92"
+    assert s3.usage.prior_accelerator_hours == s2.usage.accelerator_hours == 0.0 and s2.usage.cost == "$0.00 of ~$10.83"
 
 
 def test_unplaceable_for_good_fails_but_missing_nodes_waits():
@@ -191,10 +191,10 @@ def short_job():
 ])
 def test_a_59_second_job_on_8_h100_costs_what_it_ran(case, rayjob, seen_at):
     j, s1 = short_job()
-    assert s1.usage.cost == "$0.00 of ~$4.70"
+    assert s1.usage.cost == "$0.00 of ~$4.69"
     s2 = derive_status(j, Observed(ray_job=rayjob, progress=DONE), STARTED + timedelta(seconds=seen_at), s1)
     assert s2.phase == Phase.Succeeded
-    assert (s2.usage.accelerator_seconds, s2.usage.cost_usd, s2.usage.cost) == (472.0, 0.458889, "$0.46 (est. ~$4.70)")
+    assert (s2.usage.accelerator_seconds, s2.usage.cost_usd, s2.usage.cost) == (472.0, 0.458889, "$0.46 (est. ~$4.69)")
 
 
 def test_usage_persists_after_the_rayjob_is_deleted():
@@ -208,7 +208,7 @@ def test_usage_persists_after_the_rayjob_is_deleted():
     done = derive_status(j, Observed(ray_job=None, progress=DONE.model_copy(update={"updated_at": STARTED + timedelta(seconds=95)})),
                          STARTED + timedelta(minutes=4), gone)
     assert done.phase == Phase.Succeeded and done.usage.accelerator_seconds == 8 * 95   # to the worker's last word
-    assert done.usage.cost == "$0.74 (est. ~$4.70)"
+    assert done.usage.cost == "$0.74 (est. ~$4.69)"
 
 
 def test_the_projection_uses_the_measured_rate():

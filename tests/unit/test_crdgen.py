@@ -67,6 +67,20 @@ def test_defaults_are_valid():
     assert spec["properties"]["training"]["properties"]["precision"]["default"] in spec["properties"]["training"]["properties"]["precision"]["enum"]
 
 
+def test_fast_defaults_and_the_fp8_rules_reach_the_crd():
+    """No default for gradientCheckpointing (unset = automatic), dropout 0, and basePrecision's two
+    CEL rules: at the training level (bf16 only) and at the spec level (not with qlora)."""
+    spec = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    training = spec["properties"]["training"]
+    assert "default" not in training["properties"]["gradientCheckpointing"]
+    assert spec["properties"]["lora"]["properties"]["dropout"]["default"] == 0.0
+    assert training["properties"]["basePrecision"]["enum"] == ["fp8"]
+    assert {r.get("fieldPath"): r["rule"] for r in training["x-kubernetes-validations"]}[".basePrecision"] == (
+        "!has(self.basePrecision) || !has(self.precision) || self.precision == 'bf16'")
+    assert {r.get("fieldPath"): r["rule"] for r in spec["x-kubernetes-validations"]}[".training.basePrecision"] == (
+        "self.method != 'qlora' || !has(self.training.basePrecision)")
+
+
 def _ms_version():
     return crdgen.modelserve_crd()["spec"]["versions"][0]
 

@@ -102,14 +102,16 @@ L4_NODE = node("l4-a", "l4", "g6.48xlarge", {**NV, "nvidia.com/gpu.product": "NV
     ("70B", "H100", 8, Outcome.Placed, DataParallel.sharded,
      "choice 1: NVIDIA H100 80GB x8 fits now in pool h100, sharded over 8 devices (FSDP2): needs 32.5 of 80 GiB per device "
      "(decoder weights 126.1 / 8 = 15.8 + embedding and head 4.3 + all-gather of 2 layers 3.6 + LoRA states 0.4 + "
-     "activations 5.0 + overhead 3.5); replicated would need 147.6 GiB per device; est. 18m, $8.53"),
+     "activations 5.0 + overhead 3.5); replicated would need 147.6 GiB per device; gradient checkpointing on (automatic): "
+     "without it 73.2 GiB > 72.0 GiB (80 GiB less the 10% margin); est. 18m, $8.53"),
     ("70B", "L4", 8, Outcome.Unplaceable, None,
      "no accelerator choice can run this job: choice 1: Llama-3.1-70B needs 147.6 GiB per device replicated "
      "(weights 130.4 + LoRA states 3.3 + activations 5.0 + overhead 8.9) or 32.5 GiB per device sharded over 8 devices "
      "(decoder weights 126.1 / 8 = 15.8 + embedding and head 4.3 + all-gather of 2 layers 3.6 + LoRA states 0.4 + "
      "activations 5.0 + overhead 3.5) but NVIDIA L4 24GB has 24 GiB"),
     ("8B", "H100", 1, Outcome.Placed, DataParallel.replicated,
-     "choice 1: NVIDIA H100 80GB x1 fits now in pool h100, replicated (one rank): needs 21.4 of 80 GiB per device; est. 17m, $1.03"),
+     "choice 1: NVIDIA H100 80GB x1 fits now in pool h100, replicated (one rank): needs 30.9 of 80 GiB per device; "
+     "gradient checkpointing off (automatic): 30.9 GiB fits 72.0 GiB (80 GiB less the 10% margin); est. 15m, $0.88"),
 ])
 def test_the_placement_message_says_which_mode_and_why(size, product, devices, outcome, mode, reason):
     decision = decide_placement(llama_spec(size, {"vendor": "nvidia", "product": product, "devicesPerWorker": devices}), CATALOG, build_inventory([H100_NODE, L4_NODE], []))
@@ -124,11 +126,19 @@ def test_the_mode_survives_an_operator_restart():
     """The decision is recorded in status.placement and the candidate rebuilt from it carries it."""
     decision = decide_placement(llama_spec("70B", {"vendor": "nvidia", "product": "H100", "devicesPerWorker": 8}), CATALOG, build_inventory([H100_NODE], []))
     recorded = placement_status(decision, 1, "llama", NOW)
-    assert (recorded.data_parallel, recorded.world_size) == (DataParallel.sharded, 8)
+    assert (recorded.data_parallel, recorded.world_size, recorded.gradient_checkpointing) == (DataParallel.sharded, 8, True)
     wire = type(recorded).model_validate(recorded.to_wire())
     assert wire.to_wire()["dataParallel"] == "sharded" and wire.to_wire()["worldSize"] == 8
+    assert wire.to_wire()["gradientCheckpointing"] is True
     assert candidate_from_status(wire, CATALOG) == decision.candidate.__class__(
-        decision.candidate.profile, 8, 1, "recorded placement", DataParallel.sharded)
+        decision.candidate.profile, 8, 1, "recorded placement", DataParallel.sharded, True)
+    # The 8B fits one H100 without recompute: recorded off, rebuilt off.
+    fast = decide_placement(llama_spec("8B", {"vendor": "nvidia", "product": "H100"}), CATALOG, build_inventory([H100_NODE], []))
+    fast_wire = type(recorded).model_validate(placement_status(fast, 1, "llama", NOW).to_wire())
+    assert fast_wire.gradient_checkpointing is False and candidate_from_status(fast_wire, CATALOG).gradient_checkpointing is False
+    # A placement recorded before the field existed was sized and rendered with recompute on.
+    old = {k: v for k, v in fast_wire.to_wire().items() if k != "gradientCheckpointing"}
+    assert type(recorded).model_validate(old).gradient_checkpointing is True
 
 
 def test_unknown_product_and_missing_nodes():
@@ -148,6 +158,38 @@ def test_qlora_skips_accelerators_without_4bit():
     spec = bank_spec(method="qlora", accelerators={"choices": [{"vendor": "intel", "devicesPerWorker": 8}, {"vendor": "amd", "devicesPerWorker": 8}]})
     decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
     assert decision.rejections[0].code == RejectionCode.Unsupported and decision.candidate.profile.key == "amd/mi300x"
+
+
+A100_NODE = node("a100-a", "a100", "p4de.24xlarge", {**NV, "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}, "nvidia.com/gpu", 8)
+FP8 = {"maxSteps": 100, "basePrecision": "fp8"}
+
+
+def test_fp8_base_is_refused_where_the_catalog_has_no_fp8():
+    """An A100 choice is refused naming the field and the product; the H100 after it is taken."""
+    spec = llama_spec("8B", training=FP8, accelerators={"choices": [{"vendor": "nvidia", "product": "A100"},
+                                                                   {"vendor": "nvidia", "product": "H100"}]})
+    decision = decide_placement(spec, CATALOG, build_inventory([A100_NODE, H100_NODE], []))
+    assert decision.outcome == Outcome.Placed and decision.candidate.profile.key == "nvidia/h100-80gb"
+    (a100,) = decision.rejections
+    assert a100.code == RejectionCode.Unsupported and a100.choice == "nvidia/a100-80gb 1x1"
+    assert a100.message == ("choice 1: NVIDIA A100 80GB has no FP8 matmuls (catalog fp8: false), which training.basePrecision "
+                            "fp8 needs; unset training.basePrecision or choose an accelerator with fp8")
+    alone = decide_placement(llama_spec("8B", {"vendor": "nvidia", "product": "A100"}, training=FP8), CATALOG,
+                             build_inventory([A100_NODE], []))
+    assert alone.outcome == Outcome.Unplaceable and "training.basePrecision fp8" in alone.reason
+
+
+def test_auto_skips_accelerators_without_fp8_and_says_so_when_none_remain():
+    auto = {"auto": {"devices": 8}}
+    spec = llama_spec("8B", training=FP8, accelerators=auto)
+    decision = decide_placement(spec, CATALOG, build_inventory(FLEET, []))
+    assert decision.outcome == Outcome.Placed and decision.candidate.profile.fp8
+    skipped = {r.choice for r in decision.rejections if r.code == RejectionCode.Excluded}
+    assert {"nvidia/a100-80gb", "nvidia/a10g", "huawei/ascend910b", "intel/gaudi2", "aws/trn1"} <= skipped
+    none_left = decide_placement(llama_spec("8B", training=FP8, accelerators={"auto": {"devices": 8, "vendors": ["intel", "huawei"]}}),
+                                 CATALOG, build_inventory(FLEET, []))
+    assert none_left.outcome == Outcome.Unplaceable
+    assert "auto: skipped, Intel Gaudi2 96GB has no FP8 matmuls (catalog fp8: false), which training.basePrecision fp8 needs" in none_left.reason
 
 
 def test_timed_out_choice_is_skipped_with_recorded_reason():

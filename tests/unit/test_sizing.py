@@ -11,7 +11,8 @@ from tuneserve.core.sizing.model import (
     GIB, ModelSizeUnknown, embedding_parameters, format_duration, model_shape, parse_parameter_count,
 )
 from tuneserve.core.sizing.training import (
-    estimate_memory, estimate_run, memory_choice, memory_shortfall, plan_memory, training_tokens,
+    MemoryEstimate, MemoryPlan, estimate_memory, estimate_run, memory_choice, memory_shortfall, plan_memory,
+    recompute_reason, training_tokens,
 )
 from tuneserve_workers.contract import DataParallel
 
@@ -61,21 +62,23 @@ def test_72b_does_not_fit_l4_and_says_why():
     assert memory_shortfall(shape, plan_memory(shape, spec, mi300x, CATALOG, 1, 8), mi300x, 8) is None
 
 
-# (model, profile, workers, devices per worker) -> chosen mode (None: rejected), GiB per device of the choice
-@pytest.mark.parametrize("size,profile,workers,per_worker,mode,gib", [
-    ("70B", "nvidia/h100-80gb", 1, 8, DataParallel.sharded, 32.5),
-    ("70B", "nvidia/h100-80gb", 2, 8, DataParallel.sharded, 24.0),    # 16 shards
-    ("70B", "nvidia/l4", 1, 8, None, None),
-    ("70B", "nvidia/h100-80gb", 1, 1, None, None),                  # one device: nothing to shard over
-    ("70B", "amd/mi300x", 1, 8, DataParallel.replicated, 148.1),     # a copy fits 192 GiB: no gathers
-    ("8B", "nvidia/h100-80gb", 1, 1, DataParallel.replicated, 21.4),
-    ("8B", "nvidia/h100-80gb", 1, 8, DataParallel.replicated, 21.4),  # fits: DDP, not FSDP
-    ("8B", "nvidia/l4", 1, 4, DataParallel.replicated, 21.4),
+# (model, profile, workers, devices per worker) -> chosen mode (None: rejected), recompute (automatic),
+# GiB per device of the choice
+@pytest.mark.parametrize("size,profile,workers,per_worker,mode,recompute,gib", [
+    ("70B", "nvidia/h100-80gb", 1, 8, DataParallel.sharded, True, 32.5),       # 73.2 without > 72 (80 less 10%)
+    ("70B", "nvidia/h100-80gb", 2, 8, DataParallel.sharded, False, 64.8),      # 16 shards
+    ("70B", "nvidia/l4", 1, 8, None, True, None),
+    ("70B", "nvidia/h100-80gb", 1, 1, None, True, None),                     # one device: nothing to shard over
+    ("70B", "amd/mi300x", 1, 8, DataParallel.replicated, True, 148.1),        # a copy fits 192 GiB: no gathers
+    ("8B", "nvidia/h100-80gb", 1, 1, DataParallel.replicated, False, 30.9),
+    ("8B", "nvidia/h100-80gb", 1, 8, DataParallel.replicated, False, 30.9),   # fits: DDP, not FSDP
+    ("8B", "nvidia/l4", 1, 4, DataParallel.replicated, True, 21.4),           # recompute before sharding
 ])
-def test_replicated_when_it_fits_else_sharded(size, profile, workers, per_worker, mode, gib):
+def test_replicated_when_it_fits_else_sharded(size, profile, workers, per_worker, mode, recompute, gib):
     spec = llama(size)
     shape, prof = model_shape(spec.base_model), CATALOG.get(profile)
     plan = plan_memory(shape, spec, prof, CATALOG, workers, per_worker)
+    assert plan.gradient_checkpointing is recompute
     if mode is None:
         assert plan.chosen is None and memory_shortfall(shape, plan, prof, per_worker)
         return
@@ -98,10 +101,12 @@ def test_70b_on_8_h100_says_why_sharded():
     shape, h100 = model_shape(spec.base_model), CATALOG.get("nvidia/h100-80gb")
     why = memory_choice(plan_memory(shape, spec, h100, CATALOG, 1, 8))
     assert why.startswith("sharded over 8 devices (FSDP2): needs 32.5 of 80 GiB per device (decoder weights 126.1 / 8")
-    assert why.endswith("; replicated would need 147.6 GiB per device")
+    assert why.endswith("; replicated would need 147.6 GiB per device; gradient checkpointing on (automatic): "
+                        "without it 73.2 GiB > 72.0 GiB (80 GiB less the 10% margin)")
     spec8 = llama("8B")
     why8 = memory_choice(plan_memory(model_shape(spec8.base_model), spec8, h100, CATALOG, 1, 8))
-    assert why8 == "replicated (DDP over 8 ranks): needs 21.4 of 80 GiB per device"
+    assert why8 == ("replicated (DDP over 8 ranks): needs 30.9 of 80 GiB per device; gradient checkpointing off "
+                    "(automatic): 30.9 GiB fits 72.0 GiB (80 GiB less the 10% margin)")
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])   # qlora: the formula; plan_memory never shards it
@@ -110,7 +115,8 @@ def test_sharded_arithmetic_term_by_term(method):
     activations per device unchanged."""
     spec = llama("70B", method=method)
     shape, h100 = model_shape(spec.base_model), CATALOG.get("nvidia/h100-80gb")
-    rep, sh = estimate_memory(shape, spec, h100, CATALOG), estimate_memory(shape, spec, h100, CATALOG, shards=8)
+    rep = estimate_memory(shape, spec, h100, CATALOG, gradient_checkpointing=True)
+    sh = estimate_memory(shape, spec, h100, CATALOG, gradient_checkpointing=True, shards=8)
     embed = embedding_parameters(shape)
     per_param = 0.5 * 1.03 if method == "qlora" else 2   # qlora: the decoder's 4-bit bytes
     decoder = (shape.parameters - embed) * per_param / GIB
@@ -126,8 +132,8 @@ def test_sharded_arithmetic_term_by_term(method):
 # CPU memory is 4 GiB per core pooled over the worker pod, and the worker runs one rank per core:
 # the pool holds every rank's share. (model, workers, cores per worker) -> mode, GiB per worker.
 @pytest.mark.parametrize("model,workers,cores,mode,gib", [
-    ("Qwen2.5-0.5B-Instruct", 1, 1, DataParallel.replicated, 2.7),
-    ("Qwen2.5-0.5B-Instruct", 1, 8, DataParallel.replicated, 21.4),   # 8 copies fit 32 GiB
+    ("Qwen2.5-0.5B-Instruct", 1, 1, DataParallel.replicated, 3.0),    # without recompute: 3.0 <= 3.6
+    ("Qwen2.5-0.5B-Instruct", 1, 8, DataParallel.replicated, 24.1),   # 8 copies fit 32 GiB, without recompute
     ("Qwen2.5-1.5B-Instruct", 1, 1, None, None),
     ("Qwen2.5-1.5B-Instruct", 1, 4, DataParallel.sharded, 13.1),      # 4 copies (19.2) do not fit 16
     ("Qwen2.5-3B-Instruct", 1, 8, None, None),
@@ -147,9 +153,9 @@ def test_worker_scoped_memory_holds_all_of_a_workers_ranks(model, workers, cores
 def test_qlora_shrinks_weights_and_checkpointing_shrinks_activations():
     lora = spec_for("hf://Qwen/Qwen2.5-32B-Instruct")
     qlora = spec_for("hf://Qwen/Qwen2.5-32B-Instruct", method="qlora")
-    no_gc = spec_for("hf://Qwen/Qwen2.5-32B-Instruct", training={"gradientCheckpointing": False})
     shape, h100 = model_shape(lora.base_model), CATALOG.get("nvidia/h100-80gb")
-    a, b, c = (estimate_memory(shape, s, h100, CATALOG) for s in (lora, qlora, no_gc))
+    a, b = (estimate_memory(shape, s, h100, CATALOG, gradient_checkpointing=True) for s in (lora, qlora))
+    c = estimate_memory(shape, lora, h100, CATALOG, gradient_checkpointing=False)
     assert b.weights_gib < a.weights_gib / 3
     assert c.activations_gib > 3 * a.activations_gib
 
@@ -171,7 +177,7 @@ def test_run_estimate_from_dataset_tokens():
     tokens, note = training_tokens(spec)
     assert tokens == int(40_000_000 * 0.98 * 2) and note is None
     shape, h100 = model_shape(spec.base_model), CATALOG.get("nvidia/h100-80gb")
-    run = estimate_run(shape, spec, h100, CATALOG, 8)
+    run = estimate_run(shape, spec, h100, CATALOG, 8, gradient_checkpointing=True)
     assert run.flops_per_token == 6 * 7e9  # gradient checkpointing on
     expected_tps = 8 * 989e12 * 0.35 / (6 * 7e9)
     assert run.tokens_per_second == pytest.approx(expected_tps)
@@ -181,7 +187,7 @@ def test_run_estimate_from_dataset_tokens():
 
 def test_run_estimate_without_dataset_size_explains():
     spec = spec_for("hf://Qwen/Qwen2.5-7B-Instruct", dataset={"sizeHints": None})
-    run = estimate_run(model_shape(spec.base_model), spec, CATALOG.get("nvidia/l4"), CATALOG, 1)
+    run = estimate_run(model_shape(spec.base_model), spec, CATALOG.get("nvidia/l4"), CATALOG, 1, gradient_checkpointing=True)
     assert run.duration_seconds is None and "sizeHints.tokens" in run.note
 
 
@@ -208,3 +214,83 @@ def test_qlora_is_never_sharded_and_the_refusal_says_so():
     assert "QLoRA is not sharded: its 4-bit weights cannot be split by FSDP2; use method lora to shard" in msg
     fits = plan_memory(shape, spec, h100, CATALOG, 1, 8)
     assert fits.data_parallel == DataParallel.replicated and fits.chosen is not None
+
+
+def _literal(total: float, recompute: bool, shards: int = 1) -> MemoryEstimate:
+    """An estimate of ``total`` GiB (all of it weights), for decisions on literal numbers."""
+    mode = DataParallel.sharded if shards > 1 else DataParallel.replicated
+    return MemoryEstimate(total, 0.0, 0.0, 0.0, 0.0, mode, shards, gradient_checkpointing=recompute)
+
+
+# Options in plan_memory's order (replicated off, on, sharded off, on; a forced setting: only its
+# value), 100 GiB per device, 10% margin -> the chosen (mode, recompute), None: nothing fits.
+@pytest.mark.parametrize("automatic,options,chosen", [
+    (True, [(90.0, False, 1), (60.0, True, 1)], ("replicated", False)),     # at the margin: off
+    (True, [(90.1, False, 1), (60.0, True, 1)], ("replicated", True)),      # past the margin: on
+    (True, [(95.0, False, 1), (99.0, True, 1), (40.0, False, 8), (20.0, True, 8)], ("replicated", True)),  # recompute before sharding
+    (True, [(200.0, False, 1), (150.0, True, 1), (80.0, False, 8), (40.0, True, 8)], ("sharded", False)),
+    (True, [(200.0, False, 1), (150.0, True, 1), (95.0, False, 8), (40.0, True, 8)], ("sharded", True)),
+    (True, [(200.0, False, 1), (150.0, True, 1), (120.0, False, 8), (101.0, True, 8)], None),
+    (False, [(95.0, False, 1)], ("replicated", False)),                     # forced off: the whole device, no margin
+    (False, [(30.0, True, 1)], ("replicated", True)),                       # forced on although off would fit
+    (False, [(150.0, True, 1), (40.0, True, 8)], ("sharded", True)),
+])
+def test_automatic_recompute_decision(automatic, options, chosen):
+    plan = MemoryPlan(tuple(_literal(*o) for o in options), 100.0, world_size=8,
+                      recompute_automatic=automatic, recompute_margin=0.10)
+    picked = plan.chosen
+    assert (None if picked is None else (picked.data_parallel.value, picked.gradient_checkpointing)) == chosen
+    if chosen is not None:
+        assert plan.gradient_checkpointing is chosen[1]
+
+
+# The spec's gradientCheckpointing on the 8B (micro batch 1, 2048 tokens): only that value is
+# considered. (setting, profile, devices) -> mode, recompute, the reason (None: refused).
+@pytest.mark.parametrize("setting,profile,devices,mode,recompute,reason", [
+    (None, "nvidia/h100-80gb", 1, DataParallel.replicated, False,
+     "gradient checkpointing off (automatic): 30.9 GiB fits 72.0 GiB (80 GiB less the 10% margin)"),
+    (True, "nvidia/h100-80gb", 1, DataParallel.replicated, True, "gradient checkpointing on (set by training.gradientCheckpointing)"),
+    (None, "nvidia/l4", 1, DataParallel.replicated, True,
+     "gradient checkpointing on (automatic): without it 30.9 GiB > 21.6 GiB (24 GiB less the 10% margin)"),
+    (False, "nvidia/l4", 4, DataParallel.sharded, False, "gradient checkpointing off (set by training.gradientCheckpointing)"),
+    (False, "nvidia/l4", 1, None, False, None),
+])
+def test_an_explicit_gradient_checkpointing_is_the_only_one_considered(setting, profile, devices, mode, recompute, reason):
+    training = {"maxSteps": 100} if setting is None else {"maxSteps": 100, "gradientCheckpointing": setting}
+    spec = llama("8B", training=training)
+    shape, prof = model_shape(spec.base_model), CATALOG.get(profile)
+    plan = plan_memory(shape, spec, prof, CATALOG, 1, devices)
+    assert plan.gradient_checkpointing is recompute
+    assert {e.gradient_checkpointing for e in plan.options} == ({False, True} if setting is None else {setting})
+    if mode is None:
+        assert "training.gradientCheckpointing is false; unset it to recompute when needed" in memory_shortfall(shape, plan, prof, devices)
+        return
+    assert plan.data_parallel == mode and recompute_reason(plan) == reason
+    assert memory_choice(plan).endswith("; " + reason)
+
+
+def test_fp8_base_weights_need_less_memory_than_bf16():
+    """Decoder at 1 byte + per-row fp32 scales, embedding and head at 2 bytes, one FP8 transpose."""
+    bf16, fp8 = llama("8B"), llama("8B", training={"maxSteps": 100, "basePrecision": "fp8"})
+    shape, h100 = model_shape(bf16.base_model), CATALOG.get("nvidia/h100-80gb")
+    a, b = (estimate_memory(shape, s, h100, CATALOG, gradient_checkpointing=False) for s in (bf16, fp8))
+    embed = embedding_parameters(shape)
+    scales = 4 * shape.layers * (5 + 2 * 3.5) * shape.hidden_size
+    assert b.weights_gib == pytest.approx(((shape.parameters - embed) + scales + embed * 2) / GIB)
+    assert b.fp8_transpose_gib == pytest.approx(3.5 * shape.hidden_size ** 2 / GIB) and a.fp8_transpose_gib == 0
+    assert b.total_gib < a.total_gib and b.activations_gib == a.activations_gib
+    assert "FP8 transpose 0.1 + LoRA states" in b.breakdown()
+    sharded = estimate_memory(shape, fp8, h100, CATALOG, gradient_checkpointing=True, shards=8)
+    assert sharded.gather_gib == pytest.approx(2 * ((shape.parameters - embed) + scales) / shape.layers / GIB)
+
+
+@pytest.mark.parametrize("recompute,base_precision,flops,speed", [
+    (True, None, 6, 1.0), (False, None, 4, 1.0), (False, "fp8", 4, 1.3),
+])
+def test_run_estimate_uses_the_resolved_recompute_and_the_fp8_factor(recompute, base_precision, flops, speed):
+    training = {"maxSteps": 100, **({"basePrecision": base_precision} if base_precision else {})}
+    spec = llama("8B", training=training)
+    shape, h100 = model_shape(spec.base_model), CATALOG.get("nvidia/h100-80gb")
+    run = estimate_run(shape, spec, h100, CATALOG, 1, gradient_checkpointing=recompute)
+    assert run.flops_per_token == flops * 8e9
+    assert run.tokens_per_second == pytest.approx(989e12 * 0.35 * speed / (flops * 8e9))

@@ -75,7 +75,7 @@ class RejectionCode(str, Enum):
     InsufficientCapacity = "InsufficientCapacity"  # not even when the cluster is idle
     Busy = "Busy"                            # capacity exists, not free now
     TimedOut = "TimedOut"                    # pods stayed unschedulable past the timeout
-    Excluded = "Excluded"                    # auto request: filtered by vendors/min memory
+    Excluded = "Excluded"                    # auto request: filtered by vendors/min memory/capability
 
 
 class ChoiceRejection(StatusModel):

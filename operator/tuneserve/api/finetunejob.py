@@ -13,7 +13,7 @@ from pydantic import Field
 
 from tuneserve import API_GROUP, API_VERSION
 # The values the worker understands, from the one shared contract (no second copy to drift).
-from tuneserve_workers.contract import DatasetFormat, Method, Precision
+from tuneserve_workers.contract import BasePrecision, DatasetFormat, Method, Precision
 from tuneserve.api.common import (
     name_rule,
     CustomResource, ObjectMeta,
@@ -59,7 +59,10 @@ class LoraConfig(ApiModel):
     """LoRA adapter hyperparameters (also used by QLoRA)."""
     rank: int = Field(16, ge=1, le=256, description="Adapter rank r.")
     alpha: int = Field(32, ge=1, le=4096, description="Scaling alpha (effective scale alpha/r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input, in [0, 1).")
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="Dropout on the adapter input, in [0, 1). Default 0: measured on an H200, dropout 0.05 cost ~10% "
+                    "throughput and 8 GiB for an 8B model, and the fastest published recipes use 0.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"], min_length=1, max_length=32,
         json_schema_extra={"items": {"type": "string", "minLength": 1, "maxLength": SHORT_MAX}, "x-kubernetes-list-type": "set"},
@@ -79,7 +82,17 @@ class TrainingConfig(ApiModel):
     packing: bool = Field(True, description="Pack short records into full sequences.")
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Random seed.")
     precision: Precision = Field(Precision.bf16, description="Compute precision; QLoRA needs bf16 or fp16.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: less memory, ~1/3 more compute.")
+    gradient_checkpointing: Optional[bool] = Field(
+        None,
+        description="Recompute activations in backward: less memory, ~1/3 more compute. Unset: automatic, decided per "
+                    "placement: off when the memory without recompute fits the device's memory less the catalog's "
+                    "recomputeMargin (10%), on otherwise; true or false forces it. The decision and why are in "
+                    "status.placement.gradientCheckpointing and the Placed condition.")
+    base_precision: Optional[BasePrecision] = Field(
+        None,
+        description="fp8: frozen base weights stored in FP8 (e4m3, per-row scales) and base matmuls in FP8 while LoRA "
+                    "stays in training.precision; needs an accelerator whose catalog entry has fp8: true (NVIDIA "
+                    "Hopper/Ada, AMD MI300X). Unset: the base is in training.precision.")
 
     rules: ClassVar[tuple[Rule, ...]] = (
         Rule(cel="has(self.epochs) || has(self.maxSteps)",
@@ -89,6 +102,10 @@ class TrainingConfig(ApiModel):
              message="training.globalBatchSize must be a multiple of training.microBatchSize",
              check=lambda t: t.global_batch_size % t.micro_batch_size == 0,
              field_path=".globalBatchSize"),
+        Rule(cel="!has(self.basePrecision) || !has(self.precision) || self.precision == 'bf16'",
+             message="training.basePrecision fp8 keeps LoRA in bf16; set training.precision to bf16",
+             check=lambda t: t.base_precision is None or t.precision == Precision.bf16,
+             field_path=".basePrecision"),
     )
 
 
@@ -193,6 +210,11 @@ class FineTuneJobSpec(RayPodOptions, FineTuneRequest):
              message="method qlora computes in bf16 or fp16; set training.precision to bf16 or fp16",
              check=lambda s: not (s.method == Method.qlora and s.training.precision == Precision.fp32),
              field_path=".training.precision"),
+        Rule(cel="self.method != 'qlora' || !has(self.training.basePrecision)",
+             message="training.basePrecision fp8 is for method lora (qlora already stores the base in 4 bits); "
+                     "unset one of them",
+             check=lambda s: not (s.method == Method.qlora and s.training.base_precision is not None),
+             field_path=".training.basePrecision"),
     )
 
     def effective_checkpoint(self) -> CheckpointConfig:

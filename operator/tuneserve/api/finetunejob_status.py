@@ -122,6 +122,11 @@ class PlacementStatus(StatusModel):
         description="How the ranks share the model: replicated (DDP, a full copy per device; chosen when it fits) "
                     "or sharded (FSDP2 over all ranks, when a copy does not fit one device).")
     world_size: Optional[int] = Field(None, description="Training processes: one per device, workers x devicesPerWorker.")
+    gradient_checkpointing: bool = Field(
+        True,
+        description="Recompute activations in backward, as the sizing resolved it for this placement "
+                    "(spec.training.gradientCheckpointing, or automatic: off when the memory without it fits); "
+                    "the reason says why. Placements recorded before this field: true, the default then.")
     resource_name: Optional[str] = None
     ray_job_name: str
     price_per_device_hour: float = 0.0

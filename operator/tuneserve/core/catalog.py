@@ -76,6 +76,8 @@ class AcceleratorProfile(_CatalogModel):
     torch_device: str = "cpu"
     distributed_backend: str = "gloo"
     supports_4bit: bool = Field(False, alias="supports4bit")
+    # FP8 matmuls (torch._scaled_mm, CUDA/ROCm only): FineTuneJob training.basePrecision fp8.
+    fp8: bool = False
     serving_quantizations: tuple[str, ...] = ()
     vllm_platform: str = "cpu"
     vllm_plugin: Optional[str] = None
@@ -140,6 +142,8 @@ class AcceleratorProfile(_CatalogModel):
 class CatalogDefaults(_CatalogModel):
     mfu: float = 0.35
     qlora_speed_factor: float = 0.6
+    fp8_speed_factor: float = 1.3
+    recompute_margin: float = Field(0.10, ge=0, lt=1)
     precision_speed_factor: dict[str, float] = Field(default_factory=lambda: {"bf16": 1.0, "fp16": 1.0, "fp32": 0.25})
     startup_minutes: float = 10
     memory_fragmentation: float = 0.05

@@ -3,9 +3,11 @@ catalog, an inventory snapshot and the history of choices that timed out.
 
 Rules: choices are tried in the user's order (for ``auto``: cheapest estimated cost per token
 first). A choice is rejected when the catalog does not know it, it cannot run the method (QLoRA
-without 4-bit support), it cannot hold the model (with the arithmetic), no node has it, or even
-an idle cluster lacks the capacity. The first remaining choice that fits *now* wins. When none
-fits now but some could (capacity exists, busy), the first of those is chosen and the job waits.
+without 4-bit support, an FP8 base without FP8 matmuls; ``auto`` skips those), it cannot hold the
+model (with the arithmetic), no node has it, or even an idle cluster lacks the capacity. The
+first remaining choice that fits *now* wins. When none fits now but some could (capacity exists,
+busy), the first of those is chosen and the job waits. The sizing also resolves gradient
+checkpointing for the placement; the candidate carries it (and ``status.placement`` records it).
 Moving on after pods stay unschedulable is decided by ``fallback_verdict``.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tuneserve.api.finetunejob import AcceleratorChoice, FineTuneJobSpec
 from tuneserve.api.conditions import RejectionCode
 from tuneserve.api.finetunejob_status import TERMINAL_PHASES, Phase, PlacementStatus
 from tuneserve.builders.common import ATTEMPT_LABEL, JOB_LABEL
-from tuneserve.core.catalog import Catalog
+from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.scheduling.fit import (
     Candidate, Fit, Outcome, Rejection, fit_candidate, node_matches, selector_conflict,
 )
@@ -29,7 +31,7 @@ from tuneserve.core.sizing.model import ModelShape, format_duration, model_shape
 from tuneserve.core.sizing.training import (
     MemoryEstimate, MemoryPlan, RunEstimate, estimate_run, memory_choice, memory_shortfall, plan_memory,
 )
-from tuneserve_workers.contract import Method
+from tuneserve_workers.contract import BasePrecision, Method
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,16 @@ def _choice_candidates(choice: AcceleratorChoice, index: int, catalog: Catalog) 
     return [Candidate(p, choice.devices_per_worker, choice.workers, label) for p in profiles], None
 
 
+def _missing_capability(spec: FineTuneJobSpec, profile: AcceleratorProfile) -> Optional[str]:
+    """What the spec needs that ``profile`` lacks (by the catalog), naming the field; None: nothing."""
+    if spec.method == Method.qlora and not profile.supports_4bit:
+        return f"{profile.display_name} does not support 4-bit (QLoRA) base weights"
+    if spec.training.base_precision == BasePrecision.fp8 and not profile.fp8:
+        return (f"{profile.display_name} has no FP8 matmuls (catalog fp8: false), which training.basePrecision fp8 "
+                "needs; unset training.basePrecision or choose an accelerator with fp8")
+    return None
+
+
 def _largest_divisor_at_most(n: int, bound: int) -> int:
     return max(d for d in range(1, min(n, bound) + 1) if n % d == 0)
 
@@ -74,6 +86,10 @@ def _auto_candidates(spec: FineTuneJobSpec, catalog: Catalog, shape: ModelShape,
             rejections.append(Rejection(profile.key, RejectionCode.Excluded,
                                         f"{profile.display_name} has {profile.memory_gib:g} GiB per device, below minMemoryGiBPerDevice {auto.min_memory_gib_per_device}"))
             continue
+        missing = _missing_capability(spec, profile)
+        if missing is not None:
+            rejections.append(Rejection(profile.key, RejectionCode.Excluded, f"auto: skipped, {missing}"))
+            continue
         conflict = selector_conflict(profile, spec, inventory)
         if conflict is not None and conflict.code is not None:
             rejections.append(Rejection(profile.key, conflict.code, f"auto: {profile.display_name}: {conflict.message}"))
@@ -84,7 +100,8 @@ def _auto_candidates(spec: FineTuneJobSpec, catalog: Catalog, shape: ModelShape,
             rejections.append(Rejection(profile.key, RejectionCode.NoMatchingNodes, f"no schedulable node has {profile.display_name}"))
             continue
         per_worker = _largest_divisor_at_most(auto.devices, max(per_node))
-        run = estimate_run(shape, spec, profile, catalog, 1)
+        plan = plan_memory(shape, spec, profile, catalog, auto.devices // per_worker, per_worker)
+        run = estimate_run(shape, spec, profile, catalog, 1, plan.gradient_checkpointing)
         cost_per_token = profile.price_per_device_hour / max(run.tokens_per_second, 1e-9)
         candidates.append((cost_per_token, order, Candidate(profile, per_worker, auto.devices // per_worker, "auto")))
     return [c for _, _, c in sorted(candidates, key=lambda t: (t[0], t[1]))], rejections
@@ -117,19 +134,20 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
         if candidate.key in timed_out:
             rejections.append(Rejection(candidate.key, RejectionCode.TimedOut, timed_out[candidate.key]))
             continue
-        if spec.method == Method.qlora and not profile.supports_4bit:
-            rejections.append(Rejection(candidate.key, RejectionCode.Unsupported,
-                                        f"{candidate.label}: {profile.display_name} does not support 4-bit (QLoRA) base weights"))
+        missing = _missing_capability(spec, profile)
+        if missing is not None:
+            rejections.append(Rejection(candidate.key, RejectionCode.Unsupported, f"{candidate.label}: {missing}"))
             continue
         plan = plan_memory(shape, spec, profile, catalog, candidate.workers, candidate.devices_per_worker)
         shortfall = memory_shortfall(shape, plan, profile, candidate.devices_per_worker)
         if shortfall:
             rejections.append(Rejection(candidate.key, RejectionCode.InsufficientMemory, f"{candidate.label}: {shortfall}"))
             continue
-        candidate = replace(candidate, data_parallel=plan.data_parallel)
+        candidate = replace(candidate, data_parallel=plan.data_parallel,
+                            gradient_checkpointing=plan.gradient_checkpointing)
         fit = fit_candidate(candidate, spec, inventory)
         if fit.fits_now:
-            run = estimate_run(shape, spec, profile, catalog, candidate.devices)
+            run = estimate_run(shape, spec, profile, catalog, candidate.devices, candidate.gradient_checkpointing)
             reason = _placed_reason(candidate, fit, plan, run, rejections)
             return PlacementDecision(Outcome.Placed, reason, tuple(rejections), candidate, fit.pool, shape, plan.chosen, run)
         rejections.append(Rejection(candidate.key, fit.code or RejectionCode.Busy, f"{candidate.label}: {profile.display_name}: {fit.message}"))
@@ -138,7 +156,7 @@ def decide_placement(spec: FineTuneJobSpec, catalog: Catalog, inventory: Invento
 
     if waiting is not None:
         candidate, fit, plan = waiting
-        run = estimate_run(shape, spec, candidate.profile, catalog, candidate.devices)
+        run = estimate_run(shape, spec, candidate.profile, catalog, candidate.devices, candidate.gradient_checkpointing)
         reason = (f"{candidate.label}: {candidate.display} can hold the model ({memory_choice(plan)}) "
                   f"but is busy; waiting for capacity in pool {fit.pool} ({fit.message})")
         return PlacementDecision(Outcome.Waiting, reason, tuple(r for r in rejections if r.choice != candidate.key),
@@ -164,7 +182,7 @@ def candidate_from_status(placement: PlacementStatus, catalog: Catalog) -> Candi
     children render exactly as when they were created."""
     profile = catalog.get(f"{placement.vendor}/{placement.product}")
     return Candidate(profile, placement.devices_per_worker, placement.workers, "recorded placement",
-                     placement.data_parallel)
+                     placement.data_parallel, placement.gradient_checkpointing)
 
 
 # Phases whose pods are gone or going: finished, or suspended (KubeRay deletes a suspended RayJob's cluster).

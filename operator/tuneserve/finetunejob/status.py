@@ -58,6 +58,7 @@ def placement_status(decision: PlacementDecision, attempt: int, job_name: str, n
         attempt=attempt, choice=cand.key, vendor=cand.profile.vendor, product=cand.profile.product,
         accelerator=cand.display, pool=decision.pool, workers=cand.workers,
         devices_per_worker=cand.devices_per_worker, data_parallel=cand.data_parallel, world_size=cand.world_size,
+        gradient_checkpointing=cand.gradient_checkpointing,
         resource_name=cand.profile.resource_name,
         ray_job_name=rayjob_name(job_name, attempt), price_per_device_hour=cand.profile.price_per_device_hour,
         waiting=decision.outcome == Outcome.Waiting, reason=decision.reason, since=now,

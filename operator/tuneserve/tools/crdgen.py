@@ -32,6 +32,7 @@ FINETUNEJOB_PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Accelerator", "type": "string", "jsonPath": ".status.placement.accelerator"},
     {"name": "Pool", "type": "string", "jsonPath": ".status.placement.pool", "priority": 1},
     {"name": "Parallel", "type": "string", "jsonPath": ".status.placement.dataParallel", "priority": 1},
+    {"name": "Recompute", "type": "boolean", "jsonPath": ".status.placement.gradientCheckpointing", "priority": 1},
     {"name": "Attempt", "type": "integer", "jsonPath": ".status.placement.attempt", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},

@@ -25,6 +25,8 @@ class Candidate:
     label: str  # "choice 2" or "auto"
     # How the ranks share the model (FineTuneJob sizing decides; ModelServe: unused).
     data_parallel: DataParallel = DataParallel.replicated
+    # Gradient checkpointing as the sizing resolved it for this layout (FineTuneJob; ModelServe: unused).
+    gradient_checkpointing: bool = True
 
     @property
     def key(self) -> str:

@@ -31,7 +31,9 @@ def build_train_config(job: FineTuneJob, candidate: Candidate, attempt: int) -> 
             warmup_ratio=spec.training.warmup_ratio, global_batch_size=spec.training.global_batch_size,
             micro_batch_size=spec.training.micro_batch_size, max_seq_length=spec.training.max_seq_length,
             packing=spec.training.packing, seed=spec.training.seed, precision=spec.training.precision.value,
-            gradient_checkpointing=spec.training.gradient_checkpointing,
+            # Resolved by the placement's sizing (status.placement.gradientCheckpointing).
+            gradient_checkpointing=candidate.gradient_checkpointing,
+            base_precision=spec.training.base_precision,
         ),
         checkpoint=contract.CheckpointSpec(
             uri=checkpoint.uri, interval_minutes=checkpoint.interval_minutes,
@@ -45,6 +47,7 @@ def build_train_config(job: FineTuneJob, candidate: Candidate, attempt: int) -> 
             ray_resource=profile.ray_resource,
             ray_resources_per_worker=candidate.devices_per_worker * profile.ray_resources_per_device if profile.ray_resource else 0,
             supports_4bit=profile.supports_4bit,
+            supports_fp8=profile.fp8,
             price_per_device_hour=profile.price_per_device_hour,
             visible_devices_env=profile.visible_devices_env,
             # The placement's sizing decision (recorded in status.placement.dataParallel, so a
