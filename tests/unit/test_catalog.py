@@ -52,7 +52,7 @@ def test_runtime_fields(catalog):
 
 def test_fp8_only_where_the_workers_fp8_path_runs(catalog):
     """torch._scaled_mm runs on CUDA (Hopper, Ada, Blackwell) and ROCm (MI300X): fp8 true there only."""
-    assert {p.key for p in catalog.profiles if p.fp8} == {"nvidia/h100-80gb", "nvidia/l4", "amd/mi300x"}
+    assert {p.key for p in catalog.profiles if p.fp8} == {"nvidia/h100-80gb", "nvidia/h200", "nvidia/l4", "amd/mi300x"}
     assert (catalog.defaults.recompute_margin, catalog.defaults.fp8_speed_factor) == (0.10, 1.3)
 
 

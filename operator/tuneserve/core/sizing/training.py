@@ -229,6 +229,15 @@ def recompute_settings(spec: FineTuneJobSpec) -> tuple[bool, ...]:
     return (False, True) if forced is None else (forced,)
 
 
+def _not_sharded(qlora: bool, fp8: bool) -> Optional[str]:
+    if qlora:
+        return "QLoRA is not sharded: its 4-bit weights cannot be split by FSDP2; use method lora to shard"
+    if fp8:
+        return ("an FP8 base is not sharded: the worker runs it in its fused layers, which FSDP2 cannot gather; "
+                "unset training.basePrecision to shard")
+    return None
+
+
 def plan_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog,
                 workers: int, devices_per_worker: int) -> MemoryPlan:
     """Size a placement of ``workers`` x ``devices_per_worker`` every way it may run: one rank per
@@ -237,15 +246,17 @@ def plan_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorPr
     cores) put all of a worker's ranks in its one pool."""
     runtime = AcceleratorRuntime(workers=workers, devices_per_worker=devices_per_worker)
     world = runtime.world_size
-    # The worker's 4-bit (bitsandbytes) weights are not FSDP2-shardable: QLoRA runs replicated.
+    # The worker's 4-bit (bitsandbytes) weights are not FSDP2-shardable: QLoRA runs replicated;
+    # its FP8 base lives in the fused layers, which are off when sharded: FP8 runs replicated too.
     qlora = spec.method == Method.qlora
-    shard_counts = (1, world) if world > 1 and not qlora else (1,)
+    fp8 = spec.training.base_precision == BasePrecision.fp8
+    shard_counts = (1, world) if world > 1 and not (qlora or fp8) else (1,)
     options = tuple(estimate_memory(shape, spec, profile, catalog, gradient_checkpointing=recompute, shards=shards)
                     for shards in shard_counts for recompute in recompute_settings(spec))
     pooled = profile.memory_scope == "worker"
     return MemoryPlan(options, profile.memory_for_model_gib(devices_per_worker), world,
                       runtime.ranks_per_worker if pooled else 1, "per worker" if pooled else "per device",
-                      "QLoRA is not sharded: its 4-bit weights cannot be split by FSDP2" if qlora and world > 1 else None,
+                      _not_sharded(qlora, fp8) if world > 1 else None,
                       spec.training.gradient_checkpointing is None, catalog.defaults.recompute_margin)
 
 
@@ -256,7 +267,7 @@ def memory_shortfall(shape: ModelShape, plan: MemoryPlan, profile: AcceleratorPr
         return None
     needs = " or ".join(plan.describe(e) for e in (plan.replicated, plan.sharded) if e is not None)
     if plan.not_sharded:
-        needs += f" ({plan.not_sharded}; use method lora to shard)"
+        needs += f" ({plan.not_sharded})"
     if not plan.recompute_automatic and not plan.gradient_checkpointing:
         needs += " (without recompute: training.gradientCheckpointing is false; unset it to recompute when needed)"
     has = f"{plan.available_gib:g} GiB"
