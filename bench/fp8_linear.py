@@ -33,7 +33,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, M={M}")
     print(f"{'GEMM':<9} {'N x K':>12} {'bf16 fwd':>9} {'fp8 fwd':>8} {'mm only':>8} {'bf16 bwd':>9} {'fp8 bwd':>8} "
           f"{'fwd x':>6} {'bwd x':>6} {'TF/s fp8 mm':>11} {'err fwd':>8} {'err bwd':>8}")
-    total = {"bf16": 0.0, "fp8": 0.0}
+    total = {"bf16": 0.0, "fp8": 0.0, "fp8-eager-quant": 0.0}
     for name, (n, k) in SHAPES.items():
         g = torch.Generator(device=dev).manual_seed(n + k)
         x = torch.randn(M, k, device=dev, dtype=torch.bfloat16, generator=g)
@@ -54,13 +54,19 @@ def main() -> int:
         ctx = type("C", (), {})()
         ctx.saved_tensors = (w8, ws)
         t_f8_b = do_bench(lambda: fp8._fp8_linear_backward(ctx, gy), return_mode="median")
+        fp8.COMPILE_QUANTIZATION = False
+        t_eq = do_bench(lambda: torch.ops.tuneserve.fp8_linear(x, w8, ws), return_mode="median")
+        t_eq_b = do_bench(lambda: fp8._fp8_linear_backward(ctx, gy), return_mode="median")
+        fp8.COMPILE_QUANTIZATION = True
         total["bf16"] += t_bf + t_bf_b
         total["fp8"] += t_f8 + t_f8_b
+        total["fp8-eager-quant"] += t_eq + t_eq_b
         tf = 2 * M * n * k / (t_mm * 1e-3) / 1e12
         print(f"{name:<9} {n:>6}x{k:<5} {t_bf:>9.3f} {t_f8:>8.3f} {t_mm:>8.3f} {t_bf_b:>9.3f} {t_f8_b:>8.3f} "
               f"{t_bf / t_f8:>6.2f} {t_bf_b / t_f8_b:>6.2f} {tf:>11.0f} {err_f:>8.4f} {err_b:>8.4f}")
     print(f"one layer's base GEMMs, forward + input gradient: bf16 {total['bf16']:.3f} ms, fp8 {total['fp8']:.3f} ms "
-          f"({total['bf16'] / total['fp8']:.2f}x); times in ms")
+          f"({total['bf16'] / total['fp8']:.2f}x), fp8 with eager quantization {total['fp8-eager-quant']:.3f} ms "
+          f"({total['bf16'] / total['fp8-eager-quant']:.2f}x); times in ms")
     return 0
 
 

@@ -17,6 +17,8 @@ exercises the quantization, the scales and the autograd wiring without a GPU.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E4M3 = torch.float8_e4m3fn
@@ -29,6 +31,31 @@ def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tf = t.float()
     scale = tf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / E4M3_MAX
     return (tf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def _quantize_scaled_rows(t: torch.Tensor, col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(t * col_scale)``: the input gradient with the weight's row scales folded in."""
+    return quantize_rows(t.float() * col_scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+# On CUDA the quantizations run as Inductor kernels (one reduction + one cast pass) instead of
+# ~6 eager passes over the tensor, which would cost as much as the FP8 GEMM they feed; the
+# custom op's forward is opaque to the caller's torch.compile, so it compiles its own. A flag for
+# the benchmark (bench/fp8_linear.py times both).
+COMPILE_QUANTIZATION = True
+
+
+def _rows(t: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # Inside a graph being traced (the backward of a compiled layer) the caller's Inductor fuses it.
+    fast = t.is_cuda and COMPILE_QUANTIZATION and not torch.compiler.is_compiling()
+    if col_scale is None:
+        return (_compiled(quantize_rows) if fast else quantize_rows)(t)
+    return (_compiled(_quantize_scaled_rows) if fast else _quantize_scaled_rows)(t, col_scale)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +76,7 @@ def _scaled_mm(a8: torch.Tensor, a_scale: torch.Tensor, b8_t: torch.Tensor, b_sc
 @torch.library.custom_op("tuneserve::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` for a frozen W held as ``w8`` (out, in) e4m3 with (1, out) row scales."""
-    x8, x_scale = quantize_rows(x)
+    x8, x_scale = _rows(x)
     return _scaled_mm(x8, x_scale, w8.t(), w_scale, x.dtype)
 
 
@@ -66,7 +93,7 @@ def _fp8_linear_setup(ctx, inputs, output):
 def _fp8_linear_backward(ctx, grad):
     w8, w_scale = ctx.saved_tensors
     # g @ W = (g * s_w) @ W8: fold the weight's row scales into g, quantize g per row.
-    g8, g_scale = quantize_rows(grad.float() * w_scale)
+    g8, g_scale = _rows(grad, w_scale)
     ones = torch.ones((1, w8.shape[1]), dtype=torch.float32, device=w8.device)
     w8_cols = w8.t().contiguous().t()      # (out, in), column-major: _scaled_mm's second operand
     return _scaled_mm(g8, g_scale, w8_cols, ones, grad.dtype), None, None
