@@ -43,19 +43,17 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
-# On CUDA the quantizations run as Inductor kernels (one reduction + one cast pass) instead of
-# ~6 eager passes over the tensor, which would cost as much as the FP8 GEMM they feed; the
-# custom op's forward is opaque to the caller's torch.compile, so it compiles its own. A flag for
-# the benchmark (bench/fp8_linear.py times both).
+# On CUDA the forward's row quantization runs as Inductor kernels (a reduction and a cast pass)
+# instead of ~6 eager passes over the activation, which would cost about as much as the FP8 GEMM
+# it feeds: the custom op's forward is opaque to the caller's torch.compile, so it compiles its
+# own. The backward (``fp8_input_grad``) is plain torch code that the caller's compile traces
+# and fuses. A flag for the benchmark (bench/fp8_linear.py times both).
 COMPILE_QUANTIZATION = True
 
 
-def _rows(t: torch.Tensor, col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    # Inside a graph being traced (the backward of a compiled layer) the caller's Inductor fuses it.
-    fast = t.is_cuda and COMPILE_QUANTIZATION and not torch.compiler.is_compiling()
-    if col_scale is None:
-        return (_compiled(quantize_rows) if fast else quantize_rows)(t)
-    return (_compiled(_quantize_scaled_rows) if fast else _quantize_scaled_rows)(t, col_scale)
+def _quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    fast = x.is_cuda and COMPILE_QUANTIZATION and not torch.compiler.is_compiling()
+    return (_compiled(quantize_rows) if fast else quantize_rows)(x)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +74,7 @@ def _scaled_mm(a8: torch.Tensor, a_scale: torch.Tensor, b8_t: torch.Tensor, b_sc
 @torch.library.custom_op("tuneserve::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` for a frozen W held as ``w8`` (out, in) e4m3 with (1, out) row scales."""
-    x8, x_scale = _rows(x)
+    x8, x_scale = _quantize_input(x)
     return _scaled_mm(x8, x_scale, w8.t(), w_scale, x.dtype)
 
 
@@ -90,13 +88,17 @@ def _fp8_linear_setup(ctx, inputs, output):
     ctx.save_for_backward(w8, w_scale)
 
 
+def fp8_input_grad(grad: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``g @ W`` = ``(g * s_w) @ W8``: the weight's row scales fold into g, which is quantized per
+    row; ``_scaled_mm`` takes W8 column-major, hence the transposed copy."""
+    g8, g_scale = _quantize_scaled_rows(grad, w_scale)
+    ones = torch.ones((1, w8.shape[1]), dtype=torch.float32, device=w8.device)
+    return _scaled_mm(g8, g_scale, w8.t().contiguous().t(), ones, grad.dtype)
+
+
 def _fp8_linear_backward(ctx, grad):
     w8, w_scale = ctx.saved_tensors
-    # g @ W = (g * s_w) @ W8: fold the weight's row scales into g, quantize g per row.
-    g8, g_scale = _rows(grad, w_scale)
-    ones = torch.ones((1, w8.shape[1]), dtype=torch.float32, device=w8.device)
-    w8_cols = w8.t().contiguous().t()      # (out, in), column-major: _scaled_mm's second operand
-    return _scaled_mm(g8, g_scale, w8_cols, ones, grad.dtype), None, None
+    return fp8_input_grad(grad, w8, w_scale), None, None
 
 
 torch.library.register_autograd("tuneserve::fp8_linear", _fp8_linear_backward, setup_context=_fp8_linear_setup)
