@@ -367,6 +367,7 @@ def run_peer(peer: str, name: str, args, save_dir: Path, out_dir: Path, recomput
         raise RuntimeError(f"{peer} exited {proc.returncode}: " + " | ".join(tail))
     r = json.loads(line[len("PEER_RESULT "):])
     r["name"] = name
+    r["context_gib"] = None   # the peer's view of the device includes this process's memory
     return r
 
 
@@ -389,8 +390,9 @@ def sizing_table(results) -> list[str]:
         return []
     out = ["", "memory per device: operator's sizing vs measured (peak reserved + CUDA context):",
            f"{'run':<42} {'predicted':>9} {'measured':>8} {'pred/meas':>9}  within 15%"]
-    for r in rows:
-        measured = r["max_reserved_gib"] + (r.get("context_gib") or 0.0)
+    own = next((r["context_gib"] for r in rows if r.get("context_gib") is not None), 0.0)
+    for r in rows:   # peers run in processes of their own: the CUDA context measured here
+        measured = r["max_reserved_gib"] + (r["context_gib"] if r.get("context_gib") is not None else own)
         ratio = r["sizing"]["predicted_gib"] / measured
         out.append(f"{r['name']:<42} {r['sizing']['predicted_gib']:>9.1f} {measured:>8.1f} {ratio:>9.2f}  "
                    f"{'yes' if abs(ratio - 1) <= 0.15 else 'NO'}   ({r['sizing']['breakdown']})")
@@ -654,7 +656,8 @@ def main():
                             fn = fastpath._make_layer_fn(st, meta)
                             fns[meta] = torch.compile(fn, dynamic=False) if opts["compile"] else fn
                         st.layer_fns.append(fns[meta])
-                print(f"[{name}] {fastpath.fastpath_summary(model)}", flush=True)
+                at_rest = torch.cuda.memory_allocated() / GIB if cuda else float("nan")
+                print(f"[{name}] {fastpath.fastpath_summary(model)}; allocated before the run {at_rest:.2f} GiB", flush=True)
                 bb = batches if (bsz == args.batch and not packed) else make_batches(args, cfg, device, bsz, packed)
                 if v == "fast-nosync":
                     step, opt = nosync_runner(model, params, args, device, amp)

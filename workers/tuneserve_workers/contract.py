@@ -32,6 +32,17 @@ SERVE_STATUS_CONFIGMAP_ENV = "TUNESERVE_SERVE_STATUS_CONFIGMAP"  # "<namespace>/
 PVC_ROOT = "/mnt/pvc"
 PVC_ROOT_ENV = "TUNESERVE_PVC_ROOT"
 PROGRESS_KEY = "progress.json"
+# The worker's chunked linear cross-entropy computes the logits of this many bytes (bf16) of
+# tokens at a time, never all [tokens, vocab] of them; the operator's memory sizing counts one
+# chunk (2,048 tokens at a 128k vocabulary).
+CE_CHUNK_LOGIT_BYTES = 512 * 1024 * 1024
+
+
+def ce_chunk_tokens(vocab_size: int, chunk_bytes: int = CE_CHUNK_LOGIT_BYTES) -> int:
+    """Tokens per cross-entropy chunk: ``chunk_bytes`` of bf16 logits, in whole GEMM tiles
+    (2048 rather than 2093 tokens at a 128k vocabulary)."""
+    chunk = chunk_bytes // (2 * vocab_size)
+    return chunk // 256 * 256 if chunk >= 256 else max(16, chunk)
 PROGRESS_FILE = "progress.json"
 MANIFEST_FILE = "tuneserve-manifest.json"
 

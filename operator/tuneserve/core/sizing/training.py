@@ -32,10 +32,14 @@ Memory per rank (V = vocabulary, h = hidden size, L = layers, N = parameters):
   P_lora = layers x rank x hidden x sum over targeted modules of (d_in + d_out) / hidden;
   sharded: / W.
 * activations (per rank, both modes; flash attention, so no seq^2 term; per Korthikanti et al.
-  2022, a layer keeps ~34·b·s·h bytes in 16-bit):
+  2022, a layer keeps a = ~34·b·s·h bytes in 16-bit in the worker's fused or compiled layers;
+  QLoRA's eager PEFT layers keep a = 52·b·s·h, measured; the formulas below write 34 for a):
   with gradient checkpointing  b·s·h·(2·L + 34) x (bytes/2)   (layer inputs + one layer recomputed)
   without                      b·s·h·34·L x (bytes/2)
-  plus logits in fp32 and their gradient: b·s·V·8 bytes. (b = micro batch, s = max seq length.)
+  plus the loss: the worker's chunked cross-entropy holds one chunk of c = min(b·s,
+  ``contract.ce_chunk_tokens(V)``) tokens' logits (bf16 + fp32) and their gradient, c·V·8 bytes,
+  and the hidden states' gradient, b·s·h·2 (never the whole b·s·V logits).
+  (b = micro batch, s = max seq length.)
 * overhead: the profile's runtime reserve + ``memoryFragmentation`` x the rest.
 
 Throughput: training FLOPs per token are 4N for LoRA (forward 2N + backward through the frozen
@@ -51,9 +55,15 @@ from typing import Optional
 from tuneserve.api.finetunejob import FineTuneJobSpec
 from tuneserve.core.catalog import AcceleratorProfile, Catalog
 from tuneserve.core.sizing.model import FFN_RATIO, GIB, ModelShape, embedding_parameters, lora_parameters
-from tuneserve_workers.contract import AcceleratorRuntime, BasePrecision, DataParallel, Method, Precision
+from tuneserve_workers.contract import AcceleratorRuntime, BasePrecision, DataParallel, Method, Precision, ce_chunk_tokens
 
 LORA_STATE_BYTES = 16
+# Bytes a decoder layer keeps for backward per token and hidden unit (16-bit): ~34 (Korthikanti
+# et al. 2022) in the worker's fused or compiled layers; 52 for QLoRA, whose 4-bit matmuls
+# (bitsandbytes) break torch.compile's graphs, so PEFT's layers run eagerly and keep more
+# (measured on an H200 for the 8B at batch 2 x 2048: bench/results/train_issue16_h200_run1.txt).
+LAYER_ACTIVATION_BYTES = 34
+QLORA_LAYER_ACTIVATION_BYTES = 52
 QLORA_BYTES_PER_PARAM = 0.5 * 1.03
 PRECISION_BYTES = {Precision.bf16: 2, Precision.fp16: 2, Precision.fp32: 4}
 FP8_BYTES_PER_PARAM = 1
@@ -100,10 +110,11 @@ class MemoryEstimate:
 def _weight_bytes(shape: ModelShape, spec: FineTuneJobSpec) -> tuple[float, float]:
     """(bytes of the decoder layers, bytes of the embedding + head). QLoRA: the decoder at 4 bits
     (+3 % quantisation constants); FP8 base: the decoder at 1 byte + per-row fp32 scales; the
-    embedding and head unquantised at 2 bytes in both."""
+    embedding and head unquantised: 2 bytes with an FP8 base, 4 with QLoRA (peft's
+    prepare_model_for_kbit_training keeps every unquantised weight in fp32)."""
     embed = embedding_parameters(shape)
     if spec.method == Method.qlora:
-        return (shape.parameters - embed) * QLORA_BYTES_PER_PARAM, embed * 2
+        return (shape.parameters - embed) * QLORA_BYTES_PER_PARAM, embed * 4
     if spec.training.base_precision == BasePrecision.fp8:
         scales = FP8_SCALE_BYTES * shape.layers * LAYER_OUTPUT_ROWS_PER_HIDDEN * shape.hidden_size
         return (shape.parameters - embed) * FP8_BYTES_PER_PARAM + scales, embed * 2
@@ -123,12 +134,21 @@ def _activation_bytes(shape: ModelShape, spec: FineTuneJobSpec, gradient_checkpo
     training = spec.training
     act_bytes = PRECISION_BYTES[training.precision]
     bsh = training.micro_batch_size * training.max_seq_length * shape.hidden_size
+    per_layer = QLORA_LAYER_ACTIVATION_BYTES if spec.method == Method.qlora else LAYER_ACTIVATION_BYTES
     if gradient_checkpointing:
-        layer_acts = bsh * (2 * shape.layers + 34) * act_bytes / 2
+        layer_acts = bsh * (2 * shape.layers + per_layer) * act_bytes / 2
     else:
-        layer_acts = bsh * 34 * shape.layers * act_bytes / 2
-    logits = training.micro_batch_size * training.max_seq_length * shape.vocab_size * 8
-    return layer_acts + logits
+        layer_acts = bsh * per_layer * shape.layers * act_bytes / 2
+    return layer_acts + _loss_bytes(shape, spec)
+
+
+def _loss_bytes(shape: ModelShape, spec: FineTuneJobSpec) -> float:
+    """The chunked cross-entropy's peak: one chunk's logits (bf16, fp32) and their bf16 gradient,
+    8 bytes per logit, plus the kept gradient of the hidden states (16-bit)."""
+    training = spec.training
+    tokens = training.micro_batch_size * training.max_seq_length
+    chunk = min(tokens, ce_chunk_tokens(shape.vocab_size))
+    return chunk * shape.vocab_size * 8 + tokens * shape.hidden_size * 2
 
 
 def estimate_memory(shape: ModelShape, spec: FineTuneJobSpec, profile: AcceleratorProfile, catalog: Catalog,

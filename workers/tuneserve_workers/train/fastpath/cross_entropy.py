@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...contract import CE_CHUNK_LOGIT_BYTES, ce_chunk_tokens
+
 IGNORE_INDEX = -100
 # Logit bytes per chunk of the chunked cross-entropy (bf16 logits); 2048 tokens at a 128k vocab.
-_CE_CHUNK_BYTES = 512 * 1024 * 1024
+_CE_CHUNK_BYTES = CE_CHUNK_LOGIT_BYTES
 
 
 def _plain_frozen_lm_head(causal: nn.Module) -> Optional[torch.Tensor]:
@@ -77,9 +79,7 @@ def linear_cross_entropy_sum(h: torch.Tensor, w: torch.Tensor, target: torch.Ten
     h = h.reshape(-1, h.shape[-1])
     target = target.reshape(-1)
     if chunk is None:
-        chunk = _CE_CHUNK_BYTES // (2 * w.shape[0])
-        # whole GEMM tiles: 2048 rather than 2093 tokens at a 128k vocabulary
-        chunk = chunk // 256 * 256 if chunk >= 256 else max(16, chunk)
+        chunk = ce_chunk_tokens(w.shape[0], _CE_CHUNK_BYTES)
     return _LinearCrossEntropy.apply(h, w, target, int(chunk), chunk_fn or _ce_chunk)
 
 

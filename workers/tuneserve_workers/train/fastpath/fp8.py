@@ -3,8 +3,10 @@
 The frozen base weights are stored once in e4m3 with one fp32 scale per output row (about half
 the bytes of bf16), and both of their GEMMs run in FP8 on the matrix units:
 
-* forward  ``x @ W.T``: x quantized per row (token) on the fly, ``torch._scaled_mm`` with the
-  row scales of x and the weight's per-output-row scales, bf16 out;
+* forward  ``x @ W.T``: x quantized per row (token) on the fly, in traced code that the
+  layer's torch.compile fuses into the kernel producing x (RMSNorm, SwiGLU, attention output),
+  then ``torch._scaled_mm`` with the row scales of x and the weight's per-output-row scales,
+  bf16 out;
 * backward ``g @ W`` (the input gradient; a frozen weight has no weight gradient): the weight's
   per-row scales fold into g first (``(g * s_w) @ W8``), which is then quantized per row, so the
   same e4m3 weight serves both directions; ``_scaled_mm`` wants its second operand column-major,
@@ -16,8 +18,6 @@ fp32 (an emulation with FP8's rounding of inputs, fp32 accumulation as on the GP
 exercises the quantization, the scales and the autograd wiring without a GPU.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -38,24 +38,6 @@ def _quantize_scaled_rows(t: torch.Tensor, col_scale: torch.Tensor) -> tuple[tor
     return quantize_rows(t.float() * col_scale)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False)
-
-
-# On CUDA the forward's row quantization runs as Inductor kernels (a reduction and a cast pass)
-# instead of ~6 eager passes over the activation, which would cost about as much as the FP8 GEMM
-# it feeds: the custom op's forward is opaque to the caller's torch.compile, so it compiles its
-# own. The backward (``fp8_input_grad``) is plain torch code that the caller's compile traces
-# and fuses. A flag for the benchmark (bench/fp8_linear.py times both).
-COMPILE_QUANTIZATION = True
-
-
-def _quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    fast = x.is_cuda and COMPILE_QUANTIZATION and not torch.compiler.is_compiling()
-    return (_compiled(quantize_rows) if fast else quantize_rows)(x)
-
-
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A frozen (out, in) weight as e4m3 plus its per-output-row scales as a (1, out) fp32 row,
     the layout ``_scaled_mm`` takes for its second operand's scales."""
@@ -72,19 +54,28 @@ def _scaled_mm(a8: torch.Tensor, a_scale: torch.Tensor, b8_t: torch.Tensor, b_sc
 
 
 @torch.library.custom_op("tuneserve::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` for a frozen W held as ``w8`` (out, in) e4m3 with (1, out) row scales."""
-    x8, x_scale = _quantize_input(x)
+def fp8_linear(x: torch.Tensor, x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+               w_scale: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for a frozen W held as ``w8`` (out, in) e4m3 with (1, out) row scales, from
+    ``(x8, x_scale) = quantize_rows(x)``. The caller quantizes (``fp8_matmul``) so that its
+    torch.compile fuses the quantization into whatever produced x; ``x`` itself is only the
+    input the gradient is routed to (autograd below), the GEMM reads ``x8``."""
     return _scaled_mm(x8, x_scale, w8.t(), w_scale, x.dtype)
 
 
 @fp8_linear.register_fake
-def _(x, w8, w_scale):
+def _(x, x8, x_scale, w8, w_scale):
     return x.new_empty((x.shape[0], w8.shape[0]))
 
 
+def fp8_matmul(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` through the FP8 GEMM: x quantized per row here (traced and fused when compiled)."""
+    x8, x_scale = quantize_rows(x)
+    return torch.ops.tuneserve.fp8_linear(x, x8, x_scale, w8, w_scale)
+
+
 def _fp8_linear_setup(ctx, inputs, output):
-    x, w8, w_scale = inputs
+    x, x8, x_scale, w8, w_scale = inputs
     ctx.save_for_backward(w8, w_scale)
 
 
@@ -98,7 +89,7 @@ def fp8_input_grad(grad: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) 
 
 def _fp8_linear_backward(ctx, grad):
     w8, w_scale = ctx.saved_tensors
-    return fp8_input_grad(grad, w8, w_scale), None, None
+    return fp8_input_grad(grad, w8, w_scale), None, None, None, None
 
 
 torch.library.register_autograd("tuneserve::fp8_linear", _fp8_linear_backward, setup_context=_fp8_linear_setup)

@@ -199,7 +199,7 @@ def _lora_group(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], As,
     dt = x.dtype
     no_dropout = not training or all(p == 0.0 for p in dropouts)
     if w_scale is not None:   # FP8 base (fp8.py): its GEMM cannot accumulate onto the LoRA term
-        out = torch.ops.tuneserve.fp8_linear(x, w, w_scale) + _lora_xa(x, As, scales, dropouts, no_dropout) @ _lora_bt(Bs, dt)
+        out = fp8.fp8_matmul(x, w, w_scale) + _lora_xa(x, As, scales, dropouts, no_dropout) @ _lora_bt(Bs, dt)
         return out if b is None else out + b
     if (lora_add == "inplace" and no_dropout and b is None and len(set(scales)) == 1
             and w.dtype == dt and not w.requires_grad):
