@@ -79,12 +79,26 @@ def _fp8_linear_setup(ctx, inputs, output):
     ctx.save_for_backward(w8, w_scale)
 
 
+@torch.library.custom_op("tuneserve::fp8_dgrad", mutates_args=())
+def fp8_dgrad(g8: torch.Tensor, g_scale: torch.Tensor, w8: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(g8 * g_scale) @ W8``. ``_scaled_mm`` takes W8 column-major, hence a transposed copy,
+    made here, inside an op the compiler cannot see into: traced, the partitioner moved the
+    copies into the forward pass and kept every layer's until its backward (+1 byte per weight
+    at the peak, all the memory the FP8 base saves)."""
+    ones = torch.ones((1, w8.shape[1]), dtype=torch.float32, device=w8.device)
+    return _scaled_mm(g8, g_scale, w8.t().contiguous().t(), ones, out_dtype)
+
+
+@fp8_dgrad.register_fake
+def _(g8, g_scale, w8, out_dtype):
+    return g8.new_empty((g8.shape[0], w8.shape[1]), dtype=out_dtype)
+
+
 def fp8_input_grad(grad: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``g @ W`` = ``(g * s_w) @ W8``: the weight's row scales fold into g, which is quantized per
-    row; ``_scaled_mm`` takes W8 column-major, hence the transposed copy."""
+    row in traced code (fused by the compiled backward), then the FP8 GEMM."""
     g8, g_scale = _quantize_scaled_rows(grad, w_scale)
-    ones = torch.ones((1, w8.shape[1]), dtype=torch.float32, device=w8.device)
-    return _scaled_mm(g8, g_scale, w8.t().contiguous().t(), ones, grad.dtype)
+    return torch.ops.tuneserve.fp8_dgrad(g8, g_scale, w8, grad.dtype)
 
 
 def _fp8_linear_backward(ctx, grad):
