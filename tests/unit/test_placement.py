@@ -100,18 +100,18 @@ L4_NODE = node("l4-a", "l4", "g6.48xlarge", {**NV, "nvidia.com/gpu.product": "NV
 
 @pytest.mark.parametrize("size,product,devices,outcome,mode,reason", [
     ("70B", "H100", 8, Outcome.Placed, DataParallel.sharded,
-     "choice 1: NVIDIA H100 80GB x8 fits now in pool h100, sharded over 8 devices (FSDP2): needs 32.5 of 80 GiB per device "
+     "choice 1: NVIDIA H100 80GB x8 fits now in pool h100, sharded over 8 devices (FSDP2): needs 31.5 of 80 GiB per device "
      "(decoder weights 126.1 / 8 = 15.8 + embedding and head 4.3 + all-gather of 2 layers 3.6 + LoRA states 0.4 + "
-     "activations 5.0 + overhead 3.5); replicated would need 147.6 GiB per device; gradient checkpointing on (automatic): "
-     "without it 73.2 GiB > 72.0 GiB (80 GiB less the 10% margin); est. 18m, $8.53"),
+     "activations 5.0 + overhead 2.5); replicated would need 146.7 GiB per device; gradient checkpointing on (automatic): "
+     "without it 72.3 GiB > 72.0 GiB (80 GiB less the 10% margin); est. 18m, $8.53"),
     ("70B", "L4", 8, Outcome.Unplaceable, None,
-     "no accelerator choice can run this job: choice 1: Llama-3.1-70B needs 147.6 GiB per device replicated "
-     "(weights 130.4 + LoRA states 3.3 + activations 5.0 + overhead 8.9) or 32.5 GiB per device sharded over 8 devices "
+     "no accelerator choice can run this job: choice 1: Llama-3.1-70B needs 146.7 GiB per device replicated "
+     "(weights 130.4 + LoRA states 3.3 + activations 5.0 + overhead 7.9) or 31.5 GiB per device sharded over 8 devices "
      "(decoder weights 126.1 / 8 = 15.8 + embedding and head 4.3 + all-gather of 2 layers 3.6 + LoRA states 0.4 + "
-     "activations 5.0 + overhead 3.5) but NVIDIA L4 24GB has 24 GiB"),
+     "activations 5.0 + overhead 2.5) but NVIDIA L4 24GB has 24 GiB"),
     ("8B", "H100", 1, Outcome.Placed, DataParallel.replicated,
-     "choice 1: NVIDIA H100 80GB x1 fits now in pool h100, replicated (one rank): needs 30.9 of 80 GiB per device; "
-     "gradient checkpointing off (automatic): 30.9 GiB fits 72.0 GiB (80 GiB less the 10% margin); est. 15m, $0.88"),
+     "choice 1: NVIDIA H100 80GB x1 fits now in pool h100, replicated (one rank): needs 29.9 of 80 GiB per device; "
+     "gradient checkpointing off (automatic): 29.9 GiB fits 72.0 GiB (80 GiB less the 10% margin); est. 15m, $0.88"),
 ])
 def test_the_placement_message_says_which_mode_and_why(size, product, devices, outcome, mode, reason):
     decision = decide_placement(llama_spec(size, {"vendor": "nvidia", "product": product, "devicesPerWorker": devices}), CATALOG, build_inventory([H100_NODE, L4_NODE], []))
