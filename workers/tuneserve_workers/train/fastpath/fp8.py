@@ -91,6 +91,11 @@ def fp8_dgrad(g8: torch.Tensor, g_scale: torch.Tensor, w8: torch.Tensor, out_dty
     return _scaled_mm(g8, g_scale, _transposed(w8).t(), ones, out_dtype)
 
 
+@fp8_dgrad.register_fake
+def _(g8, g_scale, w8, out_dtype):
+    return g8.new_empty((g8.shape[0], w8.shape[1]), dtype=out_dtype)
+
+
 def _transpose_copy(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous()
 
@@ -108,11 +113,6 @@ def _transposed(w8: torch.Tensor) -> torch.Tensor:
     if w8.is_cuda and not torch.compiler.is_compiling():
         return _compiled_transpose()(w8)
     return _transpose_copy(w8)
-
-
-@fp8_dgrad.register_fake
-def _(g8, g_scale, w8, out_dtype):
-    return g8.new_empty((g8.shape[0], w8.shape[1]), dtype=out_dtype)
 
 
 def fp8_input_grad(grad: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
